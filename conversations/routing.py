@@ -1,0 +1,3 @@
+"""Websocket URL routes (mounted by ``supportbot/asgi.py``)."""
+
+websocket_urlpatterns: list = []

@@ -1,0 +1,3 @@
+"""HTTP routes of the chat and the review console."""
+
+urlpatterns: list = []

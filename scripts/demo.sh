@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run by `make demo` after install and migrate: demo logins, sample data, then a
+# Celery worker and daphne side by side until Ctrl-C. Works offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+BIN=$(dirname "$PY")
+HOST=${HOST:-127.0.0.1}
+PORT=${PORT:-8000}
+WS_MAX_MESSAGE=${WS_MAX_MESSAGE:-65536}
+mkdir -p var/log
+
+echo "==> Demo logins"
+"$PY" manage.py demo_setup | tee var/log/demo-logins.txt
+
+for step in scripts/demo.d/*.sh; do
+  [ -e "$step" ] || continue
+  echo "==> $(basename "$step" .sh)"
+  PY="$PY" bash "$step"
+done
+
+echo "==> Starting the Celery worker (log: var/log/worker.log)"
+"$BIN/celery" -A supportbot worker --pool=solo --loglevel=INFO >var/log/worker.log 2>&1 &
+WORKER=$!
+echo "==> Starting daphne on http://$HOST:$PORT (log: var/log/daphne.log)"
+"$BIN/daphne" -b "$HOST" -p "$PORT" --websocket-max-message-size "$WS_MAX_MESSAGE" \
+  supportbot.asgi:application >var/log/daphne.log 2>&1 &
+SERVER=$!
+trap 'echo; echo "Stopping…"; kill $WORKER $SERVER 2>/dev/null; wait 2>/dev/null; exit 0' INT TERM
+
+for _ in $(seq 1 60); do
+  if "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://$HOST:$PORT/healthz', timeout=2)" 2>/dev/null; then
+    break
+  fi
+  if ! kill -0 $SERVER 2>/dev/null; then echo "daphne exited; see var/log/daphne.log"; tail -20 var/log/daphne.log; exit 1; fi
+  sleep 1
+done
+
+cat <<MSG
+
+SupportBot is running.
+  Chat (customer):    http://$HOST:$PORT/chat/
+  Review console:     http://$HOST:$PORT/review/
+  Admin:              http://$HOST:$PORT/admin/
+  Health:             http://$HOST:$PORT/healthz
+Logins:
+$(cat var/log/demo-logins.txt)
+Press Ctrl-C to stop.
+MSG
+wait

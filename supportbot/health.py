@@ -1,0 +1,107 @@
+"""Readiness checks for ``/healthz``: database, channel layer, Celery broker, active model.
+
+Each check returns ``{"ok": bool, ...details}`` and never raises; the view answers
+200 when the database, channel layer and broker are all usable, 503 otherwise. A
+missing model version is reported but does not make the service unhealthy: the chat
+still works and offers a human.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import connection
+
+CHECK_TIMEOUT_S = 3.0
+
+
+def _elapsed_ms(start: float) -> float:
+    return round((time.monotonic() - start) * 1000, 1)
+
+
+def database_check() -> dict:
+    start = time.monotonic()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable", reported as text
+        return {"ok": False, "vendor": connection.vendor, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "vendor": connection.vendor, "latency_ms": _elapsed_ms(start)}
+
+
+async def channel_layer_check() -> dict:
+    """Send a message to a fresh channel and read it back."""
+    layer = get_channel_layer()
+    backend = settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(".", 1)[-1]
+    if layer is None:
+        return {"ok": False, "backend": backend, "error": "No channel layer configured."}
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            channel = await layer.new_channel("healthz.")
+            token = uuid.uuid4().hex
+            await layer.send(channel, {"type": "healthz.ping", "token": token})
+            message = await layer.receive(channel)
+        if message.get("token") != token:
+            return {"ok": False, "backend": backend, "error": "Read back a different message."}
+    except TimeoutError:
+        return {"ok": False, "backend": backend, "error": f"No answer within {CHECK_TIMEOUT_S:.0f} s."}
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "backend": backend, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "backend": backend, "latency_ms": _elapsed_ms(start)}
+
+
+def broker_check() -> dict:
+    """Open a connection to the Celery broker named in settings now (not at import)."""
+    from supportbot.celery import app
+
+    url = settings.CELERY_BROKER_URL
+    transport = url.split("://", 1)[0]
+    start = time.monotonic()
+    try:
+        with app.connection_for_write(url=url) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=CHECK_TIMEOUT_S)
+            if transport == "filesystem":
+                # The filesystem transport "connects" without touching disk; check the folder.
+                folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]
+                conn.default_channel  # noqa: B018 - creates the channel, which creates the folder
+                import os
+
+                if not os.access(folder, os.W_OK):
+                    return {"ok": False, "transport": transport, "error": f"Broker folder {folder} is not writable."}
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "transport": transport, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "transport": transport, "latency_ms": _elapsed_ms(start)}
+
+
+def model_check() -> dict:
+    try:
+        from finetune.selectors import model_version_active
+
+        version = model_version_active()
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "active_version": None, "error": f"{type(exc).__name__}: {exc}"}
+    if version is None:
+        return {"ok": True, "active_version": None, "note": "No model version is active; chat offers a human."}
+    return {"ok": True, "active_version": version.label, "base_model": version.base_model}
+
+
+async def health_report() -> tuple[bool, dict]:
+    """Run all checks concurrently; the first result says whether the service is usable."""
+    db, layer, broker, model = await asyncio.gather(
+        sync_to_async(database_check)(),
+        channel_layer_check(),
+        sync_to_async(broker_check, thread_sensitive=False)(),
+        sync_to_async(model_check)(),
+    )
+    healthy = db["ok"] and layer["ok"] and broker["ok"]
+    return healthy, {
+        "status": "ok" if healthy else "unavailable",
+        "checks": {"database": db, "channel_layer": layer, "celery_broker": broker, "model": model},
+    }

@@ -1,0 +1,48 @@
+"""/healthz reports the database, channel layer, Celery broker and active model."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import override_settings
+
+from tests.factories import ModelVersionFactory
+
+pytestmark = pytest.mark.django_db
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+def test_healthz_green_on_configured_services(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["status"] == "ok"
+    assert {"database", "channel_layer", "celery_broker", "model"} <= set(body["checks"])
+    assert body["checks"]["model"]["active_version"] is None
+
+
+def test_healthz_green_with_postgres_and_redis(client, postgres, redis_url):
+    body = client.get("/healthz").json()
+    assert body["checks"]["database"]["vendor"] == "postgresql"
+    assert body["checks"]["channel_layer"]["backend"] == "RedisChannelLayer"
+    assert body["checks"]["celery_broker"]["transport"] == "redis"
+    assert body["status"] == "ok"
+
+
+def test_healthz_reports_active_model_version(client):
+    ModelVersionFactory(number=7, status="active", base_model="gpt2")
+    model = client.get("/healthz").json()["checks"]["model"]
+    assert model == {"ok": True, "active_version": "v7", "base_model": "gpt2"}
+
+
+def test_healthz_503_when_redis_is_dead(client):
+    with override_settings(
+        CHANNEL_LAYERS={"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [DEAD_REDIS]}}},
+        CELERY_BROKER_URL=DEAD_REDIS,
+    ):
+        response = client.get("/healthz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["channel_layer"]["ok"] is False
+    assert checks["celery_broker"]["ok"] is False
+    assert checks["database"]["ok"] is True
