@@ -111,7 +111,7 @@ def render_example(messages: Iterable[Mapping[str, str]], tokenizer) -> Rendered
 def stop_sequences(tokenizer) -> tuple[str, ...]:
     """Strings that end a generated reply (besides the EOS token id)."""
     if uses_chat_template(tokenizer):
-        return tuple(s for s in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>") if s)
+        return tuple(dict.fromkeys(s for s in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>") if s))
     return PLAIN_STOP_SEQUENCES
 
 

@@ -102,7 +102,9 @@ def chromium_paths() -> tuple[str, str] | None:
 @pytest.fixture
 def chromium(chromium_paths):
     """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver)."""
-    need(chromium_paths is not None, "Chromium and chromedriver are not installed (apt install chromium chromium-driver)")
+    need(
+        chromium_paths is not None, "Chromium and chromedriver are not installed (apt install chromium chromium-driver)"
+    )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -159,9 +161,23 @@ def celery_worker_process(transactional_db, tmp_path) -> Iterator[str]:
     queue = f"test-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "supportbot", "worker", "--pool=solo", "-Q", queue,
-         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "-n", f"{queue}@%h"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "supportbot",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            queue,
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"{queue}@%h",
+        ],
         cwd=ROOT,
         env=child_process_env(SUPPORTBOT_CELERY_QUEUE=queue),
         stdout=log.open("w"),
@@ -190,8 +206,18 @@ def daphne_server(transactional_db, tmp_path) -> Iterator[str]:
     port = free_port()
     log = tmp_path / "daphne.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-         "--websocket-max-message-size", "65536", "supportbot.asgi:application"],
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--websocket-max-message-size",
+            "65536",
+            "supportbot.asgi:application",
+        ],
         cwd=ROOT,
         env=child_process_env(),
         stdout=log.open("w"),

@@ -37,7 +37,9 @@ def test_healthz_reports_active_model_version(client):
 
 def test_healthz_503_when_redis_is_dead(client):
     with override_settings(
-        CHANNEL_LAYERS={"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [DEAD_REDIS]}}},
+        CHANNEL_LAYERS={
+            "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [DEAD_REDIS]}}
+        },
         CELERY_BROKER_URL=DEAD_REDIS,
     ):
         response = client.get("/healthz")
