@@ -228,3 +228,16 @@ def daphne_server(transactional_db, tmp_path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def bitext_csv() -> Path:
+    """The shared Bitext sample of 3,651 real support exchanges (not shipped with the project)."""
+    candidates = [
+        Path(os.environ.get("SUPPORTBOT_BITEXT_CSV", "/nonexistent")),
+        ROOT.parent / "shared" / "data" / "bitext" / "customer_support_tickets.csv",
+        Path("/work/shared/data/bitext/customer_support_tickets.csv"),
+    ]
+    found = next((path for path in candidates if path.is_file()), None)
+    need(found is not None, "The Bitext sample is not available (set SUPPORTBOT_BITEXT_CSV)")
+    return found
