@@ -193,7 +193,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             conversation=self.conversation,
             after_id=after,
             owner=replies.PROCESS_ID,
-            live_ids=replies.live_ids(),
+            live_ids=replies.live_replies,
         )
         for message in messages:
             live = replies.live_replies.get(message.pk)
@@ -247,7 +247,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             while not self.closed:
                 await asyncio.sleep(services.reply_stale_deadline(message).total_seconds() + 0.5)
                 await database_sync_to_async(services.bot_replies_recover)(
-                    conversation=self.conversation, owner=replies.PROCESS_ID, live_ids=replies.live_ids()
+                    conversation=self.conversation, owner=replies.PROCESS_ID, live_ids=replies.live_replies
                 )
                 await database_sync_to_async(message.refresh_from_db)(fields=["status", "generation"])
                 if message.status != Message.Status.STREAMING:

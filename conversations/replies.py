@@ -71,10 +71,6 @@ live_replies: dict[int, LiveReply] = {}
 _runners: dict[str, _Runner] = {}
 
 
-def live_ids() -> set[int]:
-    return set(live_replies)
-
-
 def generation_params() -> GenerationParams:
     """Parameters of every chat reply (the engine's defaults: greedy, a few sentences)."""
     return GenerationParams()
@@ -124,7 +120,7 @@ class _Runner:
             model_label=engine.model_label,
             params={**dataclasses.asdict(params), "stop": list(params.stop)},
             owner=PROCESS_ID,
-            live_ids=live_ids(),
+            live_ids=live_replies,
         )
         if started is None:
             return False

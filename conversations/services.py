@@ -38,6 +38,9 @@ from .selectors import messages_after, model_version_for_label, prompt_messages,
 REPLY_HEARTBEAT_S = 5.0
 # ...so one whose heartbeat is older than this has no process writing it any more.
 REPLY_STALE_AFTER_S = 20.0
+# A reply of this process is registered as live just after ``bot_reply_start`` commits;
+# recovery leaves this process's replies younger than this alone to cover that moment.
+REPLY_REGISTER_GRACE_S = 2.0
 CLIENT_ID_MAX = 64  # Message.client_id's max_length
 
 NOTICE_NO_MODEL = (
@@ -258,8 +261,10 @@ def _heartbeat_age_s(message: Message, now: datetime) -> float:
 def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Collection[int]) -> list[Message]:
     """Mark ``failed`` the streaming replies of the conversation that no process is writing any more.
 
-    A reply is dead when this process (``owner``) started it but no longer runs it,
-    or when its heartbeat is older than ``REPLY_STALE_AFTER_S`` (its process crashed).
+    A reply is dead when this process (``owner``) started it but no longer runs it
+    (not in ``live_ids``, a live view such as ``replies.live_replies``, and older than
+    ``REPLY_REGISTER_GRACE_S``), or when its heartbeat is older than
+    ``REPLY_STALE_AFTER_S`` (its process crashed).
     The text saved so far is kept. The customer's question is then handed to a human.
     """
     now = timezone.now()
@@ -269,10 +274,11 @@ def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Col
             role=Message.Role.BOT, status=Message.Status.STREAMING
         )
         for message in streaming:
-            mine = (message.generation or {}).get("owner") == owner
-            if mine and message.pk in live_ids:
-                continue
-            if not mine and _heartbeat_age_s(message, now) < REPLY_STALE_AFTER_S:
+            age = _heartbeat_age_s(message, now)
+            if (message.generation or {}).get("owner") == owner:
+                if message.pk in live_ids or age < REPLY_REGISTER_GRACE_S:
+                    continue
+            elif age < REPLY_STALE_AFTER_S:
                 continue
             _reply_close(
                 message,
