@@ -92,6 +92,10 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
           const bot = document.querySelector('.sb-msg--bot .sb-body');
           if (bot) window.__lengths.push(bot.textContent.length);
         }).observe(document.getElementById('sb-log'), {subtree: true, childList: true, characterData: true});
+        window.__typingShown = false;
+        const typing = document.getElementById('sb-typing');
+        new MutationObserver(() => { if (!typing.hidden) window.__typingShown = true; })
+          .observe(typing, {attributes: true});
         """
     )
     box = driver.find_element(By.ID, "sb-input")
@@ -99,14 +103,13 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
     box.send_keys("Where is my order?", Keys.ENTER)
 
     wait = WebDriverWait(driver, 30)
-    wait.until(
-        lambda d: d.find_element(By.ID, "sb-typing").is_displayed() or d.find_elements(By.CSS_SELECTOR, ".sb-msg--bot")
-    )
     reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]'))
     text = reply.find_element(By.CSS_SELECTOR, ".sb-body").text
     assert text.strip()
     lengths = driver.execute_script("return window.__lengths")
     assert len(set(lengths)) >= 3, lengths  # it grew in steps, not all at once
+    assert driver.execute_script("return window.__typingShown") is True  # "typing…" while waiting
+    assert not driver.find_element(By.ID, "sb-typing").is_displayed()
     assert reply.find_element(By.CSS_SELECTOR, ".sb-csat").text.startswith("Was this helpful?")
     assert driver.find_element(By.ID, "sb-log").get_attribute("aria-live") == "polite"
     customer = driver.find_element(By.CSS_SELECTOR, ".sb-msg--customer .sb-body").text
