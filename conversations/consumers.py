@@ -162,9 +162,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         extra: dict[str, Any] = {"retry_after": retry_after}
         if isinstance(client_id, str):
             extra["client_id"] = client_id
+        what = "messages" if bucket == "msg" else "requests"
         await self._error(
             "rate_limited",
-            f"Too many messages; at most {limit} a minute. Wait {retry_after:.0f} s; unsent messages are kept.",
+            f"Too many {what}; at most {limit} a minute. Wait {retry_after:.0f} s; unsent messages are kept.",
             **extra,
         )
         return True
