@@ -53,7 +53,7 @@ def host_page(daphne_factory, tiny_model_dir):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://localhost:{server.server_address[1]}/"
+        yield f"http://localhost:{server.server_address[1]}/", base
     finally:
         server.shutdown()
 
@@ -76,7 +76,8 @@ def open_panel(driver):
 
 def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
     driver = chromium
-    driver.get(host_page)
+    shop, base = host_page
+    driver.get(shop)
     shadow, bubble = open_panel(driver)
 
     # The host page's !important styles do not reach the widget.
@@ -143,6 +144,13 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
     )
     width = driver.execute_script("return window.innerWidth")
     assert 0 < panel.rect["width"] <= width
+
+    # The full-page chat on SupportBot's own site works the same way.
+    driver.get(f"{base}/chat/")
+    wait.until(lambda d: d.find_element(By.ID, "sb-conn").get_attribute("hidden") is not None)
+    driver.find_element(By.ID, "sb-input").send_keys("Hello", Keys.ENTER)
+    page_reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]'))
+    assert page_reply.find_element(By.CSS_SELECTOR, ".sb-body").text.strip()
 
 
 def bubble_of(driver):
