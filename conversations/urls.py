@@ -1,3 +1,11 @@
 """HTTP routes of the chat and the review console."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("chat/", views.chat_page, name="chat"),
+    path("chat/embed/", views.chat_embed, name="chat-embed"),
+    path("chat/session/", views.chat_session, name="chat-session"),
+]

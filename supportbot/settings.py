@@ -157,7 +157,10 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 reads with a 5 s socket timeout by default, the same as
+                # channels-redis's 5 s blocking BZPOPMIN: an idle socket's consumer then
+                # dies with "Timeout reading from redis" after 5 s. Read longer than that.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
                 # Streaming pushes a frame per token; the default capacity of 100
                 # drops frames for a busy conversation group.
                 "capacity": env_int("SUPPORTBOT_CHANNEL_CAPACITY", 1500),
@@ -278,3 +281,27 @@ SUPPORTBOT_MODEL_STORE = Path(os.environ.get("SUPPORTBOT_MODEL_STORE", VAR_DIR /
 SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
+
+# --- Chat (issue 5) -------------------------------------------------------------
+# A bot reply whose mean token log-probability is below this hands the conversation
+# to a human. A guessing model sits near -ln(vocabulary) (about -6 to -11); fluent,
+# in-domain greedy replies of a fine-tuned model sit well above -2. Tune it from the
+# review console's data; -1000 turns the rule off.
+SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = env_float("SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD", -2.5)
+# Words in a customer message that ask for a person (whole words, case-insensitive,
+# plural accepted). "agent" and "human" are what customers actually type.
+SUPPORTBOT_HANDOFF_KEYWORDS = env_list(
+    "SUPPORTBOT_HANDOFF_KEYWORDS", ["agent", "human", "representative", "operator", "real person"]
+)
+# Longest customer message in characters: a support question fits; a pasted log
+# does not belong in the prompt of a small model with a 1-2k token context.
+SUPPORTBOT_MAX_MESSAGE_CHARS = env_int("SUPPORTBOT_MAX_MESSAGE_CHARS", 4096)
+# Customer messages per minute per session, shared by all of its sockets (and all
+# daphne processes when REDIS_URL is set). 20 is more than a person types.
+SUPPORTBOT_RATE_LIMIT = env_int("SUPPORTBOT_RATE_LIMIT", 20)
+# How long an anonymous chat token stays valid without the page being loaded again
+# (it is renewed on every page load): the customer's history survives this long.
+SUPPORTBOT_CHAT_TOKEN_MAX_AGE = env_int("SUPPORTBOT_CHAT_TOKEN_MAX_AGE", 30 * 24 * 3600)
+# Pages allowed to frame the widget's chat panel (/chat/embed/), as CSP frame-ancestors
+# sources. "*" lets the widget run on any site, as the embed snippet promises.
+SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS", ["*"])

@@ -201,33 +201,52 @@ def celery_worker_process(transactional_db, tmp_path) -> Iterator[str]:
 
 
 @pytest.fixture
-def daphne_server(transactional_db, tmp_path) -> Iterator[str]:
-    """A real daphne process serving the project on a free port; yields its base URL."""
-    port = free_port()
-    log = tmp_path / "daphne.log"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--websocket-max-message-size",
-            "65536",
-            "supportbot.asgi:application",
-        ],
-        cwd=ROOT,
-        env=child_process_env(),
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
+def daphne_factory(transactional_db, tmp_path) -> Iterator:
+    """Start real daphne processes on the test database: ``start(**env) -> base URL``.
+
+    Each call starts one more process (with extra environment variables, e.g.
+    settings); all are stopped after the test. With REDIS_URL set they share the
+    Redis channel layer, as several production processes do.
+    """
+    processes: list[subprocess.Popen] = []
+
+    def start(**env: str) -> str:
+        port = free_port()
+        log = tmp_path / f"daphne-{port}.log"
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--websocket-max-message-size",
+                "65536",
+                "supportbot.asgi:application",
+            ],
+            cwd=ROOT,
+            env=child_process_env(**env),
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        process.log_path = log  # type: ignore[attr-defined]
         wait_for_port(port, process, log)
-        yield f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{port}"
+
+    try:
+        yield start
     finally:
-        stop_process(process)
+        for process in processes:
+            stop_process(process)
+
+
+@pytest.fixture
+def daphne_server(daphne_factory) -> str:
+    """A real daphne process serving the project on a free port; yields its base URL."""
+    return daphne_factory()
 
 
 @pytest.fixture(scope="session")

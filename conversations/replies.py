@@ -1,0 +1,249 @@
+"""Streaming bot replies: one runner per conversation per process, between the engine and the services.
+
+The consumer asks for a reply with ``reply_request`` and goes on reading frames;
+the runner, an asyncio task, answers the conversation's newest customer message:
+
+1. ``bot_reply_start`` saves the reply as ``streaming`` (or says there is nothing
+   to answer: handed off, already answered, another reply streaming);
+2. the engine's async stream yields ``TokenDelta`` events; each becomes a ``token``
+   frame, sent straight to the asking socket and to the conversation's group (a
+   second tab, an agent watching); the engine generates in its own thread, never
+   on the event loop;
+3. every ``REPLY_HEARTBEAT_S`` the text so far is saved, proving the writer alive;
+4. ``bot_reply_finish`` saves the final text and its provenance, then ``reply_done``.
+
+When the reply is done the runner looks again, so messages that arrived meanwhile
+are answered too, one reply at a time per conversation. The runner does not stop
+when the asking socket closes: the reply is saved, and a reloaded page gets it by
+``resume``. ``live_replies`` is this process's registry of replies being written,
+which ``resume`` uses to send their text so far and recovery uses to tell a live
+reply from a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+
+from finetune.generation import EngineBusy, GenerationDone, GenerationParams, GenerationRequest, TokenDelta
+from finetune.inference import get_engine
+
+from . import frames, services
+from .models import Conversation, Message
+from .selectors import reply_target
+
+log = logging.getLogger(__name__)
+
+# Identifies this process in a streaming reply's row ("who is writing it").
+PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+# Beyond the engine's own wall-clock limit: how long the runner waits for a stream
+# that has gone silent (queued behind other chats, or a stuck engine) before failing it.
+STREAM_GRACE_S = 30.0
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class LiveReply:
+    message_id: int
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def seq(self) -> int:
+        return len(self.parts)
+
+
+live_replies: dict[int, LiveReply] = {}
+_runners: dict[str, _Runner] = {}
+
+
+def generation_params() -> GenerationParams:
+    """Parameters of every chat reply (the engine's defaults: greedy, a few sentences)."""
+    return GenerationParams()
+
+
+class _Runner:
+    def __init__(self, conversation_id: str, send: Send, origin: str):
+        self.conversation_id = conversation_id
+        self.group = f"conversation.{conversation_id}"
+        self.send = send
+        self.origin = origin
+        self.wanted = True
+        self.task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        try:
+            while self.wanted:
+                self.wanted = False
+                if await self._reply_once():
+                    self.wanted = True  # more messages may have arrived while this one streamed
+        except Exception:
+            log.exception("Reply runner of conversation %s failed", self.conversation_id)
+        finally:
+            # No await between the last look at ``wanted`` and leaving the registry, so
+            # a request that arrives now starts a new runner rather than being missed.
+            if _runners.get(self.conversation_id) is self:
+                del _runners[self.conversation_id]
+
+    async def _reply_once(self) -> bool:
+        """Answer the newest customer message if it needs an answer; True if a reply was written."""
+        conversation = await database_sync_to_async(_conversation_needing_reply)(self.conversation_id)
+        if conversation is None:
+            return False
+        try:
+            engine = await get_engine()
+        except Exception:
+            log.exception("Loading the active model failed; the chat offers a human instead")
+            engine = None
+        if engine is None:
+            notice = await database_sync_to_async(services.conversation_notice_no_model)(conversation=conversation)
+            if notice is not None:
+                await self.send(frames.message_frame(notice))
+            return False
+        params = generation_params()
+        started = await database_sync_to_async(services.bot_reply_start)(
+            conversation=conversation,
+            model_label=engine.model_label,
+            params={**dataclasses.asdict(params), "stop": list(params.stop)},
+            owner=PROCESS_ID,
+            live_ids=live_replies,
+        )
+        if started is None:
+            return False
+        message, prompt = started
+        live = LiveReply(message.pk)
+        live_replies[message.pk] = live
+        try:
+            await self.send(frames.message_frame(message))
+            await self.send(frames.typing_frame(role="bot"))
+            final = await self._stream(engine, message, prompt, params, live)
+        finally:
+            live_replies.pop(message.pk, None)
+        await self.send(frames.reply_done_frame(final))
+        return True
+
+    async def _stream(self, engine, message: Message, prompt, params: GenerationParams, live: LiveReply) -> Message:
+        request = GenerationRequest(key=self.conversation_id, messages=prompt, params=params)
+        heartbeat = asyncio.create_task(_heartbeat(live))
+        done: GenerationDone | None = None
+        error = ""
+        try:
+            async with asyncio.timeout(params.timeout_s + STREAM_GRACE_S):
+                async for event in engine.stream(request):
+                    if isinstance(event, TokenDelta):
+                        if event.text:
+                            live.parts.append(event.text)
+                            await self._token(message.pk, event.text, live.seq)
+                    else:
+                        done = event
+        except EngineBusy:
+            error = "Another reply of this conversation is being written."
+        except TimeoutError:
+            await engine.cancel(request.request_id)
+            error = f"The model did not finish within {params.timeout_s + STREAM_GRACE_S:.0f} s."
+        except asyncio.CancelledError:
+            # The process is shutting down: record the reply as cut off, then stop.
+            await engine.cancel(request.request_id)
+            heartbeat.cancel()
+            await _save_cut_off(message.pk, live)
+            raise
+        except Exception as exc:
+            log.exception("Streaming reply %s failed", message.pk)
+            error = f"The model failed: {type(exc).__name__}."
+        finally:
+            heartbeat.cancel()
+        if done is not None:
+            return await database_sync_to_async(services.bot_reply_finish)(
+                message_id=message.pk, done=done, seq=live.seq
+            )
+        return await database_sync_to_async(services.bot_reply_fail)(
+            message_id=message.pk, error=error or "The model stream ended early.", body=live.text, seq=live.seq
+        )
+
+    async def _token(self, reply_id: int, delta: str, seq: int) -> None:
+        frame = frames.token_frame(reply_id=reply_id, delta=delta, seq=seq)
+        await self.send(frame)
+        layer = get_channel_layer()
+        try:
+            await layer.group_send(self.group, {"type": "chat.token", "frame": frame, "origin": self.origin})
+        except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
+            log.warning("Broadcasting a token of reply %s failed", reply_id, exc_info=True)
+
+
+def _conversation_needing_reply(conversation_id: str) -> Conversation | None:
+    """Cheap check before loading the engine; ``bot_reply_start`` decides again under a lock."""
+    conversation = Conversation.objects.filter(pk=conversation_id, status=Conversation.Status.BOT).first()
+    if conversation is None:
+        return None
+    target = reply_target(conversation=conversation)
+    if target is None or conversation.messages.filter(role=Message.Role.BOT, in_reply_to=target).exists():
+        return None
+    return conversation
+
+
+async def _heartbeat(live: LiveReply) -> None:
+    while True:
+        await asyncio.sleep(services.REPLY_HEARTBEAT_S)
+        try:
+            await database_sync_to_async(services.bot_reply_heartbeat)(
+                message_id=live.message_id, body=live.text, seq=live.seq
+            )
+        except Exception:  # noqa: BLE001 - a missed heartbeat only risks an early "failed" flag
+            log.warning("Heartbeat of reply %s failed", live.message_id, exc_info=True)
+
+
+async def _save_cut_off(message_id: int, live: LiveReply) -> None:
+    try:
+        await database_sync_to_async(services.bot_reply_finish)(
+            message_id=message_id,
+            done=GenerationDone(
+                text=live.text,
+                finish_reason="cancelled",
+                token_count=live.seq,
+                mean_logprob=None,
+                model_label="",
+                first_token_ms=None,
+                latency_ms=0,
+                error="The server stopped while writing this reply.",
+            ),
+            seq=live.seq,
+        )
+    except Exception:  # noqa: BLE001 - recovery marks it failed from the stopped heartbeat
+        log.warning("Could not record reply %s as cut off", message_id, exc_info=True)
+
+
+def reply_request(*, conversation_id: str, send: Send, origin: str) -> asyncio.Task:
+    """Make sure this process answers the conversation's unanswered message (if any).
+
+    ``send`` delivers frames straight to the asking socket; ``origin`` is its channel
+    name, so its consumer skips the group's copies of the token frames.
+    """
+    runner = _runners.get(conversation_id)
+    if runner is not None and runner.task is not None and not runner.task.done():
+        runner.wanted = True
+        return runner.task
+    runner = _Runner(conversation_id, send, origin)
+    _runners[conversation_id] = runner
+    runner.task = asyncio.create_task(runner.run(), name=f"reply-{conversation_id}")
+    return runner.task
+
+
+async def replies_wait(timeout: float = 30.0) -> None:
+    """Wait for every reply runner of this process to finish (tests, shutdown)."""
+    tasks = [r.task for r in list(_runners.values()) if r.task is not None]
+    if tasks:
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)

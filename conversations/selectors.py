@@ -1,0 +1,72 @@
+"""Read-side queries of the chat: history for ``resume``, the model's prompt, the bot profile."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from finetune.models import ModelVersion
+from finetune.prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM
+
+from .models import BotProfile, Conversation, Message
+
+# Turns of history sent to the model. A small model's context (1-2k tokens) holds
+# about this many support-sized turns; the engine trims further by tokens.
+PROMPT_MAX_TURNS = 20
+
+_PROMPT_ROLES = {
+    Message.Role.CUSTOMER: ROLE_CUSTOMER,
+    Message.Role.BOT: ROLE_AGENT,
+    Message.Role.AGENT: ROLE_AGENT,
+}
+
+
+def messages_after(*, conversation: Conversation, after_id: int) -> QuerySet[Message]:
+    """Every message of the conversation with a server id above ``after_id``, oldest first."""
+    return conversation.messages.filter(pk__gt=after_id).order_by("pk")
+
+
+def bot_profile_get() -> BotProfile:
+    """The bot profile edited in the admin, or its defaults while none is saved."""
+    return BotProfile.objects.filter(key="default").first() or BotProfile()
+
+
+def system_prompt_for(profile: BotProfile) -> str:
+    # str.replace, not str.format: admins may write other braces in the prompt.
+    text = profile.system_prompt.replace("{company}", profile.company_name).strip()
+    if profile.policy_text.strip():
+        text += "\n\nPolicies:\n" + profile.policy_text.strip()
+    return text
+
+
+def prompt_messages(
+    *, conversation: Conversation, upto: Message, max_turns: int = PROMPT_MAX_TURNS
+) -> list[dict[str, str]]:
+    """The model's input for a reply to ``upto``: system prompt, then the newest turns.
+
+    Customer turns become ``customer``; bot and agent turns become ``agent`` (what the
+    model was trained to continue). Replies that failed or are still streaming and
+    system notices are left out: the model never said them.
+    """
+    history = (
+        conversation.messages.filter(
+            pk__lte=upto.pk,
+            role__in=list(_PROMPT_ROLES),
+            status=Message.Status.COMPLETE,
+        )
+        .order_by("-pk")
+        .values_list("role", "body")[:max_turns]
+    )
+    turns = [{"role": _PROMPT_ROLES[role], "content": body} for role, body in reversed(history)]
+    return [{"role": ROLE_SYSTEM, "content": system_prompt_for(bot_profile_get())}, *turns]
+
+
+def reply_target(*, conversation: Conversation) -> Message | None:
+    """The newest customer message: what the bot answers next, if nothing answered it yet."""
+    return conversation.messages.filter(role=Message.Role.CUSTOMER).order_by("-pk").first()
+
+
+def model_version_for_label(label: str | None) -> ModelVersion | None:
+    """The ModelVersion an engine's label ("v3") names."""
+    if not label or not label.startswith("v") or not label[1:].isdigit():
+        return None
+    return ModelVersion.objects.filter(number=int(label[1:])).first()

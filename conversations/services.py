@@ -1,0 +1,438 @@
+"""The rules of a live chat: who may open a conversation, saving messages, bot replies, handoff.
+
+Every write of the chat goes through here; the consumer, and later the review
+console, only parse input and call these. Each service that changes rows is
+atomic, and tells the conversation's channel-layer group after commit (see
+``broadcast.py``): the database is the truth, broadcasts are a courtesy that
+``resume`` repairs.
+
+A bot reply's life: ``bot_reply_start`` saves it as ``streaming``;
+``bot_reply_heartbeat`` saves the text so far every few seconds while tokens
+stream; ``bot_reply_finish`` saves the final text, model version, parameters,
+latency and token count as ``complete`` (or ``failed``). A reply whose process
+died stays ``streaming`` only until ``bot_replies_recover`` sees its heartbeat
+stop and marks it ``failed``: never half-written without a flag.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Collection
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from finetune.generation import GenerationDone
+from supportbot.errors import ApplicationError
+
+from . import frames
+from .broadcast import AGENTS_GROUP, group_send_on_commit
+from .models import Conversation, Message
+from .selectors import messages_after, model_version_for_label, prompt_messages, reply_target
+
+# A streaming reply's text and heartbeat are saved this often...
+REPLY_HEARTBEAT_S = 5.0
+# ...so one whose heartbeat is older than this has no process writing it any more.
+REPLY_STALE_AFTER_S = 20.0
+# A reply of this process is registered as live just after ``bot_reply_start`` commits;
+# recovery leaves this process's replies younger than this alone to cover that moment.
+REPLY_REGISTER_GRACE_S = 2.0
+CLIENT_ID_MAX = 64  # Message.client_id's max_length
+
+NOTICE_NO_MODEL = (
+    "Our assistant is not available yet, so it cannot answer. "
+    "Press “Talk to a human” and a support agent will reply here."
+)
+HANDOFF_NOTICES = {
+    Conversation.HandoffReason.CUSTOMER_REQUEST: "You asked for a person. A support agent will join this chat.",
+    Conversation.HandoffReason.KEYWORD: "It sounds like you want a person. A support agent will join this chat.",
+    Conversation.HandoffReason.LOW_CONFIDENCE: "The assistant is not sure about this one, so a support agent "
+    "will join this chat.",
+    Conversation.HandoffReason.ERROR: "The assistant could not answer, so a support agent will join this chat.",
+    Conversation.HandoffReason.NO_MODEL: "A support agent will join this chat.",
+}
+HANDOFF_NOTICE_TAIL = " Everything you write here is kept for them."
+
+
+# --- conversations -------------------------------------------------------------------
+
+
+def conversation_is_owner(*, conversation: Conversation, session_key: str, user=None) -> bool:
+    """A conversation of a signed-in customer is theirs; an anonymous one belongs to its session."""
+    if conversation.customer_id is not None:
+        return bool(user is not None and user.is_authenticated and user.pk == conversation.customer_id)
+    return bool(session_key) and conversation.session_key == session_key
+
+
+def conversation_open_for_session(
+    *,
+    session_key: str,
+    user=None,
+    conversation_id: uuid.UUID | str | None = None,
+    segment: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> Conversation:
+    """The conversation a socket opens: the one asked for, or the customer's open one (created if none).
+
+    Raises ``ApplicationError`` with code ``no_session`` without an identity, and
+    ``forbidden`` for a conversation that is not the customer's (or does not exist:
+    both look the same, so ids cannot be probed).
+    """
+    signed_in = user is not None and user.is_authenticated
+    if not session_key and not signed_in:
+        raise ApplicationError(
+            "This chat has no session. Load the chat page (or the page with the widget) again.", code="no_session"
+        )
+    if conversation_id is not None:
+        conversation = Conversation.objects.filter(pk=conversation_id).first()
+        if conversation is None or not conversation_is_owner(
+            conversation=conversation, session_key=session_key, user=user
+        ):
+            raise ApplicationError("This conversation belongs to someone else.", code="forbidden")
+        return conversation
+    open_ones = Conversation.objects.exclude(status=Conversation.Status.CLOSED)
+    if signed_in:
+        open_ones = open_ones.filter(customer=user)
+    else:
+        open_ones = open_ones.filter(session_key=session_key, customer__isnull=True)
+    conversation = open_ones.order_by("-started_at").first()
+    if conversation is None:
+        conversation = Conversation.objects.create(
+            session_key=session_key or "",
+            customer=user if signed_in else None,
+            segment=(segment or "")[:64],
+            metadata=metadata or {},
+        )
+    return conversation
+
+
+def handoff_keyword_in(text: str) -> bool:
+    """Whether the customer wrote one of the words that ask for a person (whole words, plurals too)."""
+    words = [w.strip() for w in settings.SUPPORTBOT_HANDOFF_KEYWORDS if w.strip()]
+    if not words:
+        return False
+    pattern = r"\b(?:" + "|".join(r"\s+".join(map(re.escape, w.split())) for w in words) + r")s?\b"
+    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+def _system_message(conversation: Conversation, body: str, *, kind: str) -> Message:
+    message = Message.objects.create(
+        conversation=conversation, role=Message.Role.SYSTEM, body=body, generation={"notice": kind}
+    )
+    group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
+    return message
+
+
+@transaction.atomic
+def conversation_handoff(*, conversation: Conversation, reason: str) -> bool:
+    """Move a bot conversation to ``waiting_for_agent``; the bot stops answering and agents are told.
+
+    Returns False when the conversation is not the bot's any more (already waiting,
+    with an agent or closed): asking twice changes nothing. Updates ``conversation``
+    in place.
+    """
+    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    if locked.status != Conversation.Status.BOT:
+        conversation.status, conversation.handoff_reason = locked.status, locked.handoff_reason
+        return False
+    conversation.status = Conversation.Status.WAITING_FOR_AGENT
+    conversation.handoff_reason = reason
+    conversation.save(update_fields=["status", "handoff_reason"])
+    _system_message(
+        conversation, HANDOFF_NOTICES.get(reason, HANDOFF_NOTICES["no_model"]) + HANDOFF_NOTICE_TAIL, kind="handoff"
+    )
+    group_send_on_commit(conversation.group_name, {"type": "chat.handoff", "frame": frames.handoff_frame(conversation)})
+    # The review console (a later issue) listens on this group.
+    group_send_on_commit(
+        AGENTS_GROUP,
+        {"type": "agents.handoff", "conversation": str(conversation.pk), "reason": reason},
+    )
+    return True
+
+
+def conversation_request_human(*, conversation: Conversation) -> bool:
+    """The customer pressed "Talk to a human"."""
+    return conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.CUSTOMER_REQUEST)
+
+
+# --- customer messages ----------------------------------------------------------------
+
+
+def message_create_customer(*, conversation: Conversation, client_id: str, text: str) -> tuple[Message, bool]:
+    """Save a customer's message before anything else happens to it.
+
+    Idempotent on ``client_id``: a resend (same id, e.g. after a reconnect) returns
+    the saved message and ``created=False``, and is not answered again. A new
+    message with a handoff keyword also hands the conversation to a human
+    (``conversation.status`` shows it).
+    """
+    if not isinstance(client_id, str) or not client_id.strip() or len(client_id) > CLIENT_ID_MAX:
+        raise ApplicationError(
+            f"client_id must be a non-empty string of at most {CLIENT_ID_MAX} characters, unique per message "
+            "(a UUID); it lets a resend be recognised.",
+            code="bad_frame",
+        )
+    if not isinstance(text, str):
+        raise ApplicationError("text must be a string.", code="bad_frame", extra={"client_id": client_id})
+    existing = conversation.messages.filter(client_id=client_id).first()
+    if existing is not None:
+        return existing, False
+    body = text.strip()
+    limit = settings.SUPPORTBOT_MAX_MESSAGE_CHARS
+    if not body:
+        raise ApplicationError("The message is empty; type a question.", code="empty", extra={"client_id": client_id})
+    if len(body) > limit:
+        raise ApplicationError(
+            f"The message is {len(body)} characters long; the limit is {limit}. Shorten it or split it up.",
+            code="too_long",
+            extra={"client_id": client_id, "limit": limit},
+        )
+    if conversation.status == Conversation.Status.CLOSED:
+        raise ApplicationError(
+            "This conversation is closed. Reload the page to start a new one.",
+            code="conversation_closed",
+            extra={"client_id": client_id},
+        )
+    try:
+        with transaction.atomic():
+            message = Message.objects.create(
+                conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id
+            )
+            Conversation.objects.filter(pk=conversation.pk).update(last_message_at=message.created_at)
+            group_send_on_commit(
+                conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)}
+            )
+    except IntegrityError:
+        # The same message arrived on another socket at the same moment.
+        return conversation.messages.get(client_id=client_id), False
+    if conversation.status == Conversation.Status.BOT and handoff_keyword_in(body):
+        conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.KEYWORD)
+    return message, True
+
+
+def conversation_notice_no_model(*, conversation: Conversation) -> Message | None:
+    """Tell the customer no model can answer yet, once per unanswered stretch."""
+    last = conversation.messages.exclude(role=Message.Role.CUSTOMER).order_by("-pk").first()
+    if last is not None and (last.generation or {}).get("notice") == "no_model":
+        return None
+    with transaction.atomic():
+        return _system_message(conversation, NOTICE_NO_MODEL, kind="no_model")
+
+
+@transaction.atomic
+def csat_record(*, conversation: Conversation, message_id: int, helpful: bool) -> Message:
+    """The customer's answer to "Was this helpful?" on a bot reply (a later answer replaces it)."""
+    if not isinstance(helpful, bool):
+        raise ApplicationError("helpful must be true or false.", code="bad_frame")
+    message = (
+        conversation.messages.select_for_update()
+        .filter(pk=message_id, role=Message.Role.BOT, status=Message.Status.COMPLETE)
+        .first()
+        if isinstance(message_id, int)
+        else None
+    )
+    if message is None:
+        raise ApplicationError(
+            f"There is no finished bot reply with id {message_id!r} in this conversation.", code="not_found"
+        )
+    message.helpful = helpful
+    message.helpful_at = timezone.now()
+    message.save(update_fields=["helpful", "helpful_at"])
+    group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
+    return message
+
+
+# --- bot replies ------------------------------------------------------------------------
+
+
+def _heartbeat_age_s(message: Message, now: datetime) -> float:
+    stamp = (message.generation or {}).get("heartbeat")
+    try:
+        beat = datetime.fromisoformat(stamp) if stamp else message.created_at
+    except (TypeError, ValueError):
+        beat = message.created_at
+    return (now - beat).total_seconds()
+
+
+def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Collection[int]) -> list[Message]:
+    """Mark ``failed`` the streaming replies of the conversation that no process is writing any more.
+
+    A reply is dead when this process (``owner``) started it but no longer runs it
+    (not in ``live_ids``, a live view such as ``replies.live_replies``, and older than
+    ``REPLY_REGISTER_GRACE_S``), or when its heartbeat is older than
+    ``REPLY_STALE_AFTER_S`` (its process crashed).
+    The text saved so far is kept. The customer's question is then handed to a human.
+    """
+    now = timezone.now()
+    failed = []
+    with transaction.atomic():
+        streaming = conversation.messages.select_for_update().filter(
+            role=Message.Role.BOT, status=Message.Status.STREAMING
+        )
+        for message in streaming:
+            age = _heartbeat_age_s(message, now)
+            if (message.generation or {}).get("owner") == owner:
+                if message.pk in live_ids or age < REPLY_REGISTER_GRACE_S:
+                    continue
+            elif age < REPLY_STALE_AFTER_S:
+                continue
+            _reply_close(
+                message,
+                status=Message.Status.FAILED,
+                generation={"finish_reason": "interrupted", "error": "The server stopped while writing this reply."},
+            )
+            failed.append(message)
+        if failed and conversation.status == Conversation.Status.BOT:
+            conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
+    return failed
+
+
+@transaction.atomic
+def bot_reply_start(
+    *,
+    conversation: Conversation,
+    model_label: str | None,
+    params: dict[str, Any],
+    owner: str,
+    live_ids: Collection[int] = (),
+) -> tuple[Message, list[dict[str, str]]] | None:
+    """Save a ``streaming`` reply to the newest customer message, and return it with the model's prompt.
+
+    Returns None when there is nothing for the bot to do: the conversation is not the
+    bot's, the newest customer message already has a reply (finished, failed or
+    being written), or another reply of this conversation is still streaming (its
+    writer answers the newest message when done). One reply at a time per
+    conversation, across processes: the conversation row is locked.
+    """
+    locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
+    conversation.status, conversation.handoff_reason = locked.status, locked.handoff_reason
+    bot_replies_recover(conversation=conversation, owner=owner, live_ids=live_ids)
+    if conversation.status != Conversation.Status.BOT:
+        return None
+    target = reply_target(conversation=conversation)
+    if target is None:
+        return None
+    replies = conversation.messages.filter(role=Message.Role.BOT)
+    if replies.filter(in_reply_to=target).exists() or replies.filter(status=Message.Status.STREAMING).exists():
+        return None
+    message = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.BOT,
+        status=Message.Status.STREAMING,
+        in_reply_to=target,
+        model_version=model_version_for_label(model_label),
+        generation={
+            **params,
+            "model_label": model_label,
+            "owner": owner,
+            "heartbeat": timezone.now().isoformat(),
+            "seq": 0,
+        },
+    )
+    group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
+    group_send_on_commit(conversation.group_name, {"type": "chat.typing", "frame": frames.typing_frame(role="bot")})
+    return message, prompt_messages(conversation=conversation, upto=target)
+
+
+def bot_reply_heartbeat(*, message_id: int, body: str, seq: int) -> bool:
+    """Save the text streamed so far and prove the writer alive; False if the reply is no longer streaming."""
+    message = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).only("generation").first()
+    if message is None:
+        return False
+    generation = {**(message.generation or {}), "heartbeat": timezone.now().isoformat(), "seq": seq}
+    return bool(
+        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(body=body, generation=generation)
+    )
+
+
+def _reply_close(message: Message, *, status: str, generation: dict[str, Any], **fields: Any) -> None:
+    message.status = status
+    message.generation = {**(message.generation or {}), **generation}
+    for name, value in fields.items():
+        setattr(message, name, value)
+    message.save(update_fields=["status", "generation", *fields])
+    Conversation.objects.filter(pk=message.conversation_id).update(last_message_at=timezone.now())
+    group_send_on_commit(
+        message.conversation.group_name, {"type": "chat.reply_done", "frame": frames.reply_done_frame(message)}
+    )
+
+
+@transaction.atomic
+def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Message:
+    """Save the finished reply with what produced it, or mark it failed.
+
+    A reply is ``complete`` when the model stopped by itself or at its token limit
+    and said something; an error, timeout, cancel or empty text makes it ``failed``
+    and hands the customer to a human. A complete reply whose mean token
+    log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD`` is kept but also
+    hands the conversation to a human. Finishing a reply that recovery already
+    marked failed (a slow writer, not a dead one) completes it after all.
+    """
+    message = Message.objects.select_for_update().select_related("conversation").get(pk=message_id)
+    text = done.text.strip()
+    ok = done.finish_reason in ("stop", "length") and bool(text)
+    _reply_close(
+        message,
+        status=Message.Status.COMPLETE if ok else Message.Status.FAILED,
+        generation={
+            "finish_reason": done.finish_reason,
+            "error": done.error or ("" if ok or text else "The model produced no text."),
+            "seq": seq,
+            "model_label": done.model_label or (message.generation or {}).get("model_label"),
+        },
+        body=text,
+        model_version=model_version_for_label(done.model_label) or message.model_version,
+        latency_ms=max(0, done.latency_ms),
+        first_token_ms=done.first_token_ms,
+        token_count=done.token_count,
+        mean_logprob=done.mean_logprob,
+    )
+    conversation = message.conversation
+    if not ok and done.finish_reason != "cancelled":
+        conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
+    elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
+        conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)
+    return message
+
+
+def bot_reply_fail(*, message_id: int, error: str, body: str = "", seq: int = 0) -> Message:
+    """A reply that could not be generated (no engine, engine refused, stream broke)."""
+    return bot_reply_finish(
+        message_id=message_id,
+        done=GenerationDone(
+            text=body,
+            finish_reason="error",
+            token_count=0,
+            mean_logprob=None,
+            model_label=(Message.objects.get(pk=message_id).generation or {}).get("model_label") or "",
+            first_token_ms=None,
+            latency_ms=0,
+            error=error,
+        ),
+        seq=seq,
+    )
+
+
+def reply_stale_deadline(message: Message) -> timedelta:
+    """How long from now until a streaming ``message`` counts as dead if its heartbeat stops."""
+    return timedelta(seconds=max(0.0, REPLY_STALE_AFTER_S - _heartbeat_age_s(message, timezone.now())))
+
+
+def conversation_resume(
+    *, conversation: Conversation, after_id: int, owner: str, live_ids: Collection[int]
+) -> list[Message]:
+    """Every message after ``after_id``, oldest first, once dead replies are flagged ``failed``.
+
+    ``conversation`` is refreshed in place (a handoff may have happened meanwhile).
+    """
+    if isinstance(after_id, bool) or not isinstance(after_id, int) or after_id < 0:
+        raise ApplicationError(
+            "resume needs 'after': the id of the last message the client has (0 for all).", code="bad_frame"
+        )
+    bot_replies_recover(conversation=conversation, owner=owner, live_ids=live_ids)
+    conversation.refresh_from_db(fields=["status", "handoff_reason"])
+    return list(messages_after(conversation=conversation, after_id=after_id))

@@ -1,0 +1,102 @@
+"""Fixtures of the chat tests: a tiny served model, customer sessions and websocket helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.contrib.sessions.backends.db import SessionStore
+
+from conversations.tokens import chat_token_mint
+from finetune.inference import engine_reset
+from finetune.models import ModelVersion
+from finetune.tiny import build_tiny_causal_lm
+from tests.factories import ModelVersionFactory
+
+# Tests read the tiny random model's replies as ordinary ones: it is always "unsure"
+# (mean log-probability near -ln(vocab)), so the low-confidence handoff is switched
+# off here and switched on only by the test of that rule.
+LOW_CONFIDENCE_OFF = -1000.0
+
+
+@pytest.fixture(autouse=True)
+def _chat_settings(settings):
+    settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = LOW_CONFIDENCE_OFF
+    settings.SUPPORTBOT_RATE_LIMIT = 50
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+@pytest.fixture
+def active_model(tiny_model_dir) -> ModelVersion:
+    """An active model version served by this process's engine (loaded on first use)."""
+    engine_reset()
+    version = ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
+    )
+    yield version
+    engine_reset()
+
+
+@pytest.fixture
+def no_model():
+    engine_reset()
+    yield
+    engine_reset()
+
+
+def new_session_key() -> str:
+    store = SessionStore()
+    store["supportbot_chat"] = True
+    store.create()
+    return store.session_key
+
+
+@pytest.fixture
+def session_key(db) -> str:
+    return new_session_key()
+
+
+def communicator(token: str | None, *, path: str = "/ws/chat/", origin: str = "http://testserver", query: str = ""):
+    """A WebsocketCommunicator on the real ASGI stack (Origin check, sessions, routing)."""
+    from supportbot.asgi import application
+
+    params = [f"token={token}"] if token else []
+    if query:
+        params.append(query)
+    url = path + ("?" + "&".join(params) if params else "")
+    headers = [(b"origin", origin.encode())] if origin else []
+    return WebsocketCommunicator(application, url, headers=headers)
+
+
+def token_for(session_key: str) -> str:
+    return chat_token_mint(session_key=session_key)
+
+
+async def receive_until(comm: WebsocketCommunicator, predicate, *, timeout: float = 20.0) -> list[dict]:
+    """Frames received until one matches ``predicate`` (included); fails after ``timeout`` seconds."""
+    frames: list[dict] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"No matching frame within {timeout} s; got {frames}")
+        frame = await comm.receive_json_from(timeout=remaining)
+        frames.append(frame)
+        if predicate(frame):
+            return frames
+
+
+async def open_chat(token: str, **kwargs) -> tuple[WebsocketCommunicator, dict]:
+    comm = communicator(token, **kwargs)
+    connected, code = await comm.connect(timeout=10)
+    assert connected, code
+    hello = await comm.receive_json_from(timeout=10)
+    assert hello["type"] == "conversation", hello
+    return comm, hello

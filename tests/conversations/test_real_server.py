@@ -1,0 +1,213 @@
+"""The chat against real daphne processes with a real websocket client (the ``websockets`` package).
+
+The same flows as test_consumers.py, through the network stack production uses:
+daphne's own handshake, Origin check and frame-size cap, sessions from HTTP, and
+(with Redis) several processes sharing the channel layer and the rate limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+import uuid
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conversations.models import Message
+from finetune.models import ModelVersion
+from tests.conversations.conftest import LOW_CONFIDENCE_OFF
+from tests.factories import ConversationFactory, ModelVersionFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+SERVER_ENV = {"SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD": str(LOW_CONFIDENCE_OFF), "SUPPORTBOT_RATE_LIMIT": "50"}
+
+
+@pytest.fixture
+def served_model(tiny_model_dir, transactional_db) -> ModelVersion:
+    # Committed, so the daphne process loads it as its active version.
+    return ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
+    )
+
+
+def chat_token(base: str, held: str = "") -> str:
+    """What the chat page does first: POST /chat/session/ from the server's own origin."""
+    request = urllib.request.Request(  # noqa: S310 - http URL of a local test server
+        f"{base}/chat/session/",
+        data=json.dumps({"token": held} if held else {}).encode(),
+        headers={"Origin": base, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - a local test server
+        return json.loads(response.read())["token"]
+
+
+def ws_url(base: str, token: str, path: str = "/ws/chat/") -> str:
+    return base.replace("http://", "ws://") + f"{path}?token={token}"
+
+
+async def open_socket(base: str, token: str, *, path: str = "/ws/chat/", origin: str | None = None):
+    ws = await connect(ws_url(base, token, path), origin=origin or base, proxy=None, open_timeout=15)
+    hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
+    return ws, hello
+
+
+async def until(ws, predicate, timeout: float = 30.0) -> list[dict]:
+    frames = []
+    async with asyncio.timeout(timeout):
+        while True:
+            frame = json.loads(await ws.recv())
+            frames.append(frame)
+            if predicate(frame):
+                return frames
+
+
+async def silent(ws, seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            frame = await ws.recv()
+    except TimeoutError:
+        return True
+    raise AssertionError(f"Expected silence, got {frame}")
+
+
+async def drain(ws) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            await ws.recv()
+
+
+def is_done(frame: dict) -> bool:
+    return frame["type"] == "reply_done"
+
+
+async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, served_model):
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    ws, hello = await open_socket(base, token)
+    assert hello["type"] == "conversation"
+    assert hello["bot_available"] is True
+
+    # Streaming: acknowledged, then tokens, then the saved reply.
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    frames = await until(ws, is_done)
+    assert frames[0]["type"] == "message"
+    assert frames[0]["client_id"] == "c-1"
+    tokens = [f for f in frames if f["type"] == "token"]
+    assert tokens
+    assert "".join(t["delta"] for t in tokens).strip() == frames[-1]["body"]
+    assert frames[-1]["status"] == "complete"
+    assert frames[-1]["model_version"] == served_model.label
+
+    # Idempotent resend: the same server id, no second answer.
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    again = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert again["id"] == frames[0]["id"]
+    assert await silent(ws, 1.0)
+
+    # Disconnect right after asking; the reply is still written; resume replays it.
+    await ws.send(json.dumps({"type": "message", "client_id": "c-2", "text": "And my refund?"}))
+    ack = (await until(ws, lambda f: f.get("client_id") == "c-2"))[-1]
+    await ws.close()
+    # A reload keeps its token (renewed), and so its conversation.
+    token = await asyncio.to_thread(chat_token, base, token)
+    ws, hello_again = await open_socket(base, token)
+    assert hello_again["id"] == hello["id"]
+    await ws.send(json.dumps({"type": "resume", "after": frames[-1]["id"]}))
+    replayed = [f for f in await until(ws, lambda f: f["type"] == "resumed") if f["type"] == "message"]
+    assert replayed[0]["id"] == ack["id"]
+    reply = [f for f in replayed if f["role"] == "bot"]
+    if reply and reply[0]["status"] == "streaming":  # still being written: the rest streams in
+        done = (await until(ws, lambda f: is_done(f) and f["id"] == reply[0]["id"]))[-1]
+    else:
+        done = reply[0]
+    assert done["status"] == "complete"
+    assert done["body"]
+    await ws.close()
+
+
+async def test_abuse_is_refused_on_a_real_server(daphne_factory, served_model):
+    base = daphne_factory(**{**SERVER_ENV, "SUPPORTBOT_RATE_LIMIT": "3"})
+    token = await asyncio.to_thread(chat_token, base)
+
+    # A foreign Origin never gets a socket (daphne answers the handshake with 403).
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(ws_url(base, token), origin="https://evil.example", proxy=None)
+    assert refused.value.response.status_code == 403
+
+    ws, _ = await open_socket(base, token)
+    # Not JSON, missing fields, oversize text: an error frame each, the socket stays open.
+    await ws.send("hello?")
+    assert json.loads(await ws.recv())["code"] == "bad_json"
+    await ws.send(json.dumps({"type": "message", "text": "no client id"}))
+    assert json.loads(await ws.recv())["code"] == "bad_frame"
+    await ws.send(json.dumps({"type": "message", "client_id": "big", "text": "x" * 5000}))
+    error = json.loads(await ws.recv())
+    assert (error["code"], error["client_id"]) == ("too_long", "big")
+
+    # Rate limit: the fourth message frame in a minute is refused, and not saved. (The
+    # refused oversize message above counted too: a fresh session starts at zero.)
+    await ws.close()
+    ws, _ = await open_socket(base, await asyncio.to_thread(chat_token, base))
+    for i in range(3):
+        await ws.send(json.dumps({"type": "message", "client_id": f"c{i}", "text": f"question {i}?"}))
+        await until(ws, lambda f, i=i: f.get("client_id") == f"c{i}" and f["type"] == "message")
+    await ws.send(json.dumps({"type": "message", "client_id": "c3", "text": "one more"}))
+    error = (await until(ws, lambda f: f["type"] == "error"))[-1]
+    assert (error["code"], error["client_id"]) == ("rate_limited", "c3")
+    assert not await asyncio.to_thread(Message.objects.filter(client_id="c3").exists)
+
+    # A frame over daphne's --websocket-max-message-size drops the connection.
+    await ws.send("x" * 70000)
+    with pytest.raises(ConnectionClosed):
+        await drain(ws)
+
+    # Someone else's conversation: accepted, told why, closed with 4403.
+    theirs = await asyncio.to_thread(ConversationFactory, session_key="y" * 32)
+    ws, error = await open_socket(base, token, path=f"/ws/chat/{theirs.pk}/")
+    assert error["code"] == "forbidden"
+    with pytest.raises(ConnectionClosed) as closed:
+        await ws.recv()
+    assert closed.value.rcvd.code == 4403
+
+
+async def test_handoff_on_a_real_server(daphne_factory, served_model):
+    base = daphne_factory(**SERVER_ENV)
+    ws, _ = await open_socket(base, await asyncio.to_thread(chat_token, base))
+    await ws.send(json.dumps({"type": "request_human"}))
+    handoff = (await until(ws, lambda f: f["type"] == "handoff"))[-1]
+    assert handoff == {"type": "handoff", "status": "waiting_for_agent", "reason": "customer_request"}
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    await until(ws, lambda f: f.get("client_id") == "c-1")
+    assert await silent(ws, 2.0)  # the bot stopped answering
+    await ws.close()
+
+
+async def test_two_processes_share_the_stream_and_the_rate_limit(daphne_factory, served_model, redis_url):
+    env = {**SERVER_ENV, "SUPPORTBOT_RATE_LIMIT": "3"}
+    first, second = daphne_factory(**env), daphne_factory(**env)
+    token = await asyncio.to_thread(chat_token, first)
+    tab_a, hello_a = await open_socket(first, token)
+    tab_b, hello_b = await open_socket(second, token)
+    assert hello_a["id"] == hello_b["id"]
+
+    # A question asked in one process streams to the customer's tab in the other.
+    await tab_a.send(json.dumps({"type": "message", "client_id": f"c-{uuid.uuid4()}", "text": "Hello there"}))
+    seen = await until(tab_b, is_done)
+    assert any(f["type"] == "token" for f in seen)
+    assert seen[-1]["body"] == (await until(tab_a, is_done))[-1]["body"]
+
+    # The session's budget (3 a minute) is counted across both processes.
+    await tab_b.send(json.dumps({"type": "message", "client_id": "c-2", "text": "human please"}))
+    await until(tab_b, lambda f: f.get("client_id") == "c-2")
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-3", "text": "agent?"}))
+    await until(tab_a, lambda f: f.get("client_id") == "c-3")
+    await tab_b.send(json.dumps({"type": "message", "client_id": "c-4", "text": "anyone?"}))
+    error = (await until(tab_b, lambda f: f["type"] == "error"))[-1]
+    assert error["code"] == "rate_limited"
+    await tab_a.close()
+    await tab_b.close()

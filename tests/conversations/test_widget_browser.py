@@ -1,0 +1,158 @@
+"""The widget in a real browser, on a page of another site: ask, watch the reply stream, reload, see history.
+
+The host page is served from http://localhost:<port>, the chat from
+http://127.0.0.1:<port>: two different sites, as for a customer's shop embedding
+the widget, so the chat panel is a cross-site iframe without cookies.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+from finetune.models import ModelVersion
+from tests.conversations.conftest import LOW_CONFIDENCE_OFF
+from tests.factories import ModelVersionFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.slow]
+
+HOST_PAGE = """<!doctype html>
+<html><head><title>Shop</title>
+<style>button, p, li { color: red !important; font-size: 40px !important; }</style></head>
+<body><h1>A shop that is not SupportBot</h1>
+<script src="{base}/static/supportbot/widget.js" defer data-segment="pro"></script>
+</body></html>"""
+
+
+@pytest.fixture
+def host_page(daphne_factory, tiny_model_dir):
+    ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
+    )
+    base = daphne_factory(SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD=str(LOW_CONFIDENCE_OFF))
+    body = HOST_PAGE.replace("{base}", base).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/", base
+    finally:
+        server.shutdown()
+
+
+def open_panel(driver):
+    """Click the bubble (inside the widget's shadow root) and switch into the chat iframe."""
+    driver.switch_to.default_content()
+    wait = WebDriverWait(driver, 20)
+    host = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-supportbot-widget]"))
+    shadow = host.shadow_root
+    bubble = shadow.find_element(By.CSS_SELECTOR, "button.bubble")
+    bubble.click()
+    assert bubble.get_attribute("aria-expanded") == "true"
+    frame = wait.until(lambda d: shadow.find_element(By.CSS_SELECTOR, "iframe"))
+    driver.switch_to.frame(frame)
+    # Connected: the connection notice is gone and the conversation frame arrived.
+    wait.until(lambda d: d.find_element(By.ID, "sb-conn").get_attribute("hidden") is not None)
+    return shadow, bubble
+
+
+def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
+    driver = chromium
+    shop, base = host_page
+    driver.get(shop)
+    shadow, bubble = open_panel(driver)
+
+    # The host page's !important styles do not reach the widget.
+    driver.switch_to.default_content()
+    assert bubble.value_of_css_property("color") == "rgba(255, 255, 255, 1)"
+    driver.switch_to.frame(shadow.find_element(By.CSS_SELECTOR, "iframe"))
+
+    # Record the bot reply's length at every DOM change, to see it grow token by token.
+    driver.execute_script(
+        """
+        window.__lengths = [];
+        new MutationObserver(() => {
+          const bot = document.querySelector('.sb-msg--bot .sb-body');
+          if (bot) window.__lengths.push(bot.textContent.length);
+        }).observe(document.getElementById('sb-log'), {subtree: true, childList: true, characterData: true});
+        window.__typingShown = false;
+        const typing = document.getElementById('sb-typing');
+        new MutationObserver(() => { if (!typing.hidden) window.__typingShown = true; })
+          .observe(typing, {attributes: true});
+        """
+    )
+    box = driver.find_element(By.ID, "sb-input")
+    assert driver.switch_to.active_element == box  # the panel focuses the input when opened
+    box.send_keys("Where is my order?", Keys.ENTER)
+
+    wait = WebDriverWait(driver, 30)
+    reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]'))
+    text = reply.find_element(By.CSS_SELECTOR, ".sb-body").text
+    assert text.strip()
+    lengths = driver.execute_script("return window.__lengths")
+    assert len(set(lengths)) >= 3, lengths  # it grew in steps, not all at once
+    assert driver.execute_script("return window.__typingShown") is True  # "typing…" while waiting
+    assert not driver.find_element(By.ID, "sb-typing").is_displayed()
+    assert reply.find_element(By.CSS_SELECTOR, ".sb-csat").text.startswith("Was this helpful?")
+    assert driver.find_element(By.ID, "sb-log").get_attribute("aria-live") == "polite"
+    customer = driver.find_element(By.CSS_SELECTOR, ".sb-msg--customer .sb-body").text
+    assert customer == "Where is my order?"
+
+    # Was this helpful? Yes.
+    yes = reply.find_element(By.XPATH, ".//button[text()='Yes']")
+    yes.click()
+    wait.until(lambda d: yes.get_attribute("aria-pressed") == "true")
+
+    # Reload the shop page: the cross-site iframe has no cookie, its stored token brings the history back.
+    driver.switch_to.default_content()
+    driver.refresh()
+    open_panel(driver)
+    history = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]'))
+    assert history[0].find_element(By.CSS_SELECTOR, ".sb-body").text == text
+    assert driver.find_element(By.CSS_SELECTOR, ".sb-msg--customer .sb-body").text == "Where is my order?"
+    assert history[0].find_element(By.XPATH, ".//button[text()='Yes']").get_attribute("aria-pressed") == "true"
+
+    # Escape closes the panel and gives focus back to the bubble.
+    driver.find_element(By.ID, "sb-input").send_keys(Keys.ESCAPE)
+    driver.switch_to.default_content()
+    WebDriverWait(driver, 5).until(lambda d: bubble_of(d).get_attribute("aria-expanded") == "false")
+
+    # Phone width: the open panel fits the screen.
+    driver.set_window_size(390, 844)
+    time.sleep(0.3)
+    bubble_of(driver).click()
+    panel = driver.find_element(By.CSS_SELECTOR, "[data-supportbot-widget]").shadow_root.find_element(
+        By.CSS_SELECTOR, ".panel"
+    )
+    width = driver.execute_script("return window.innerWidth")
+    assert 0 < panel.rect["width"] <= width
+
+    # The full-page chat on SupportBot's own site works the same way.
+    driver.get(f"{base}/chat/")
+    wait.until(lambda d: d.find_element(By.ID, "sb-conn").get_attribute("hidden") is not None)
+    driver.find_element(By.ID, "sb-input").send_keys("Hello", Keys.ENTER)
+    page_reply = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]'))
+    assert page_reply.find_element(By.CSS_SELECTOR, ".sb-body").text.strip()
+
+
+def bubble_of(driver):
+    host = driver.find_element(By.CSS_SELECTOR, "[data-supportbot-widget]")
+    return host.shadow_root.find_element(By.CSS_SELECTOR, "button.bubble")
