@@ -86,8 +86,9 @@ class BuildOptions:
     seed: int = 0
     max_examples: int | None = None  # stop after this many kept examples, in input order
     max_length: int = 512  # tokens; longer examples lose their oldest prompt tokens first
-    # Processes preparing examples; 1 prepares in this process. More pays off only for
-    # large builds: each worker takes a few seconds to start (it imports transformers).
+    # Processes preparing examples (redact, render, tokenize); 1 prepares in this process.
+    # This process still reads the input, deduplicates and writes Arrow, so a few
+    # workers are the useful most (docs/benchmarks.md, "Dataset build").
     workers: int = 1
     params: dict[str, Any] = field(default_factory=dict)  # recorded in the card as given
 
@@ -127,7 +128,7 @@ def features():
 _WORKER_CHUNK = 64  # conversations per task sent to a worker: amortises pickling, keeps the window small
 # What the content hash covers: the data a trainer reads (prompt and completion are
 # derived from messages and the tokenizer, so hashing them would add nothing).
-_HASHED_COLUMNS = ("messages", "input_ids", "labels", "intent", "category", "tags", "segment", "origin")
+_HASHED_TEXT_COLUMNS = ("messages", "intent", "category", "tags", "segment", "origin")  # plus input_ids, labels
 _PUNCT_RE = re.compile(r"[^\w\s{}]+")
 _SPACE_RE = re.compile(r"\s+")
 
@@ -273,11 +274,15 @@ def prepare_example(
         "segment": conversation.segment or "",
         "origin": conversation.origin,
     }
-    digest = hashlib.sha256(
+    hasher = hashlib.sha256(
         json.dumps(
-            {key: row[key] for key in _HASHED_COLUMNS}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+            {key: row[key] for key in _HASHED_TEXT_COLUMNS}, sort_keys=True, ensure_ascii=False, separators=(",", ":")
         ).encode()
-    ).digest()
+    )
+    # Token ids as packed int32, not JSON: the same information, hashed several times faster.
+    hasher.update(array("i", row["input_ids"]).tobytes())
+    hasher.update(array("i", row["labels"]).tobytes())
+    digest = hasher.digest()
     return Prepared(
         row=row,
         redactions=counts,
@@ -389,9 +394,13 @@ class _Builder:
                     conversation, self.tokenizer, system_prompt=options.system_prompt, max_length=options.max_length
                 )
             return
-        # "spawn", not fork: the parent holds a database connection and maybe torch's
-        # OpenMP threads, neither of which survives a fork safely.
-        context = multiprocessing.get_context("spawn")
+        # Fork where the platform has it: the workers share the parent's tokenizer and
+        # libraries (torch alone is ~300 MB, which "spawn" would load again in every
+        # worker). Safe here because the workers only redact and tokenize: they never
+        # touch the parent's database connection or run torch (whose OpenMP threads
+        # do not survive a fork), and they leave with os._exit, closing nothing of the parent's.
+        start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(start_method)
         with context.Pool(
             options.workers,
             initializer=_worker_init,

@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 IMPORT_BATCH_SIZE = 500
 # Problems kept in the summary; all of them go to ``on_problem`` as they happen.
 MAX_PROBLEMS_KEPT = 100
-PARALLEL_BUILD_MIN_TICKETS = 20_000
-MAX_BUILD_WORKERS = 4  # the main process (database reads, Arrow writes) becomes the bottleneck beyond this
+PARALLEL_BUILD_MIN_TICKETS = 10_000
+MAX_BUILD_WORKERS = 2  # measured on two cores; the main process (reads, dedup, Arrow writes) limits beyond
 DEFAULT_MAX_LENGTH = 512  # tokens per example; ticket threads rarely exceed it (see the card's percentiles)
 
 _TICKET_FIELDS = (
@@ -253,9 +253,11 @@ def _auto_workers(tickets: int) -> int:
     return max(1, min(os.cpu_count() or 1, MAX_BUILD_WORKERS))
 
 
-def dataset_conversations(*, since: datetime | None, include_feedback: bool) -> Iterable:
+def dataset_conversations(
+    *, since: datetime | None, include_feedback: bool, sources: Sequence[str] | None = None
+) -> Iterable:
     """Tickets first, then agent feedback: the input of every dataset build."""
-    tickets = selectors.ticket_conversations(since=since)
+    tickets = selectors.ticket_conversations(since=since, sources=sources)
     if not include_feedback:
         return tickets
     return chain(tickets, selectors.training_examples_from_feedback(since=since))
@@ -265,6 +267,7 @@ def dataset_version_build(
     *,
     out_dir: str | Path | None = None,
     since: datetime | None = None,
+    sources: Sequence[str] | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
     max_examples: int | None = None,
@@ -277,6 +280,8 @@ def dataset_version_build(
     progress: Callable[[int], None] | None = None,
 ) -> DatasetVersion:
     """Build a dataset from the tickets (and agent feedback) and record it as a DatasetVersion.
+
+    ``sources`` limits the tickets to those import sources (all when empty).
 
     Without ``out_dir`` the dataset goes to ``SUPPORTBOT_DATASET_DIR/dataset-<time>``;
     if its content is identical to a recorded version whose folder still exists,
@@ -308,7 +313,7 @@ def dataset_version_build(
             out = Path(settings.SUPPORTBOT_DATASET_DIR) / name
 
     if workers is None:
-        workers = _auto_workers(selectors.ticket_count(since=since))
+        workers = _auto_workers(selectors.ticket_count(since=since, sources=sources))
     if workers < 1:
         raise ApplicationError(f"--workers must be at least 1, not {workers}.")
 
@@ -325,6 +330,7 @@ def dataset_version_build(
         workers=workers,
         params={
             "since": since.isoformat() if since else None,
+            "sources": list(sources) if sources else None,
             "include_feedback": include_feedback,
             "system_prompt": system_prompt,
             "base_model": resolved.name,
@@ -334,7 +340,7 @@ def dataset_version_build(
     )
     try:
         summary = build_dataset(
-            dataset_conversations(since=since, include_feedback=include_feedback),
+            dataset_conversations(since=since, include_feedback=include_feedback, sources=sources),
             tokenizer,
             options,
             progress=progress,

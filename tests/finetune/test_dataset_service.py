@@ -116,6 +116,9 @@ def test_ticket_conversations_stream_in_id_order(sample_tickets):
     assert [m["content"] for m in conversations[0].messages] == list(first.messages.values_list("body", flat=True))
     cutoff = Ticket.objects.order_by("created_at")[100].created_at
     assert len(list(ticket_conversations(since=cutoff))) == Ticket.objects.filter(created_at__gte=cutoff).count()
+    ticket_import(path=sample_tickets, fmt="jsonl", source="copy")
+    assert len(list(ticket_conversations())) == 660
+    assert {c.origin.split(":")[1] for c in ticket_conversations(sources=["copy"])} == {"copy"}
 
 
 def test_build_records_a_dataset_version_with_feedback(dataset_settings, sample_tickets):

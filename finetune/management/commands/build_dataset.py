@@ -39,6 +39,13 @@ class Command(BaseCommand):
             help="Output folder (must not exist or be empty). Default: a new folder under SUPPORTBOT_DATASET_DIR.",
         )
         parser.add_argument("--since", help="Only tickets opened (and reviews written) on or after this date.")
+        parser.add_argument(
+            "--source",
+            action="append",
+            dest="sources",
+            metavar="NAME",
+            help="Only tickets imported with this --source (repeatable). Default: all tickets.",
+        )
         parser.add_argument("--val-fraction", type=float, default=0.1, help="Share of each intent held out (0.1).")
         parser.add_argument("--seed", type=int, default=0, help="Seed of the validation split (0).")
         parser.add_argument("--max-examples", type=int, help="Stop after this many examples (oldest tickets first).")
@@ -58,7 +65,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--workers",
             type=int,
-            help="Processes preparing examples. Default: 1 below 20,000 tickets, else one per core (at most 4).",
+            help="Processes preparing examples. Default: 1 below 10,000 tickets, else one per core (at most 2).",
         )
         parser.add_argument("--user", help="Username recorded as the builder of this dataset.")
         parser.add_argument("--no-progress", action="store_true", help="Do not draw a progress bar.")
@@ -71,7 +78,7 @@ class Command(BaseCommand):
             if user is None:
                 raise CommandError(f"No user named {options['user']!r}.")
         bar = tqdm(
-            total=selectors.ticket_count(since=since),
+            total=selectors.ticket_count(since=since, sources=options["sources"]),
             unit=" tickets",
             desc="Building dataset",
             disable=options["no_progress"] or options["verbosity"] == 0,
@@ -82,6 +89,7 @@ class Command(BaseCommand):
             version = dataset_version_build(
                 out_dir=options["out"],
                 since=since,
+                sources=options["sources"],
                 val_fraction=options["val_fraction"],
                 seed=options["seed"],
                 max_examples=options["max_examples"],
