@@ -50,6 +50,8 @@ ROLE_ALIASES = {
 # Longest message body accepted. Support messages are a few hundred characters; a
 # body of 20,000+ is a pasted log or a mail loop, useless as training text.
 MAX_BODY_CHARS = 20_000
+# Longest physical line read: more than a thread of MAX_MESSAGES bodies at their limit.
+MAX_LINE_BYTES = 8 << 20
 MAX_MESSAGES = 200  # a thread longer than this is an export error, not a conversation
 # The Ticket model's column widths: longer values would fail on PostgreSQL (and be
 # stored silently on SQLite), so they are refused here with a clear reason.
@@ -159,10 +161,12 @@ class _RowProblem(Exception):
 
 
 class _Lines:
-    """Decode a binary file line by line, remembering which lines were not valid UTF-8.
+    """Decode a binary file line by line, remembering which lines were unusable and why.
 
     Decoding per line (not the whole stream) lets one badly encoded row be skipped
-    while the rest of the file imports.
+    while the rest of the file imports. A line longer than MAX_LINE_BYTES is skipped
+    without ever being held whole (a 1 GB file without newlines costs no more memory
+    than any other) and stands in as an empty line.
     """
 
     def __init__(self, handle: BinaryIO, on_progress: Callable[[int], None] | None):
@@ -170,27 +174,53 @@ class _Lines:
         self._on_progress = on_progress
         self._unreported = 0
         self.line_no = 0
-        self.bad_lines: set[int] = set()
+        self.problems: dict[int, str] = {}  # line number -> "bad_encoding" or "too_long"
+
+    def _progress(self, size: int) -> None:
+        self._unreported += size
+        if self._on_progress is not None and self._unreported >= _PROGRESS_EVERY_BYTES:
+            self._on_progress(self._unreported)
+            self._unreported = 0
 
     def __iter__(self) -> Iterator[str]:
         decoder_strict = codecs.getdecoder("utf-8")
-        for raw in self._handle:
+        while raw := self._handle.readline(MAX_LINE_BYTES + 1):
             self.line_no += 1
+            self._progress(len(raw))
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while chunk := self._handle.readline(1 << 20):  # skip the rest of the line, a MiB at a time
+                    self._progress(len(chunk))
+                    if chunk.endswith(b"\n"):
+                        break
+                self.problems[self.line_no] = "too_long"
+                yield "\n"
+                continue
             if self.line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
-            self._unreported += len(raw)
-            if self._on_progress is not None and self._unreported >= _PROGRESS_EVERY_BYTES:
-                self._on_progress(self._unreported)
-                self._unreported = 0
             try:
                 text = decoder_strict(raw)[0]
             except UnicodeDecodeError:
-                self.bad_lines.add(self.line_no)
+                self.problems[self.line_no] = "bad_encoding"
                 text = raw.decode("utf-8", errors="replace")
             yield text
         if self._on_progress is not None and self._unreported:
             self._on_progress(self._unreported)
             self._unreported = 0
+
+    def take_problem(self, first: int, last: int) -> _RowProblem | None:
+        """The problem of any line from ``first`` to ``last`` (one record), forgetting those lines."""
+        found = None
+        for number in range(first, last + 1):
+            code = self.problems.pop(number, None)
+            if code is not None and found is None:
+                found = _LINE_PROBLEMS[code]
+        return found
+
+
+_LINE_PROBLEMS = {
+    "bad_encoding": _RowProblem("bad_encoding", "not valid UTF-8 (bad encoding); re-save the file as UTF-8"),
+    "too_long": _RowProblem("too_long", f"the line is over {MAX_LINE_BYTES >> 20} MiB; the limit for one record"),
+}
 
 
 # --- value parsing -------------------------------------------------------------------------
@@ -321,8 +351,10 @@ def _csv_records(
         raise FormatError("The file is empty; a CSV file starts with a header row.") from None
     except csv.Error as exc:
         raise FormatError(f"The first line is not a CSV header ({exc}).") from None
-    if 1 in lines.bad_lines:
+    if lines.problems.get(1) == "bad_encoding":
         raise FormatError("The file is not UTF-8 text (is it compressed or in another encoding?); save it as UTF-8.")
+    if lines.problems.get(1) == "too_long":
+        raise FormatError(f"The first line is over {MAX_LINE_BYTES >> 20} MiB: this is not a CSV header.")
     header = [column.strip() for column in header]
     missing = [column for column in required if column not in header]
     if missing:
@@ -344,15 +376,16 @@ def _csv_records(
             return
         except csv.Error as exc:
             start, previous_end = previous_end + 1, reader.line_num
-            yield start, None, _RowProblem("bad_row", f"unreadable CSV record ({exc})")
+            problem = lines.take_problem(start, reader.line_num)
+            yield start, None, problem or _RowProblem("bad_row", f"unreadable CSV record ({exc})")
             continue
         start, end, previous_end = previous_end + 1, reader.line_num, reader.line_num
+        problem = lines.take_problem(start, end)
+        if problem is not None:
+            yield start, None, problem
+            continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # blank line
-        if any(n in lines.bad_lines for n in range(start, end + 1)):
-            lines.bad_lines.difference_update(range(start, end + 1))
-            yield start, None, _RowProblem("bad_encoding", "not valid UTF-8 (bad encoding); re-save the file as UTF-8")
-            continue
         if len(row) != len(header):
             yield (
                 start,
@@ -508,15 +541,20 @@ def _read_jsonl(lines: _Lines) -> Iterator[ParsedTicket | RowError]:
     checked_format = False
     for text in lines:
         line = lines.line_no
-        if not text.strip():
+        problem = lines.take_problem(line, line)
+        if problem is None and not text.strip():
             continue
         if checked_format:
             index += 1  # broken records count too, so fixing one later does not shift the ids after it
-        if line in lines.bad_lines:
+        if problem is not None:
             if not checked_format:
-                raise FormatError("The file is not UTF-8 text (is it compressed or in another encoding?).")
-            lines.bad_lines.discard(line)
-            yield RowError(line, "bad_encoding", "not valid UTF-8 (bad encoding); re-save the file as UTF-8")
+                raise FormatError(
+                    "The file is not UTF-8 text (is it compressed or in another encoding?)."
+                    if problem.code == "bad_encoding"
+                    else f"Line {line} is over {MAX_LINE_BYTES >> 20} MiB: is this one JSON document rather "
+                    "than one ticket per line?"
+                )
+            yield RowError(line, problem.code, problem.reason)
             continue
         try:
             record = json.loads(text)

@@ -216,3 +216,27 @@ def test_reading_streams_in_constant_memory(tmp_path):
     tracemalloc.stop()
     assert count == 20_000
     assert peak < size / 40, f"peak {peak:,} bytes while reading {size:,}"
+
+
+def test_an_over_long_line_is_skipped_without_reading_it_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("finetune.importers.MAX_LINE_BYTES", 1000)
+    good = {"messages": [{"role": "customer", "body": "Hi"}, {"role": "agent", "body": "Hello"}]}
+    huge = {"messages": [{"role": "customer", "body": "x" * 5000}, {"role": "agent", "body": "ok"}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (good, huge, good)) + "\n")
+    tickets, errors = split(list(read_tickets(path, "jsonl")))
+    assert [t.line for t in tickets] == [1, 3]
+    assert [(e.line, e.code) for e in errors] == [(2, "too_long")]
+    assert [t.external_id for t in tickets] == ["row-1", "row-3"]
+
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("q,a\nHi,Hello\n" + "x" * 5000 + ",y\nBye,Bye\n")
+    tickets, errors = split(
+        list(read_tickets(csv_path, "csv", field_map={"customer_message": "q", "agent_reply": "a"}))
+    )
+    assert [t.line for t in tickets] == [2, 4]
+    assert [(e.line, e.code) for e in errors] == [(3, "too_long")]
+
+    path.write_text(json.dumps(huge) + "\n")
+    with pytest.raises(FormatError, match="one JSON document rather than one ticket per line"):
+        next(read_tickets(path, "jsonl"))
