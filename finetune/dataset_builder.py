@@ -7,10 +7,12 @@ tokenizer and :class:`BuildOptions`, and writes a ``datasets.DatasetDict`` with
 format of docs/dataset-format.md. Rendering and tokenizing go through
 ``finetune.prompting`` only, so training sees exactly the text chat produces.
 
-Memory stays bounded however many conversations come in: examples are written by
+Memory stays small however many conversations come in: examples are written by
 ``Dataset.from_generator`` in batches to an Arrow file on disk; what is kept per
-example is its stratum, its token lengths and a 32-byte digest (for the content hash),
-plus a 16-byte digest per distinct conversation for deduplication.
+example is a few hundred bytes (its stratum and labels for the card's counts, its
+token lengths, a 32-byte digest for the content hash and two 16-byte digests for
+deduplication). ``BuildOptions.workers`` > 1 prepares examples (redact, render,
+tokenize) in forked worker processes, in input order, so the result is identical.
 
     python -m finetune.dataset_builder tickets.jsonl var/tiny-gpt2 var/datasets/try
 """
@@ -30,6 +32,7 @@ import uuid
 from array import array
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -400,21 +403,26 @@ class _Builder:
         # touch the parent's database connection or run torch (whose OpenMP threads
         # do not survive a fork), and they leave with os._exit, closing nothing of the parent's.
         start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(start_method)
-        with context.Pool(
-            options.workers,
+        # An executor rather than multiprocessing.Pool: if a worker dies (killed for
+        # memory), waiting on its result raises BrokenProcessPool instead of hanging.
+        executor = ProcessPoolExecutor(
+            max_workers=options.workers,
+            mp_context=multiprocessing.get_context(start_method),
             initializer=_worker_init,
             initargs=(self.tokenizer, options.system_prompt, options.max_length),
-        ) as pool:
-            # A bounded window of chunks in flight: Pool.imap would read the whole
-            # input (every ticket in the database) into its queue ahead of the workers.
+        )
+        try:
+            # A bounded window of chunks in flight: Executor.map would read the whole
+            # input (every ticket in the database) ahead of the workers.
             pending: deque = deque()
             for chunk in _batched(conversations, _WORKER_CHUNK):
-                pending.append(pool.apply_async(_worker_prepare, (chunk,)))
+                pending.append(executor.submit(_worker_prepare, chunk))
                 if len(pending) >= 2 * options.workers + 1:
-                    yield from pending.popleft().get()
+                    yield from pending.popleft().result()
             while pending:
-                yield from pending.popleft().get()
+                yield from pending.popleft().result()
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def rows(self, conversations: Iterable[SourceConversation]) -> Iterator[dict[str, Any]]:
         kept = 0

@@ -16,10 +16,12 @@ Two kinds of redaction run together:
 
 Redaction is idempotent: placeholders are never touched again, and ``redact``
 repeats its pass until the text no longer changes, so ``redact(redact(t)) ==
-redact(t)``. :func:`find_pii` is the independent check run afterwards: it looks
-with the same detectors plus looser ones (obfuscated e-mails such as
-``jane [at] example [dot] com``) and the dataset builder drops any example it
-still flags.
+redact(t)``. :func:`find_pii` checks a text afterwards: the same detectors plus
+looser ones (obfuscated e-mails such as ``jane [at] example [dot] com``, which are
+not rewritten because where they start and end is guesswork). ``redact`` returns
+what find_pii would report on its result as ``residual`` (its last, unchanged pass
+already ran those detectors), and the dataset builder drops any example with a
+residual.
 
     >>> redact("Mail me at jane@example.com").text
     'Mail me at {{EMAIL}}'
@@ -107,7 +109,6 @@ _OBFUSCATED_AT_RE = re.compile(rf"(?i)(?<=[\w.+-])(?:\s*{_AT}\s*|\s+at\s+)(?=[\w
 _OBFUSCATED_DOMAIN_RE = re.compile(rf"(?i)[\w-]+(?:\s*(?:{_DOT}|\.)\s*[\w-]+)*?\s*(?:{_DOT}|\.)\s*{_TLD}")
 # After a plain " at ", the dot must be spelled out too: "look at example.com" is no address.
 _OBFUSCATED_SPOKEN_DOMAIN_RE = re.compile(rf"(?i)[\w-]+(?:\s+dot\s+[\w-]+)*?\s+dot\s+{_TLD}")
-_MAX_PASSES = 4
 _URL_RE = re.compile(r"(?:\bhttps?://|\bwww\.)[^\s<>\"'`{}|\\^]+", re.IGNORECASE)
 _URL_TRAILING = ".,;:!?)]"
 _SENSITIVE_PARAM_RE = re.compile(
@@ -129,8 +130,8 @@ _CARD_RE = re.compile(
     r")(?![\w-])"
 )
 _PHONE_RE = re.compile(r"(?<![\w+#])(?:\+|\b00)?\(?\d[\d ().\-]{5,22}\d(?![\w])")
-# Seven digits with at most one separator between each: every card, IBAN, phone and
-# long number contains such a run, and most support text does not.
+# Seven digits with at most two separator characters between each ("(555) 123-4567"):
+# every card, IBAN, phone and long number contains such a run; most support text does not.
 _DIGIT_RUN_RE = re.compile(r"\d(?:[ ().\-]{0,2}\d){6}")
 _PHONE_GROUP_SPLIT = re.compile(r"[ ().\-]+")
 _PHONE_TOKEN_RE = re.compile(r"(?:\+|\b00)?\(?\d+\)?")
@@ -418,6 +419,9 @@ def _sub_known(values: tuple[_Value, ...], text: str, counts: Counter, phones: f
 
 
 # --- redaction ----------------------------------------------------------------------------
+
+
+_MAX_PASSES = 4  # redaction passes before giving up on a text that keeps changing
 
 
 @dataclass
