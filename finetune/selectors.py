@@ -1,9 +1,170 @@
-"""Read-side queries for tickets, datasets, runs and model versions."""
+"""Read-side queries for tickets, datasets, runs and model versions.
+
+The dataset selectors turn rows into the plain ``SourceConversation`` records the
+dataset builder takes, streaming them with ``iterator()`` so a build over 100,000
+tickets never holds them all in memory.
+"""
 
 from __future__ import annotations
 
-from .models import ModelVersion
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+
+from django.db.models import F, OuterRef, Subquery
+
+from .dataset_builder import SourceConversation
+from .models import DatasetVersion, ModelVersion, Ticket, TicketMessage
+from .redaction import CustomerFields
+
+# Tickets fetched per round trip while streaming, and whose messages are fetched together.
+TICKET_CHUNK_SIZE = 1000
+# Turns of a live conversation kept before a reviewed reply: older ones would be cut
+# by the token limit anyway.
+FEEDBACK_HISTORY_TURNS = 20
 
 
 def model_version_active() -> ModelVersion | None:
     return ModelVersion.objects.filter(status=ModelVersion.Status.ACTIVE).first()
+
+
+def dataset_version_latest() -> DatasetVersion | None:
+    return DatasetVersion.objects.order_by("-created_at", "-id").first()
+
+
+def _tickets(*, since: datetime | None, sources: Sequence[str] | None):
+    tickets = Ticket.objects.all()
+    if since is not None:
+        tickets = tickets.filter(created_at__gte=since)
+    if sources:
+        tickets = tickets.filter(source__in=list(sources))
+    return tickets
+
+
+def ticket_count(*, since: datetime | None = None, sources: Sequence[str] | None = None) -> int:
+    return _tickets(since=since, sources=sources).count()
+
+
+def ticket_conversations(
+    *, since: datetime | None = None, sources: Sequence[str] | None = None
+) -> Iterator[SourceConversation]:
+    """Every ticket (opened at or after ``since``, from ``sources``) as a conversation, oldest id first.
+
+    Ordered by id so a build over the same tickets sees them in the same order
+    (deduplication keeps the first of a pair, and the content hash depends on order).
+    """
+    fields = (
+        "id",
+        "source",
+        "external_id",
+        "intent",
+        "category",
+        "tags",
+        "customer_segment",
+        "customer_name",
+        "customer_email",
+        "customer_phone",
+        "customer_address",
+        "customer_identifiers",
+    )
+    # Plain values rather than model instances and prefetch_related: the build reads
+    # every ticket once, and building Ticket objects cost more than the query itself.
+    rows = _tickets(since=since, sources=sources).order_by("id").values_list(*fields)
+    chunk: list[tuple] = []
+    for row in rows.iterator(chunk_size=TICKET_CHUNK_SIZE):
+        chunk.append(row)
+        if len(chunk) == TICKET_CHUNK_SIZE:
+            yield from _conversations_of(chunk)
+            chunk = []
+    if chunk:
+        yield from _conversations_of(chunk)
+
+
+def _conversations_of(tickets: list[tuple]) -> Iterator[SourceConversation]:
+    """Conversations for one chunk of ticket rows, with all their messages in one query."""
+    threads: dict[int, list[dict[str, str]]] = {row[0]: [] for row in tickets}
+    messages = (
+        TicketMessage.objects.filter(ticket_id__in=list(threads))
+        .order_by("ticket_id", "position")
+        .values_list("ticket_id", "role", "body")
+    )
+    for ticket_id, role, body in messages:
+        threads[ticket_id].append({"role": role, "content": body})
+    for ticket_id, source, external_id, intent, category, tags, segment, name, email, phone, address, ids in tickets:
+        yield SourceConversation(
+            origin=f"ticket:{source}:{external_id}",
+            messages=threads[ticket_id],
+            intent=intent,
+            category=category,
+            tags=list(tags or []),
+            segment=segment,
+            customer=CustomerFields.from_values(
+                name=name, email=email, phone=phone, address=address, identifiers=ids or []
+            ),
+        )
+
+
+def training_examples_from_feedback(*, since: datetime | None = None) -> Iterator[SourceConversation]:
+    """Bot replies agents approved, and agents' corrections, as training conversations.
+
+    The one place that decides which feedback becomes training data:
+
+    - only a reply's **latest** review counts (a review is never edited; a new rating
+      is a new row, so an approval later overruled by a rejection is not used);
+    - ``approved``: the bot's reply as written, origin ``review:<review id>``;
+    - ``corrected``: the agent's ``corrected_body`` in place of the reply, origin
+      ``correction:<review id>``;
+    - ``rejected`` replies are never used;
+    - the conversation before the reply (customer, bot and agent turns; system notices
+      left out) is the context, the logged-in customer's name and e-mail are redacted.
+    """
+    from conversations.models import Message, Review
+
+    latest = Review.objects.filter(message=OuterRef("message")).order_by("-created_at", "-id").values("id")[:1]
+    reviews = (
+        Review.objects.annotate(latest_id=Subquery(latest))
+        .filter(id=F("latest_id"), verdict__in=[Review.Verdict.APPROVED, Review.Verdict.CORRECTED])
+        .filter(message__role=Message.Role.BOT, message__status=Message.Status.COMPLETE)
+        .select_related("message", "message__conversation", "message__conversation__customer")
+        .order_by("id")
+    )
+    if since is not None:
+        reviews = reviews.filter(created_at__gte=since)
+    roles = {Message.Role.CUSTOMER: "customer", Message.Role.BOT: "agent", Message.Role.AGENT: "agent"}
+    for review in reviews.iterator(chunk_size=200):
+        reply = review.message
+        conversation = reply.conversation
+        earlier = (
+            Message.objects.filter(conversation=conversation, status=Message.Status.COMPLETE)
+            .exclude(role=Message.Role.SYSTEM)
+            .filter(created_at__lte=reply.created_at)
+            .exclude(id=reply.id)
+            .exclude(created_at=reply.created_at, id__gt=reply.id)
+            .order_by("-created_at", "-id")
+            .values_list("role", "body")[:FEEDBACK_HISTORY_TURNS]
+        )
+        history = [{"role": roles[role], "content": body} for role, body in reversed(earlier)]
+        corrected = review.verdict == Review.Verdict.CORRECTED
+        target = review.corrected_body if corrected else reply.body
+        customer = conversation.customer
+        yield SourceConversation(
+            origin=f"{'correction' if corrected else 'review'}:{review.id}",
+            messages=[*history, {"role": "agent", "content": target}],
+            segment=review.segment or conversation.segment,
+            customer=CustomerFields.from_values(
+                name=customer.get_full_name() if customer else "",
+                email=customer.email if customer else "",
+            ),
+        )
+
+
+def training_system_prompt() -> str:
+    """The system prompt the chat sends, so training examples start with the same text.
+
+    The BotProfile row ``default`` when it exists, else the model's default prompt,
+    with ``{company}`` replaced by the company name.
+    """
+    from conversations.models import BotProfile
+
+    profile = BotProfile.objects.filter(key="default").first() or BotProfile()
+    # replace(), not format(): a prompt may contain other braces (JSON examples, placeholders).
+    return profile.system_prompt.replace("{company}", profile.company_name).strip()
