@@ -278,3 +278,26 @@ SUPPORTBOT_MODEL_STORE = Path(os.environ.get("SUPPORTBOT_MODEL_STORE", VAR_DIR /
 SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
+
+# --- Inference engine (finetune/engine.py, finetune/inference.py) -------------------------
+# "batched" steps every running reply together over a shared KV cache (several times the
+# throughput of "naive" under concurrent chats, see docs/benchmarks.md); "naive" runs one
+# model.generate() at a time, the simple reference.
+SUPPORTBOT_ENGINE = os.environ.get("SUPPORTBOT_ENGINE", "batched").strip().lower()
+if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
+    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched or naive.")
+# A support reply of a few sentences; longer replies mostly ramble, and each token costs
+# every other chat in the batch a step.
+SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)
+# Extra strings that end a reply, comma-separated, "\n" for a newline (the prompt template's
+# own turn markers always stop it). E.g. a sign-off the model learnt from old tickets.
+SUPPORTBOT_STOP_SEQUENCES = [s.replace("\\n", "\n") for s in env_list("SUPPORTBOT_STOP_SEQUENCES", [])]
+# Wall-clock limit of one reply, queueing included: a customer should not wait longer
+# than this for the bot; the reply ends with finish_reason "timeout".
+SUPPORTBOT_GENERATION_TIMEOUT_S = env_float("SUPPORTBOT_GENERATION_TIMEOUT_S", 60.0)
+# Replies decoded together. 16 keeps a GPT-2-small step near 100 ms on two cores
+# (about 10 tokens/s per chat, faster than people read); more raise total throughput
+# but slow every chat. Requests beyond it wait in the queue.
+SUPPORTBOT_MAX_BATCH_SIZE = env_int("SUPPORTBOT_MAX_BATCH_SIZE", 16)
+# int8 dynamic quantisation of the served model's linear layers (CPU only).
+SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
