@@ -54,20 +54,22 @@ class Masker:
 
 # --- hold-back rules -------------------------------------------------------------------
 
-# A word that contains a digit: part of a number written in groups ("4111 1111 …",
-# "+44 20 7946 0958", "DE89 3704 0044 …", "(555) 123-4567").
-_DIGIT_WORD_RE = re.compile(r"\S*\d\S*")
+# A word that contains a digit, or punctuation that starts or joins a number ("+", "(",
+# "-"): part of a number written in groups ("4111 1111 …", "+44 20 7946 0958",
+# "DE89 3704 0044 …", "(555) 123-4567").
+_NUMBER_WORD_RE = re.compile(r"\S*\d\S*|[+()\-./]+")
 
 
 def number_tail(pending: str) -> int:
-    """The trailing run of digit-bearing words (and the spaces between them).
+    """The trailing run of number-like words (and the spaces between them).
 
     Such a run may be the beginning of a phone, card or account number or an IBAN
-    whose next group has not been generated yet, so none of it is sent.
+    whose next group has not been generated yet, so none of it is sent. The last word,
+    when unfinished, counts as number-like: it may still turn into one.
     """
     end = len(pending)
-    start = end
-    position = end
+    start = position = end
+    unfinished = bool(pending) and not pending[-1].isspace()
     while position > 0:
         word_end = position
         while word_end > 0 and pending[word_end - 1].isspace():
@@ -75,10 +77,16 @@ def number_tail(pending: str) -> int:
         word_start = word_end
         while word_start > 0 and not pending[word_start - 1].isspace():
             word_start -= 1
-        if word_start == word_end or not _DIGIT_WORD_RE.fullmatch(pending[word_start:word_end]):
+        if word_start == word_end:
             break
-        start = word_start
-        position = word_start
+        if not (unfinished or _NUMBER_WORD_RE.fullmatch(pending[word_start:word_end])):
+            break
+        unfinished = False
+        start = position = word_start
+    # Only a run with a digit in it can be a number; otherwise just the unfinished word waits.
+    run = pending[start:end]
+    if not any(c.isdigit() for c in run):
+        return 0
     return end - start
 
 
