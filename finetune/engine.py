@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .generation import EngineBusy, GenerationDone, GenerationParams, GenerationRequest, TokenDelta
@@ -421,6 +421,7 @@ class _Row:
     job: _Job
     reply: ReplyText
     max_new: int
+    cached: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
     position: int = 0  # position id of ``next_token``
     next_token: int = 0  # the last chosen token, fed to the model at the next step
     count: int = 0  # tokens of reply text (the end-of-sequence token is not counted)
@@ -438,11 +439,20 @@ class _Batch:
     what it would compute alone (GPT-2's absolute positions and Llama's rotary ones alike).
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, prefix_cache_bytes: int = 0):
         self.loaded = loaded
         self.rows: list[_Row] = []
         self.cache = None  # a transformers DynamicCache, batch dimension = rows
         self.mask = None  # LongTensor [rows, cached columns]
+        self.prefixes = PrefixCache(prefix_cache_bytes)  # keys/values are only valid for this model
+
+    def row_layers(self, index: int) -> list:
+        """Copies of one row's cached keys and values, without its padding."""
+        n = len(self.rows[index].cached)
+        return [
+            (layer.keys[index : index + 1, :, -n:, :].clone(), layer.values[index : index + 1, :, -n:, :].clone())
+            for layer in self.cache.layers
+        ]
 
     def add(self, row: _Row, cache, length: int) -> None:
         import torch
@@ -479,6 +489,66 @@ class _Batch:
         self.mask = self.mask[:, first:]
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """Keys and values of recently finished replies, reused by prompts that start the same way.
+
+    A conversation's next prompt repeats its previous prompt and reply, and every prompt
+    starts with the same system prompt; prefilling only the new tokens cuts the time to
+    first token of a follow-up question from the whole history to the new message.
+    One entry per conversation key (its latest prompt and reply), least recently used
+    first out when ``budget_bytes`` is exceeded. Used by the generation thread only.
+    """
+
+    MIN_REUSE = 16  # fewer shared tokens are not worth a cache copy
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.entries: collections.OrderedDict[str, tuple[list[int], list, int]] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.reused_tokens = 0
+
+    def lookup(self, key: str, ids: list[int]) -> tuple[int, list | None]:
+        """``(n, layers)``: the first ``n`` tokens of ``ids`` have cached keys/values (n < len(ids))."""
+        best, layers = 0, None
+        own = self.entries.get(key)
+        candidates = ([own] if own else []) + [e for k, e in self.entries.items() if k != key]
+        for cached_ids, entry_layers, _ in candidates:
+            n = _common_prefix(cached_ids, ids)
+            if n > best:
+                best, layers = n, entry_layers
+        best = min(best, len(ids) - 1)  # the last prompt token is always computed: it gives the logits
+        if best < self.MIN_REUSE:
+            return 0, None
+        self.hits += 1
+        self.reused_tokens += best
+        return best, layers
+
+    def store(self, key: str, ids: list[int], layers: list) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        self.drop(key)
+        if size > self.budget_bytes:
+            return
+        while self.entries and self.bytes + size > self.budget_bytes:
+            _, (_, _, evicted) = self.entries.popitem(last=False)
+            self.bytes -= evicted
+        self.entries[key] = (list(ids), layers, size)
+        self.bytes += size
+
+    def drop(self, key: str) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[2]
+
+
 def _forward(model, cache, **kwargs):
     """One forward pass with the KV cache; returns ``(logits, cache)``.
 
@@ -500,6 +570,16 @@ def _cache_argument(model_class: type) -> str:
         parameters = inspect.signature(model_class.forward).parameters
         _cache_arguments[model_class] = "cache" if "cache" in parameters else "past_key_values"
     return _cache_arguments[model_class]
+
+
+def _cache_from(model, layers: list, length: int):
+    """A fresh cache holding the first ``length`` positions of cached ``layers`` (copies)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys[:, :, :length, :], values[:, :, :length, :], index)
+    return cache
 
 
 def _check_cache(cache) -> None:
@@ -526,12 +606,20 @@ class BatchedEngine:
     already running finish on the model they started with (their own batch).
     """
 
-    def __init__(self, loaded: LoadedModel | None, *, max_batch_size: int = 16, num_threads: int | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel | None,
+        *,
+        max_batch_size: int = 16,
+        num_threads: int | None = None,
+        prefix_cache_mb: float = 512,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}.")
         self._loaded = loaded
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads or _cpu_count()
+        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}  # request_id -> job, from submission to its last event
@@ -606,6 +694,16 @@ class BatchedEngine:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def prefix_stats(self) -> dict[str, int]:
+        """How much prefill the prefix cache saved: hits, tokens not recomputed, entries, bytes held."""
+        caches = [batch.prefixes for batch in list(self._batches)]
+        return {
+            "hits": sum(c.hits for c in caches),
+            "reused_tokens": sum(c.reused_tokens for c in caches),
+            "entries": sum(len(c.entries) for c in caches),
+            "bytes": sum(c.bytes for c in caches),
+        }
+
     def is_busy(self, key: str) -> bool:
         """Whether a reply for ``key`` is queued or being generated."""
         with self._cond:
@@ -669,34 +767,47 @@ class BatchedEngine:
         for batch in self._batches:
             if batch.loaded is loaded:
                 return batch
-        batch = _Batch(loaded)
+        batch = _Batch(loaded, self.prefix_cache_bytes)
         self._batches.append(batch)
         return batch
 
     def _admit(self, job: _Job, loaded: LoadedModel) -> None:
-        """Prefill one prompt alone and, unless its first token already ends it, add it to the batch."""
+        """Prefill one prompt alone and, unless its first token already ends it, add it to the batch.
+
+        Tokens the prompt shares with a cached earlier prompt (the conversation's last turn,
+        or any conversation's system prompt) are not computed again.
+        """
         import torch
 
         params = job.request.params
         if job.cancelled or time.monotonic() > job.deadline:
             self._finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
             return
+        batch = self._batch_for(loaded)
         reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(params.stop))
         try:
             max_prompt, max_new = token_budget(context_window(loaded), params.max_new_tokens)
             ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+            reused, layers = batch.prefixes.lookup(job.request.key, ids)
+            cache = _cache_from(loaded.model, layers, reused) if layers else None
             logits, cache = _forward(
-                loaded.model, None, input_ids=torch.tensor([ids], device=loaded.device), logits_to_keep=1
+                loaded.model,
+                cache,
+                input_ids=torch.tensor([ids[reused:]], device=loaded.device),
+                position_ids=torch.arange(reused, len(ids), device=loaded.device).unsqueeze(0),
+                logits_to_keep=1,
             )
             _check_cache(cache)
         except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
             log.exception("Prefill failed for %s", job.request.key)
             self._finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
             return
-        row = _Row(job=job, reply=reply, max_new=max_new, position=len(ids))
+        row = _Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
         tokens, logprobs = self._choose(logits[:, -1, :], [row])
         if not self._accept(row, tokens[0], logprobs[0], loaded):
-            self._batch_for(loaded).add(row, cache, len(ids))
+            batch.add(row, cache, len(ids))
+        elif batch.prefixes.budget_bytes:
+            batch.prefixes.store(job.request.key, ids, [(layer.keys, layer.values) for layer in cache.layers])
 
     def _step(self, batch: _Batch) -> None:
         """Drop rows that must stop, then advance every other row by one token."""
@@ -707,8 +818,10 @@ class BatchedEngine:
         for i, row in enumerate(batch.rows):
             if row.job.cancelled:
                 self._finish_row(row, "cancelled", batch.loaded)
+                self._remember(batch, i)
             elif now > row.job.deadline:
                 self._finish_row(row, "timeout", batch.loaded)
+                self._remember(batch, i)
             else:
                 keep.append(i)
         batch.keep(keep)
@@ -723,13 +836,23 @@ class BatchedEngine:
         )
         batch.mask = mask
         self.steps += 1
+        for row in batch.rows:
+            row.cached.append(row.next_token)
+            row.position += 1
         tokens, logprobs = self._choose(logits[:, -1, :], batch.rows)
         keep = []
         for i, row in enumerate(batch.rows):
-            row.position += 1
-            if not self._accept(row, tokens[i], logprobs[i], batch.loaded):
+            if self._accept(row, tokens[i], logprobs[i], batch.loaded):
+                self._remember(batch, i)
+            else:
                 keep.append(i)
         batch.keep(keep)
+
+    def _remember(self, batch: _Batch, index: int) -> None:
+        """Keep a finished row's keys and values for the conversation's next turn."""
+        if batch.prefixes.budget_bytes:
+            row = batch.rows[index]
+            batch.prefixes.store(row.job.request.key, row.cached, batch.row_layers(index))
 
     @staticmethod
     def _choose(logits, rows: list[_Row]) -> tuple[list[int], list[float]]:

@@ -119,6 +119,37 @@ async def test_a_full_batch_queues_requests_until_a_row_is_free(gpt2):
         assert_same_reply(got, w)
 
 
+async def test_follow_up_turns_reuse_the_cached_prefix_and_still_equal_naive(gpt2):
+    engine = BatchedEngine(gpt2, max_batch_size=8)
+    naive = NaiveEngine(gpt2)
+    try:
+        history: list[str] = []
+        for question in QUESTIONS[:3]:
+            messages = conversation(question, *history)
+            _, want = await collect(naive, request("n", messages, max_new_tokens=30))
+            _, got = await collect(engine, request("conv", messages, max_new_tokens=30))
+            assert_same_reply(got, want)
+            history += [question, got.text.strip() or "OK."]
+        stats = engine.prefix_stats()
+        # Turns 2 and 3 recomputed only their new tokens: the system prompt, the earlier
+        # turns and most of the reply came from the cache.
+        assert stats["hits"] == 2
+        assert stats["reused_tokens"] > 60
+        assert stats["entries"] == 1
+    finally:
+        engine.close(timeout=10)
+
+
+async def test_without_a_prefix_cache_nothing_is_reused(gpt2):
+    engine = BatchedEngine(gpt2, prefix_cache_mb=0)
+    try:
+        for key in ("a", "b"):
+            await collect(engine, request(key, conversation(QUESTIONS[0]), max_new_tokens=5))
+        assert engine.prefix_stats()["hits"] == 0
+    finally:
+        engine.close(timeout=10)
+
+
 # --- limits -------------------------------------------------------------------------------
 
 
