@@ -100,13 +100,23 @@ def build_model(args, exchanges) -> Path:
     )
 
 
-def conversation_messages(exchanges, conv: int, turn: int, turns: int) -> list[dict[str, str]]:
-    """Turn ``turn`` of conversation ``conv``: earlier exchanges as history, then a new question."""
-    picks = [exchanges[(conv * turns + t) % len(exchanges)] for t in range(turn + 1)]
+def question(exchanges, conv: int, turn: int, turns: int) -> tuple[str, str]:
+    """The Bitext exchange (question, human answer) of turn ``turn`` of conversation ``conv``."""
+    return exchanges[(conv * turns + turn) % len(exchanges)]
+
+
+def conversation_messages(exchanges, conv: int, turn: int, turns: int, replies=None) -> list[dict[str, str]]:
+    """Turn ``turn`` of conversation ``conv``: system prompt, earlier turns, then a new question.
+
+    Earlier answers are ``replies`` (what the bot said, as the chat stores it) or, without
+    them, the human agents' Bitext answers.
+    """
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    for question, answer in picks[:-1]:
-        messages += [{"role": "customer", "content": question}, {"role": "agent", "content": answer}]
-    messages.append({"role": "customer", "content": picks[-1][0]})
+    for t in range(turn):
+        asked, answered = question(exchanges, conv, t, turns)
+        reply = replies[t] if replies is not None else answered
+        messages += [{"role": "customer", "content": asked}, {"role": "agent", "content": reply or "OK."}]
+    messages.append({"role": "customer", "content": question(exchanges, conv, turn, turns)[0]})
     return messages
 
 
@@ -136,6 +146,7 @@ async def one_message(engine, key: str, messages, params) -> dict:
         "latency_s": end - start,
         "tokens": done.token_count,
         "reason": done.finish_reason,
+        "text": done.text.strip(),
     }
 
 
@@ -145,11 +156,15 @@ async def run_level(engine, exchanges, concurrency: int, args, rng: random.Rando
 
     async def conversation(conv: int) -> None:
         await asyncio.sleep(rng.uniform(0, args.stagger_ms / 1000))
+        replies: list[str] = []
         for turn in range(args.turns):
-            messages = conversation_messages(exchanges, conv, turn, args.turns)
-            results.append(await one_message(engine, f"conv-{conv}", messages, params))
+            history = replies if args.history == "generated" else None
+            messages = conversation_messages(exchanges, conv, turn, args.turns, history)
+            result = await one_message(engine, f"conv-{conv}", messages, params)
+            results.append(result)
+            replies.append(result["text"])
             if args.think_ms:
-                await asyncio.sleep(args.think_ms / 1000)
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * args.think_ms / 1000)
 
     start = time.perf_counter()
     await asyncio.gather(*(conversation(c) for c in range(concurrency)))
@@ -231,6 +246,7 @@ async def main(args) -> dict:
             "prompt_tokens_max": max(prompt_tokens),
             "stagger_ms": args.stagger_ms,
             "think_ms": args.think_ms,
+            "history": args.history,
             "max_batch_size": args.max_batch_size,
         },
         "results": [],
@@ -296,7 +312,15 @@ def parse_args(argv=None):
     p.add_argument("--int8", action="store_true", help="int8 dynamic quantisation (CPU)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--stagger-ms", type=float, default=0.0, help="conversations start at random offsets up to this")
-    p.add_argument("--think-ms", type=float, default=0.0, help="pause between a reply and the next message")
+    p.add_argument(
+        "--think-ms", type=float, default=0.0, help="mean pause between a reply and the next message (0.5x to 1.5x)"
+    )
+    p.add_argument(
+        "--history",
+        choices=["generated", "bitext"],
+        default="generated",
+        help="earlier answers in the prompt: the bot's own replies (as in the chat) or the human Bitext answers",
+    )
     p.add_argument("--exchanges", type=int, default=400, help="Bitext exchanges to draw prompts from")
     p.add_argument("--check", action="store_true", help="first check batched == naive greedy output")
     p.add_argument("--seed", type=int, default=0)

@@ -454,21 +454,33 @@ class _Batch:
             for layer in self.cache.layers
         ]
 
-    def add(self, row: _Row, cache, length: int) -> None:
+    def add(self, items: list[tuple[_Row, list]]) -> None:
+        """Append rows, each with its keys and values ``[(K, V), ...]`` (``[1, heads, tokens, dim]`` per layer)."""
         import torch
         import torch.nn.functional as F  # noqa: N812 - PyTorch's own convention
 
-        row_mask = torch.ones((1, length), dtype=torch.long, device=self.loaded.device)
-        if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, row_mask
-            return
-        width = self.mask.shape[1]
-        pad_new, pad_old = max(0, width - length), max(0, length - width)
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(row_mask, (pad_new, 0))])
-        self.rows.append(row)
+        device = self.loaded.device
+        lengths = [len(row.cached) for row, _ in items]
+        width = max([*lengths, self.mask.shape[1] if self.rows else 0])
+        masks: list = []
+        parts: list[list] = [[] for _ in items[0][1]]  # per layer: (K, V) blocks to stack
+        if self.rows:
+            grow = width - self.mask.shape[1]
+            masks.append(F.pad(self.mask, (grow, 0)))
+            for i, layer in enumerate(self.cache.layers):
+                parts[i].append((F.pad(layer.keys, (0, 0, grow, 0)), F.pad(layer.values, (0, 0, grow, 0))))
+        for (_, layers), length in zip(items, lengths, strict=True):
+            masks.append(F.pad(torch.ones((1, length), dtype=torch.long, device=device), (width - length, 0)))
+            for i, (keys, values) in enumerate(layers):
+                parts[i].append((F.pad(keys, (0, 0, width - length, 0)), F.pad(values, (0, 0, width - length, 0))))
+        stacked = [(torch.cat([k for k, _ in blocks]), torch.cat([v for _, v in blocks])) for blocks in parts]
+        if self.rows:
+            for layer, (keys, values) in zip(self.cache.layers, stacked, strict=True):
+                layer.keys, layer.values = keys, values
+        else:
+            self.cache = _cache_from(self.loaded.model, stacked, width)
+        self.mask = torch.cat(masks)
+        self.rows.extend(row for row, _ in items)
 
     def keep(self, keep: list[int]) -> None:
         """Keep only the rows at ``keep``; drop cache columns that are padding in every row."""
@@ -592,6 +604,107 @@ def _check_cache(cache) -> None:
         )
 
 
+@dataclass(eq=False)
+class _Prefill:
+    row: _Row
+    reused: int  # leading prompt tokens whose keys/values come from the prefix cache
+    layers: list | None  # the cached keys/values they come from
+
+
+def _prefill_forward(loaded: LoadedModel, group: list[_Prefill]) -> tuple[object, list[list]]:
+    """Run the uncached prompt tokens of ``group``; returns last-token logits and each row's keys/values.
+
+    A single prompt runs alone, unpadded, exactly as ``model.generate`` would run it.
+    Several are laid out as ``[pad | cached prefix | pad | new tokens]`` per row, with
+    explicit position ids and a 4D attention mask: every real token sees its own prefix
+    and earlier new tokens only, and each padding query sees itself, so no attention row
+    is empty. Each row's keys/values are then cut out without the padding.
+    """
+    import torch
+
+    device = loaded.device
+    reused = [item.reused for item in group]
+    ids = [item.row.cached for item in group]
+    new = [len(row_ids) - r for row_ids, r in zip(ids, reused, strict=True)]
+    prefix_width, new_width = max(reused), max(new)
+    cache = None
+    if prefix_width:
+        cache = _cache_from(loaded.model, _stack_prefixes(loaded, group, prefix_width), prefix_width)
+    pad_id = loaded.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor(
+        [[pad_id] * (new_width - n) + row_ids[r:] for row_ids, r, n in zip(ids, reused, new, strict=True)],
+        device=device,
+    )
+    positions = torch.tensor(
+        [[r] * (new_width - n) + list(range(r, r + n)) for r, n in zip(reused, new, strict=True)], device=device
+    )
+    kwargs = {}
+    if len(group) > 1:
+        kwargs["attention_mask"] = _prefill_mask(loaded, reused, new, prefix_width, new_width)
+    logits, cache = _forward(
+        loaded.model, cache, input_ids=input_ids, position_ids=positions, logits_to_keep=1, **kwargs
+    )
+    total = prefix_width + new_width
+    rows = []
+    for j, (r, n) in enumerate(zip(reused, new, strict=True)):
+        layers = []
+        for layer in cache.layers:
+            k, v = layer.keys[j : j + 1], layer.values[j : j + 1]
+            if len(group) == 1 and r == prefix_width:
+                layers.append((k, v))  # no padding to cut
+                continue
+            keep = list(range(prefix_width - r, prefix_width)) + list(range(total - n, total))
+            index = torch.tensor(keep, device=device)
+            layers.append((k.index_select(2, index), v.index_select(2, index)))
+        rows.append(layers)
+    return logits[:, -1, :], rows
+
+
+def _stack_prefixes(loaded: LoadedModel, group: list[_Prefill], width: int) -> list:
+    """The cached prefixes of ``group`` as one left-padded batch, per layer."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - PyTorch's own convention
+
+    template = next(item.layers for item in group if item.layers)
+    stacked = []
+    for index, (k0, v0) in enumerate(template):
+        keys, values = [], []
+        for item in group:
+            if item.layers:
+                k, v = item.layers[index]
+                k, v = k[:, :, : item.reused], v[:, :, : item.reused]
+            else:
+                k = k0.new_zeros((1, k0.shape[1], 0, k0.shape[3]))
+                v = v0.new_zeros((1, v0.shape[1], 0, v0.shape[3]))
+            keys.append(F.pad(k, (0, 0, width - item.reused, 0)))
+            values.append(F.pad(v, (0, 0, width - item.reused, 0)))
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    return stacked
+
+
+def _prefill_mask(loaded: LoadedModel, reused, new, prefix_width: int, new_width: int):
+    """Additive 4D mask ``[rows, 1, new_width, prefix_width + new_width]`` for a padded prefill."""
+    import torch
+
+    device = loaded.device
+    total = prefix_width + new_width
+    column = torch.arange(total, device=device)
+    valid = torch.stack(
+        [
+            ((column >= prefix_width - r) & (column < prefix_width)) | (column >= total - n)
+            for r, n in zip(reused, new, strict=True)
+        ]
+    )  # [rows, total]: real keys
+    query = torch.arange(new_width, device=device) + prefix_width  # each query's own column
+    causal = column.unsqueeze(0) <= query.unsqueeze(1)  # [new_width, total]
+    allowed = valid.unsqueeze(1) & causal.unsqueeze(0)
+    allowed |= column.unsqueeze(0).unsqueeze(0) == query.view(1, -1, 1)  # padding queries see themselves
+    dtype = loaded.model.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
 class BatchedEngine:
     """Dynamic batching: every running reply advances one token per step of one shared batch.
 
@@ -613,6 +726,7 @@ class BatchedEngine:
         max_batch_size: int = 16,
         num_threads: int | None = None,
         prefix_cache_mb: float = 512,
+        prefill_tokens: int = 2048,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}.")
@@ -620,6 +734,7 @@ class BatchedEngine:
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads or _cpu_count()
         self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
+        self.prefill_tokens = prefill_tokens
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs: dict[str, _Job] = {}  # request_id -> job, from submission to its last event
@@ -628,6 +743,8 @@ class BatchedEngine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self.steps = 0  # decode steps taken (observability and tests)
+        self.prefills = 0  # prefill forward passes
+        self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
 
     # --- the Engine interface (event loop side) ---------------------------------------
 
@@ -740,8 +857,8 @@ class BatchedEngine:
                 for job, reason in expired:
                     self._finish_job(job, reason, reply=None, loaded=loaded)
                 try:
-                    for job in admitted:
-                        self._admit(job, loaded)
+                    if admitted:
+                        self._admit(admitted, loaded)
                     for batch in list(self._batches):
                         self._step(batch)
                     self._batches = [b for b in self._batches if b.rows or b.loaded is self._loaded]
@@ -771,43 +888,65 @@ class BatchedEngine:
         self._batches.append(batch)
         return batch
 
-    def _admit(self, job: _Job, loaded: LoadedModel) -> None:
-        """Prefill one prompt alone and, unless its first token already ends it, add it to the batch.
+    def _admit(self, jobs: list[_Job], loaded: LoadedModel) -> None:
+        """Prefill the prompts of newly admitted requests, together, and add them to the batch.
 
-        Tokens the prompt shares with a cached earlier prompt (the conversation's last turn,
-        or any conversation's system prompt) are not computed again.
+        Tokens a prompt shares with a cached earlier prompt (the conversation's last turn,
+        or any conversation's system prompt) are not computed again. Each new reply's
+        first token comes out of this prefill.
         """
-        import torch
-
-        params = job.request.params
-        if job.cancelled or time.monotonic() > job.deadline:
-            self._finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
-            return
         batch = self._batch_for(loaded)
-        reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(params.stop))
-        try:
-            max_prompt, max_new = token_budget(context_window(loaded), params.max_new_tokens)
-            ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+        ready: list[_Prefill] = []
+        for job in jobs:
+            if job.cancelled or time.monotonic() > job.deadline:
+                self._finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
+                continue
+            reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(job.request.params.stop))
+            try:
+                max_prompt, max_new = token_budget(context_window(loaded), job.request.params.max_new_tokens)
+                ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("Building the prompt failed for %s", job.request.key)
+                self._finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
+                continue
             reused, layers = batch.prefixes.lookup(job.request.key, ids)
-            cache = _cache_from(loaded.model, layers, reused) if layers else None
-            logits, cache = _forward(
-                loaded.model,
-                cache,
-                input_ids=torch.tensor([ids[reused:]], device=loaded.device),
-                position_ids=torch.arange(reused, len(ids), device=loaded.device).unsqueeze(0),
-                logits_to_keep=1,
-            )
-            _check_cache(cache)
-        except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
-            log.exception("Prefill failed for %s", job.request.key)
-            self._finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
+            row = _Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
+            ready.append(_Prefill(row=row, reused=reused, layers=layers))
+        # Similar lengths together waste less padding; a cap on padded tokens bounds one forward pass.
+        ready.sort(key=lambda p: len(p.row.cached) - p.reused)
+        group: list[_Prefill] = []
+        for item in ready:
+            new_tokens = len(item.row.cached) - item.reused
+            if group and (len(group) + 1) * new_tokens > self.prefill_tokens:
+                self._prefill(group, batch)
+                group = []
+            group.append(item)
+        if group:
+            self._prefill(group, batch)
+
+    def _prefill(self, group: list[_Prefill], batch: _Batch) -> None:
+        """One forward pass over several prompts' uncached tokens (left-padded), then their first tokens."""
+        loaded = batch.loaded
+        try:
+            logits, layers_per_row = _prefill_forward(loaded, group)
+        except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
+            log.exception("Prefill failed for %d requests", len(group))
+            for item in group:
+                self._finish_job(
+                    item.row.job, "error", reply=item.row.reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}"
+                )
             return
-        row = _Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
-        tokens, logprobs = self._choose(logits[:, -1, :], [row])
-        if not self._accept(row, tokens[0], logprobs[0], loaded):
-            batch.add(row, cache, len(ids))
-        elif batch.prefixes.budget_bytes:
-            batch.prefixes.store(job.request.key, ids, [(layer.keys, layer.values) for layer in cache.layers])
+        self.prefills += 1
+        self.prefilled_rows += len(group)
+        tokens, logprobs = self._choose(logits, [item.row for item in group])
+        joining = []
+        for item, token, logprob, layers in zip(group, tokens, logprobs, layers_per_row, strict=True):
+            if not self._accept(item.row, token, logprob, loaded):
+                joining.append((item.row, layers))
+            elif batch.prefixes.budget_bytes:
+                batch.prefixes.store(item.row.job.request.key, item.row.cached, layers)
+        if joining:
+            batch.add(joining)
 
     def _step(self, batch: _Batch) -> None:
         """Drop rows that must stop, then advance every other row by one token."""

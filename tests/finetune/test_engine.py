@@ -140,6 +140,35 @@ async def test_follow_up_turns_reuse_the_cached_prefix_and_still_equal_naive(gpt
         engine.close(timeout=10)
 
 
+@pytest.mark.parametrize("model_dir", [tiny_gpt2_dir, tiny_llama_dir], ids=["gpt2", "llama"])
+async def test_prompts_prefilled_together_with_and_without_cached_prefixes_equal_naive(model_dir):
+    loaded = load(model_dir())
+    engine = BatchedEngine(loaded, max_batch_size=8)
+    naive = NaiveEngine(loaded)
+    try:
+        # Earlier turns leave two conversations and the system prompt in the prefix cache.
+        first = {}
+        for key, question in (("a", QUESTIONS[0]), ("b", QUESTIONS[1])):
+            _, done = await collect(engine, request(key, conversation(question), max_new_tokens=12))
+            first[key] = done.text.strip() or "OK."
+        hits_before, passes_before = engine.prefix_stats()["hits"], engine.prefills
+        prompts = {
+            "a": conversation("And the refund?", QUESTIONS[0], first["a"]),  # long cached prefix
+            "b": conversation(QUESTIONS[2], QUESTIONS[1], first["b"]),
+            "c": conversation(QUESTIONS[3]),  # only the system prompt is cached
+            "d": [{"role": "system", "content": "Be terse."}, {"role": "customer", "content": "Hi"}],  # nothing
+        }
+        want = {k: (await collect(naive, request(f"n{k}", m, max_new_tokens=20)))[1] for k, m in prompts.items()}
+        # Submitted together, so one padded prefill pass mixes cached and uncached prefixes.
+        got = await asyncio.gather(*(collect(engine, request(k, m, max_new_tokens=20)) for k, m in prompts.items()))
+        assert engine.prefix_stats()["hits"] - hits_before == 3
+        assert engine.prefills - passes_before < len(prompts)  # prompts shared a prefill pass
+    finally:
+        engine.close(timeout=10)
+    for key, (_, done) in zip(prompts, got, strict=True):
+        assert_same_reply(done, want[key])
+
+
 async def test_without_a_prefix_cache_nothing_is_reused(gpt2):
     engine = BatchedEngine(gpt2, prefix_cache_mb=0)
     try:
