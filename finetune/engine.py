@@ -9,7 +9,8 @@
 - ``NaiveEngine``: one ``model.generate`` per request, one request at a time, in a
   worker thread. Correct and simple; the baseline the batched engine is measured against.
 - ``BatchedEngine``: one generation thread per process that steps every running reply
-  together, one token per step, over a shared KV cache (dynamic batching).
+  together, one token per step, over a shared KV cache (dynamic batching), with a
+  prefix cache so follow-up turns prefill only their new tokens.
 
 Plain Python: no Django. Generation never runs on the event loop.
 """
@@ -715,10 +716,15 @@ class BatchedEngine:
 
     One generation thread per engine (one engine per process) owns the model. Requests
     wait in a queue; between two decode steps the thread admits waiting requests (up to
-    ``max_batch_size`` rows), prefills each prompt alone, and appends it to the batch's
-    KV cache; then one forward pass over the batch gives every row its next token.
-    Finished, cancelled and timed-out rows leave between steps. Tokens reach each
-    request's asyncio queue through ``loop.call_soon_threadsafe``.
+    ``max_batch_size`` rows), prefills their prompts together in one padded pass (only
+    the tokens the prefix cache does not already hold: a conversation's earlier turns,
+    the shared system prompt), and appends them to the batch's KV cache; then one forward
+    pass over the batch gives every row its next token. Finished, cancelled and
+    timed-out rows leave between steps. Tokens reach each request's asyncio queue through
+    ``loop.call_soon_threadsafe``.
+
+    Greedy replies equal ``NaiveEngine``'s token for token (tests check it); batching
+    changes only the floating-point summation order, which can flip a near-tie.
 
     ``swap(loaded)`` serves a new model to requests admitted from then on, while rows
     already running finish on the model they started with (their own batch).

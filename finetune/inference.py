@@ -57,7 +57,11 @@ _listener_ready: asyncio.Future | None = None
 def _make_engine(loaded):
     if settings.SUPPORTBOT_ENGINE == "naive":
         return NaiveEngine(loaded)
-    return BatchedEngine(loaded, max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE)
+    return BatchedEngine(
+        loaded,
+        max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE,
+        prefix_cache_mb=settings.SUPPORTBOT_PREFIX_CACHE_MB,
+    )
 
 
 def inference_reload() -> str | None:
@@ -158,7 +162,8 @@ async def model_listener_stop() -> None:
     task, _listener = _listener, None
     if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # Cancelled inside a Redis read, the task may end with redis-py's TimeoutError instead.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
 
 
@@ -181,7 +186,15 @@ async def _listen(ready: asyncio.Future) -> None:
     refresher = asyncio.get_running_loop().create_task(_keep_membership(layer, channel))
     try:
         while True:
-            message = await layer.receive(channel)
+            try:
+                message = await layer.receive(channel)
+            except Exception:
+                # redis-py can turn a cancellation into its own TimeoutError: stop when asked to.
+                if asyncio.current_task().cancelling():
+                    raise asyncio.CancelledError from None
+                log.exception("Receiving model changes failed; listening again in 1 s")
+                await asyncio.sleep(1)
+                continue
             if message.get("type") != MODEL_CHANGED:
                 continue
             log.info("Model changed to %s: reloading", message.get("label") or message.get("version_id"))
@@ -228,10 +241,13 @@ _CHAT_ROLES = {"customer": ROLE_CUSTOMER, "bot": ROLE_AGENT, "agent": ROLE_AGENT
 
 
 def system_prompt_text(profile) -> str:
-    """The system turn: the profile's prompt with ``{company}`` filled in, then its policy text."""
+    """The system turn: the profile's prompt with ``{company}`` filled in, then its policy text.
+
+    Training examples must start with the same text (the dataset builder's system turn).
+    """
     prompt = (profile.system_prompt or "").replace("{company}", profile.company_name or "").strip()
     policy = (profile.policy_text or "").strip()
-    return f"{prompt}\n\nPolicy:\n{policy}".strip() if policy else prompt
+    return f"{prompt}\n\nPolicies:\n{policy}".strip() if policy else prompt
 
 
 def reply_messages(*, profile, history: Iterable) -> list[dict[str, str]]:

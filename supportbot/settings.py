@@ -299,5 +299,11 @@ SUPPORTBOT_GENERATION_TIMEOUT_S = env_float("SUPPORTBOT_GENERATION_TIMEOUT_S", 6
 # (about 10 tokens/s per chat, faster than people read); more raise total throughput
 # but slow every chat. Requests beyond it wait in the queue.
 SUPPORTBOT_MAX_BATCH_SIZE = env_int("SUPPORTBOT_MAX_BATCH_SIZE", 16)
-# int8 dynamic quantisation of the served model's linear layers (CPU only).
+# int8 dynamic quantisation of the served model's linear layers (CPU only). Off: it about
+# doubles decode speed but tripled SmolLM2's reply perplexity (docs/benchmarks.md); turn it
+# on only for a model whose perplexity bench/bench_int8.py shows within a few percent.
 SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
+# Memory for keys/values of finished replies, so a conversation's next turn (and every
+# shared system prompt) is not prefilled again. ~75 KB per token for GPT-2-small: 512 MB
+# holds about 16 conversations of 400 tokens. 0 turns it off.
+SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
