@@ -1,49 +1,288 @@
 """The process's inference engine, serving the active model version (Django glue).
 
-``get_engine()`` returns the engine of this process, loading the active
-``ModelVersion`` on first use, or None when no version is active (the chat then
-says so and offers a human). ``engine_reset()`` drops it so the next call loads
-the newly active version.
+- ``get_engine()`` returns this process's engine, loading the active ``ModelVersion``
+  on first use, or None when no version is active (the chat then says so and offers
+  a human). What it returns is wrapped in the safety filter (``finetune.safety``):
+  every delta a consumer streams is already masked.
+- ``SUPPORTBOT_ENGINE`` picks the engine: ``batched`` (default, ``BatchedEngine``) or
+  ``naive`` (``NaiveEngine``, one ``generate()`` at a time).
+- Reloads: after a promotion or rollback commits, the fine-tuning side sends
+  ``{"type": "model.changed", "version_id": ..., "label": ...}`` to the channel-layer
+  group ``models``. Each process listens with a task of its own (started by the first
+  ``get_engine()`` on an event loop), loads the now active version in a worker thread,
+  and swaps it in: replies already running finish on the old model, new ones use the
+  new model. ``inference_reload()`` does the same when called directly.
+- ``reply_request(key=..., profile=..., history=...)`` builds the request for one bot
+  reply: the bot profile's system prompt (company name, policy) and the conversation,
+  with the limits from settings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Iterable, Mapping
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
-from .engine import NaiveEngine, load_for_inference
-from .generation import Engine
+from .engine import BatchedEngine, NaiveEngine, load_for_inference
+from .generation import Engine, GenerationParams, GenerationRequest
+from .prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM
+from .safety import Masker, SafeEngine, parse_blocked_terms, reply_maskers
 
 log = logging.getLogger(__name__)
 
-_engine: Engine | None = None
+MODELS_GROUP = "models"
+MODEL_CHANGED = "model.changed"
+# channels-redis forgets group members after a day (group_expiry); re-joining hourly keeps
+# a long-running process subscribed.
+_GROUP_REFRESH_S = 3600
+
+_engine = None  # BatchedEngine or NaiveEngine, the model's owner
+_safe_engine: SafeEngine | None = None  # what get_engine() hands out
 _engine_version_id: int | None = None
-_lock = asyncio.Lock()
+_state_lock = threading.Lock()  # guards the three above
+_load_lock = threading.Lock()  # one model load at a time, so the last promotion wins
+
+_listener: asyncio.Task | None = None
+_listener_ready: asyncio.Future | None = None
 
 
-def _load_active() -> tuple[int, Engine] | None:
+# --- the engine ------------------------------------------------------------------------
+
+
+def _make_engine(loaded):
+    if settings.SUPPORTBOT_ENGINE == "naive":
+        return NaiveEngine(loaded)
+    return BatchedEngine(
+        loaded,
+        max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE,
+        prefix_cache_mb=settings.SUPPORTBOT_PREFIX_CACHE_MB,
+    )
+
+
+def inference_reload() -> str | None:
+    """Serve the active model version: load it if it is not the one served, and swap it in.
+
+    Blocking (loading takes seconds): call it from a thread, never on the event loop
+    (``areload()`` does). Returns the label served, or None when no version is active;
+    then new requests get no engine while replies already running finish.
+    """
+    global _engine, _safe_engine, _engine_version_id
     from .selectors import model_version_active
 
-    version = model_version_active()
-    if version is None:
-        return None
-    path = version.merged_path or version.adapter_path
-    log.info("Loading model %s from %s", version.label, path)
-    return version.pk, NaiveEngine(load_for_inference(path, label=version.label))
+    with _load_lock:
+        # Read inside the lock: when two promotions race, the load that runs last reads
+        # the version that is active last.
+        version = model_version_active()
+        if version is None:
+            with _state_lock:
+                old, _engine, _safe_engine, _engine_version_id = _engine, None, None, None
+            if old is not None:
+                old.close(timeout=0)  # finishes what runs, then its thread ends
+            return None
+        with _state_lock:
+            if _engine is not None and _engine_version_id == version.pk:
+                return version.label
+        path = version.merged_path or version.adapter_path
+        log.info("Loading model %s from %s", version.label, path)
+        loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
+        with _state_lock:
+            if _engine is None:
+                _engine = _make_engine(loaded)
+                _safe_engine = SafeEngine(_engine, _reply_maskers)
+            else:
+                _engine.swap(loaded)
+            _engine_version_id = version.pk
+        log.info("Serving model %s", version.label)
+        return version.label
+
+
+def _reload_in_worker() -> str | None:
+    from django.db import connections
+
+    try:
+        return inference_reload()
+    finally:
+        connections.close_all()  # this worker thread's own connections only
+
+
+async def areload() -> str | None:
+    """``inference_reload()`` in a worker thread (loading a model must not block the event loop)."""
+    return await sync_to_async(_reload_in_worker, thread_sensitive=False)()
 
 
 async def get_engine() -> Engine | None:
-    global _engine, _engine_version_id
-    async with _lock:
-        if _engine is None:
-            loaded = await sync_to_async(_load_active, thread_sensitive=False)()
-            if loaded is not None:
-                _engine_version_id, _engine = loaded
-        return _engine
+    """This process's engine (safety-filtered), or None when no model version is active."""
+    try:
+        await model_listener_start()
+    except Exception:  # the chat still works; only promotions wait for a restart (or the next try)
+        log.exception("Could not listen for model changes on the channel layer")
+    if _safe_engine is None:
+        await areload()
+    return _safe_engine
 
 
 def engine_reset() -> None:
-    global _engine, _engine_version_id
-    _engine, _engine_version_id = None, None
+    """Forget the engine, so the next ``get_engine()`` loads the active version afresh.
+
+    Replies already running on the old engine still finish; its thread then ends.
+    """
+    global _engine, _safe_engine, _engine_version_id
+    with _state_lock:
+        old, _engine, _safe_engine, _engine_version_id = _engine, None, None, None
+    if old is not None:
+        old.close(timeout=0)
+
+
+def served_engine():
+    """The unwrapped engine (``BatchedEngine`` or ``NaiveEngine``) or None; for tests and admin pages."""
+    return _engine
+
+
+# --- listening for promotions and rollbacks -------------------------------------------
+
+
+async def model_listener_start() -> None:
+    """Start, once per event loop, the task that reloads on ``model.changed``; returns once it listens."""
+    global _listener, _listener_ready
+    loop = asyncio.get_running_loop()
+    if _listener is None or _listener.done() or _listener.get_loop() is not loop:
+        _listener_ready = loop.create_future()
+        _listener = loop.create_task(_listen(_listener_ready), name="supportbot-model-listener")
+    await asyncio.shield(_listener_ready)
+
+
+async def model_listener_stop() -> None:
+    """Stop this loop's listener (tests; a server simply exits)."""
+    global _listener
+    task, _listener = _listener, None
+    if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+        task.cancel()
+        # Cancelled inside a Redis read, the task may end with redis-py's TimeoutError instead.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _listen(ready: asyncio.Future) -> None:
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        log.warning("No channel layer: model promotions will not reach this process until it restarts.")
+        ready.set_result(None)
+        return
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add(MODELS_GROUP, channel)
+    except Exception as exc:
+        if not ready.done():
+            ready.set_exception(exc)
+        raise
+    ready.set_result(None)
+    refresher = asyncio.get_running_loop().create_task(_keep_membership(layer, channel))
+    try:
+        while True:
+            try:
+                message = await layer.receive(channel)
+            except Exception:
+                # redis-py can turn a cancellation into its own TimeoutError: stop when asked to.
+                if asyncio.current_task().cancelling():
+                    raise asyncio.CancelledError from None
+                log.exception("Receiving model changes failed; listening again in 1 s")
+                await asyncio.sleep(1)
+                continue
+            if message.get("type") != MODEL_CHANGED:
+                continue
+            log.info("Model changed to %s: reloading", message.get("label") or message.get("version_id"))
+            try:
+                await areload()
+            except Exception:  # a failed load keeps the old model serving; the next event retries
+                log.exception("Reloading the model after %s failed", message)
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(Exception):
+            await layer.group_discard(MODELS_GROUP, channel)
+
+
+async def _keep_membership(layer, channel: str) -> None:
+    while True:
+        await asyncio.sleep(_GROUP_REFRESH_S)
+        try:
+            await layer.group_add(MODELS_GROUP, channel)
+        except Exception:  # Redis briefly away: try again at the next refresh
+            log.exception("Could not renew the %s group membership", MODELS_GROUP)
+
+
+# --- safety filter inputs ------------------------------------------------------------------
+
+
+def _blocked_terms() -> list[str]:
+    from conversations.models import BotProfile
+
+    text = BotProfile.objects.filter(key="default").values_list("blocked_terms", flat=True).first()
+    return parse_blocked_terms(text or "")
+
+
+async def _reply_maskers(request: GenerationRequest) -> list[Masker]:
+    from channels.db import database_sync_to_async
+
+    return reply_maskers(await database_sync_to_async(_blocked_terms)())
+
+
+# --- building a reply request --------------------------------------------------------------
+
+# Message roles of the chat (conversations.Message.Role) as the model's template knows them:
+# the bot and human agents both speak for the company; system notes are for people only.
+_CHAT_ROLES = {"customer": ROLE_CUSTOMER, "bot": ROLE_AGENT, "agent": ROLE_AGENT}
+
+
+def system_prompt_text(profile) -> str:
+    """The system turn: the profile's prompt with ``{company}`` filled in, then its policy text.
+
+    Training examples must start with the same text (the dataset builder's system turn).
+    """
+    prompt = (profile.system_prompt or "").replace("{company}", profile.company_name or "").strip()
+    policy = (profile.policy_text or "").strip()
+    return f"{prompt}\n\nPolicies:\n{policy}".strip() if policy else prompt
+
+
+def reply_messages(*, profile, history: Iterable) -> list[dict[str, str]]:
+    """The messages of a ``GenerationRequest``: system prompt, then the conversation in order.
+
+    ``history`` holds ``conversations.Message`` rows or ``{"role", "content"}`` dicts with
+    the chat's roles (customer, bot, agent, system). The engine trims it to the model's
+    context window, oldest turns first, keeping the system prompt.
+    """
+    messages = []
+    system = system_prompt_text(profile)
+    if system:
+        messages.append({"role": ROLE_SYSTEM, "content": system})
+    for item in history:
+        if isinstance(item, Mapping):
+            role, content = item["role"], item.get("content", item.get("body", ""))
+        else:
+            role, content = item.role, item.body
+        mapped = _CHAT_ROLES.get(role)
+        if mapped is not None and (content or "").strip():
+            messages.append({"role": mapped, "content": content})
+    return messages
+
+
+def generation_params() -> GenerationParams:
+    """Generation limits from settings (read at call time, so tests can override them)."""
+    return GenerationParams(
+        max_new_tokens=settings.SUPPORTBOT_MAX_NEW_TOKENS,
+        stop=tuple(settings.SUPPORTBOT_STOP_SEQUENCES),
+        timeout_s=settings.SUPPORTBOT_GENERATION_TIMEOUT_S,
+    )
+
+
+def reply_request(*, key: str, profile, history: Iterable) -> GenerationRequest:
+    """The request for the bot's next reply in conversation ``key``."""
+    return GenerationRequest(
+        key=str(key), messages=reply_messages(profile=profile, history=history), params=generation_params()
+    )

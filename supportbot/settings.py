@@ -305,3 +305,32 @@ SUPPORTBOT_CHAT_TOKEN_MAX_AGE = env_int("SUPPORTBOT_CHAT_TOKEN_MAX_AGE", 30 * 24
 # Pages allowed to frame the widget's chat panel (/chat/embed/), as CSP frame-ancestors
 # sources. "*" lets the widget run on any site, as the embed snippet promises.
 SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS", ["*"])
+
+# --- Inference engine (finetune/engine.py, finetune/inference.py) -------------------------
+# "batched" steps every running reply together over a shared KV cache (several times the
+# throughput of "naive" under concurrent chats, see docs/benchmarks.md); "naive" runs one
+# model.generate() at a time, the simple reference.
+SUPPORTBOT_ENGINE = os.environ.get("SUPPORTBOT_ENGINE", "batched").strip().lower()
+if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
+    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched or naive.")
+# A support reply of a few sentences; longer replies mostly ramble, and each token costs
+# every other chat in the batch a step.
+SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)
+# Extra strings that end a reply, comma-separated, "\n" for a newline (the prompt template's
+# own turn markers always stop it). E.g. a sign-off the model learnt from old tickets.
+SUPPORTBOT_STOP_SEQUENCES = [s.replace("\\n", "\n") for s in env_list("SUPPORTBOT_STOP_SEQUENCES", [])]
+# Wall-clock limit of one reply, queueing included: a customer should not wait longer
+# than this for the bot; the reply ends with finish_reason "timeout".
+SUPPORTBOT_GENERATION_TIMEOUT_S = env_float("SUPPORTBOT_GENERATION_TIMEOUT_S", 60.0)
+# Replies decoded together. 16 keeps a GPT-2-small step near 100 ms on two cores
+# (about 10 tokens/s per chat, faster than people read); more raise total throughput
+# but slow every chat. Requests beyond it wait in the queue.
+SUPPORTBOT_MAX_BATCH_SIZE = env_int("SUPPORTBOT_MAX_BATCH_SIZE", 16)
+# int8 dynamic quantisation of the served model's linear layers (CPU only). Off: it about
+# doubles decode speed but tripled SmolLM2's reply perplexity (docs/benchmarks.md); turn it
+# on only for a model whose perplexity bench/bench_int8.py shows within a few percent.
+SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
+# Memory for keys/values of finished replies, so a conversation's next turn (and every
+# shared system prompt) is not prefilled again. ~75 KB per token for GPT-2-small: 512 MB
+# holds about 16 conversations of 400 tokens. 0 turns it off.
+SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
