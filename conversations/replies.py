@@ -35,6 +35,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
+from finetune import inference
 from finetune.generation import EngineBusy, GenerationDone, GenerationParams, GenerationRequest, TokenDelta
 from finetune.inference import get_engine
 
@@ -72,8 +73,8 @@ _runners: dict[str, _Runner] = {}
 
 
 def generation_params() -> GenerationParams:
-    """Parameters of every chat reply (the engine's defaults: greedy, a few sentences)."""
-    return GenerationParams()
+    """Parameters of every chat reply: the limits from settings (greedy, a few sentences)."""
+    return inference.generation_params()
 
 
 class _Runner:

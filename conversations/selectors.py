@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from finetune.models import ModelVersion
-from finetune.prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM
+from finetune.prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM, system_prompt_text
 
 from .models import BotProfile, Conversation, Message
 
@@ -31,11 +31,7 @@ def bot_profile_get() -> BotProfile:
 
 
 def system_prompt_for(profile: BotProfile) -> str:
-    # str.replace, not str.format: admins may write other braces in the prompt.
-    text = profile.system_prompt.replace("{company}", profile.company_name).strip()
-    if profile.policy_text.strip():
-        text += "\n\nPolicies:\n" + profile.policy_text.strip()
-    return text
+    return system_prompt_text(template=profile.system_prompt, company=profile.company_name, policy=profile.policy_text)
 
 
 def prompt_messages(

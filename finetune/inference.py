@@ -12,9 +12,8 @@
   ``get_engine()`` on an event loop), loads the now active version in a worker thread,
   and swaps it in: replies already running finish on the old model, new ones use the
   new model. ``inference_reload()`` does the same when called directly.
-- ``reply_request(key=..., profile=..., history=...)`` builds the request for one bot
-  reply: the bot profile's system prompt (company name, policy) and the conversation,
-  with the limits from settings.
+- ``generation_params()``: the reply limits from settings. The chat builds the prompt
+  (``conversations.selectors.prompt_messages``); the engine trims it to the context window.
 """
 
 from __future__ import annotations
@@ -23,14 +22,12 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from .engine import BatchedEngine, NaiveEngine, load_for_inference
 from .generation import Engine, GenerationParams, GenerationRequest
-from .prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM
 from .safety import Masker, SafeEngine, parse_blocked_terms, reply_maskers
 
 log = logging.getLogger(__name__)
@@ -237,39 +234,6 @@ async def _reply_maskers(request: GenerationRequest) -> list[Masker]:
 
 # Message roles of the chat (conversations.Message.Role) as the model's template knows them:
 # the bot and human agents both speak for the company; system notes are for people only.
-_CHAT_ROLES = {"customer": ROLE_CUSTOMER, "bot": ROLE_AGENT, "agent": ROLE_AGENT}
-
-
-def system_prompt_text(profile) -> str:
-    """The system turn: the profile's prompt with ``{company}`` filled in, then its policy text.
-
-    Training examples must start with the same text (the dataset builder's system turn).
-    """
-    prompt = (profile.system_prompt or "").replace("{company}", profile.company_name or "").strip()
-    policy = (profile.policy_text or "").strip()
-    return f"{prompt}\n\nPolicies:\n{policy}".strip() if policy else prompt
-
-
-def reply_messages(*, profile, history: Iterable) -> list[dict[str, str]]:
-    """The messages of a ``GenerationRequest``: system prompt, then the conversation in order.
-
-    ``history`` holds ``conversations.Message`` rows or ``{"role", "content"}`` dicts with
-    the chat's roles (customer, bot, agent, system). The engine trims it to the model's
-    context window, oldest turns first, keeping the system prompt.
-    """
-    messages = []
-    system = system_prompt_text(profile)
-    if system:
-        messages.append({"role": ROLE_SYSTEM, "content": system})
-    for item in history:
-        if isinstance(item, Mapping):
-            role, content = item["role"], item.get("content", item.get("body", ""))
-        else:
-            role, content = item.role, item.body
-        mapped = _CHAT_ROLES.get(role)
-        if mapped is not None and (content or "").strip():
-            messages.append({"role": mapped, "content": content})
-    return messages
 
 
 def generation_params() -> GenerationParams:
@@ -278,11 +242,4 @@ def generation_params() -> GenerationParams:
         max_new_tokens=settings.SUPPORTBOT_MAX_NEW_TOKENS,
         stop=tuple(settings.SUPPORTBOT_STOP_SEQUENCES),
         timeout_s=settings.SUPPORTBOT_GENERATION_TIMEOUT_S,
-    )
-
-
-def reply_request(*, key: str, profile, history: Iterable) -> GenerationRequest:
-    """The request for the bot's next reply in conversation ``key``."""
-    return GenerationRequest(
-        key=str(key), messages=reply_messages(profile=profile, history=history), params=generation_params()
     )

@@ -64,6 +64,16 @@ def normalise_messages(messages: Iterable[Mapping[str, str]]) -> list[dict[str, 
     return merged
 
 
+def system_prompt_text(*, template: str, company: str, policy: str = "") -> str:
+    """The system turn of every example and every chat: the prompt with ``{company}``
+    filled in, then the policy text. Training and chat both call this, so they agree.
+    """
+    # str.replace, not str.format: admins may write other braces (JSON, placeholders).
+    prompt = (template or "").replace("{company}", company or "").strip()
+    policy = (policy or "").strip()
+    return f"{prompt}\n\nPolicies:\n{policy}".strip() if policy else prompt
+
+
 def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

@@ -158,13 +158,7 @@ def training_examples_from_feedback(*, since: datetime | None = None) -> Iterato
 
 
 def training_system_prompt() -> str:
-    """The system prompt the chat sends, so training examples start with the same text.
+    """The system prompt the chat sends (company name and policy), so examples start the same way."""
+    from conversations.selectors import bot_profile_get, system_prompt_for
 
-    The BotProfile row ``default`` when it exists, else the model's default prompt,
-    with ``{company}`` replaced by the company name.
-    """
-    from conversations.models import BotProfile
-
-    profile = BotProfile.objects.filter(key="default").first() or BotProfile()
-    # replace(), not format(): a prompt may contain other braces (JSON examples, placeholders).
-    return profile.system_prompt.replace("{company}", profile.company_name).strip()
+    return system_prompt_for(bot_profile_get())

@@ -14,7 +14,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
-from conversations.models import BotProfile, Message
+from conversations.models import BotProfile
 from finetune.engine import BatchedEngine, NaiveEngine, load_for_inference
 from finetune.inference import (
     MODELS_GROUP,
@@ -23,10 +23,7 @@ from finetune.inference import (
     get_engine,
     inference_reload,
     model_listener_stop,
-    reply_messages,
-    reply_request,
     served_engine,
-    system_prompt_text,
 )
 from finetune.models import ModelVersion
 from finetune.safety import BLOCKED_MASK, SafeEngine
@@ -228,35 +225,25 @@ async def test_an_adapter_without_a_merged_copy_is_merged_on_load(tmp_path, list
 # --- the prompt ---------------------------------------------------------------------------------
 
 
-def test_system_prompt_carries_company_name_and_policy():
-    profile = BotProfile(company_name="Globex", policy_text="Refunds within 30 days.\n")
-    text = system_prompt_text(profile)
+def test_system_prompt_carries_company_name_and_policy_in_chat_and_training():
+    from conversations.selectors import system_prompt_for
+    from finetune.selectors import training_system_prompt
+
+    profile = BotProfile.objects.create(company_name="Globex", policy_text="Refunds within 30 days.\n")
+    text = system_prompt_for(profile)
     assert text.startswith("You are the customer support assistant of Globex.")
     assert text.endswith("\n\nPolicies:\nRefunds within 30 days.")
     assert "{company}" not in text
-    assert system_prompt_text(BotProfile(company_name="Globex")).endswith("with a human agent.")
+    assert training_system_prompt() == text  # the model learns the prompt it is later given
+    assert system_prompt_for(BotProfile(company_name="Globex")).endswith("with a human agent.")
 
 
-def test_reply_messages_map_chat_roles_to_the_training_template():
-    profile = BotProfile(company_name="Globex")
-    history = [
-        Message(role=Message.Role.CUSTOMER, body="Where is my order?"),
-        Message(role=Message.Role.BOT, body="It shipped yesterday."),
-        Message(role=Message.Role.SYSTEM, body="An agent joined the chat."),
-        Message(role=Message.Role.AGENT, body="Hi, Sam here."),
-        {"role": "customer", "content": "Thanks, when will it arrive?"},
-    ]
-    messages = reply_messages(profile=profile, history=history)
-    assert [m["role"] for m in messages] == ["system", "customer", "agent", "agent", "customer"]
-    assert messages[0]["content"] == system_prompt_text(profile)
-    assert messages[-1]["content"] == "Thanks, when will it arrive?"
+def test_reply_params_take_their_limits_from_settings(settings):
+    from conversations.replies import generation_params
 
-
-def test_reply_request_takes_its_limits_from_settings(settings):
     settings.SUPPORTBOT_MAX_NEW_TOKENS = 42
     settings.SUPPORTBOT_STOP_SEQUENCES = ["\nBest regards"]
     settings.SUPPORTBOT_GENERATION_TIMEOUT_S = 7.5
-    req = reply_request(key="c-1", profile=BotProfile(), history=[{"role": "customer", "content": "Hi"}])
-    assert req.key == "c-1"
-    assert (req.params.max_new_tokens, req.params.stop, req.params.timeout_s) == (42, ("\nBest regards",), 7.5)
-    assert req.params.temperature == 0.0
+    params = generation_params()
+    assert (params.max_new_tokens, params.stop, params.timeout_s) == (42, ("\nBest regards",), 7.5)
+    assert params.temperature == 0.0
