@@ -179,6 +179,18 @@ if not (CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > SUPPORTBOT_
         "SUPPORTBOT_TRAINING_SOFT_TIME_LIMIT, or a long training run is delivered twice."
     )
 
+# A training worker writes a heartbeat this often; a running run whose heartbeat is
+# older than STALE_AFTER belongs to a dead worker and is failed by the reaper.
+SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = env_float("SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL", 5.0)
+SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 120.0)
+if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
+    raise ImproperlyConfigured(
+        "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
+        "or a live run with one slow heartbeat is failed as dead."
+    )
+# Queue that retrain tasks are sent to; empty: Celery's default queue.
+SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "")
+
 CELERY_BROKER_DIR = VAR_DIR / "celery"
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
