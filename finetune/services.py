@@ -28,7 +28,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -392,21 +391,25 @@ class _Watchdog(threading.Thread):
 
 
 class _ProgressRecorder:
-    """Receives the trainer's ProgressEvents and writes them to the run row, at most ~2 per second."""
+    """Receives the trainer's ProgressEvents and writes them to the run row, at most ~2 per second.
+
+    Log lines are appended to what the row holds at write time, so lines written by
+    others meanwhile (a cancel request) are kept.
+    """
 
     MIN_INTERVAL = 0.5
 
     def __init__(self, run: TrainingRun, echo: Callable[[Any], None] | None = None):
         self.run_id = run.pk
         self.echo = echo
-        self.lines = deque(run.log_tail.splitlines(), maxlen=LOG_TAIL_LINES)
+        self.pending: list[str] = []
         self.loss_history: list[dict[str, float]] = []
         self.state: dict[str, Any] = {}
         self.last_write = 0.0
         self.phase = ""
 
     def note(self, line: str) -> None:
-        self.lines.append(_stamp(line))
+        self.pending.append(_stamp(line))
         self.flush()
 
     def __call__(self, event) -> None:
@@ -422,21 +425,26 @@ class _ProgressRecorder:
         self.phase = event.phase
         if event.loss is not None:
             self.loss_history.append({"step": event.step, "epoch": event.epoch, "loss": round(event.loss, 5)})
-            important = True
         if event.message:
-            self.lines.append(_stamp(event.message))
-            important = True
+            self.pending.append(_stamp(event.message))
+        # Each write is a committed transaction (an fsync on SQLite): a tiny model's
+        # 10 ms steps must not each wait for one.
         if important or time.monotonic() - self.last_write >= self.MIN_INTERVAL:
             self.flush()
 
     def flush(self) -> None:
         self.last_write = time.monotonic()
-        TrainingRun.objects.filter(pk=self.run_id, status=TrainingRun.Status.RUNNING).update(
-            **self.state,
-            loss_history=self.loss_history,
-            log_tail="\n".join(self.lines),
-            heartbeat_at=timezone.now(),
-        )
+        with transaction.atomic():
+            run = TrainingRun.objects.select_for_update().filter(pk=self.run_id, status="running").first()
+            if run is None:
+                return  # finished meanwhile (cancelled, reaped): its row is final
+            for name, value in self.state.items():
+                setattr(run, name, value)
+            run.loss_history = self.loss_history
+            run.log_tail = "\n".join((run.log_tail.splitlines() + self.pending)[-LOG_TAIL_LINES:])
+            run.heartbeat_at = timezone.now()
+            run.save(update_fields=[*self.state, "loss_history", "log_tail", "heartbeat_at"])
+        self.pending = []
 
 
 def _training_run_claim(run_id: int, task_id: str) -> TrainingRun | None:
@@ -737,7 +745,8 @@ def _gate_validation_loss(candidate: ModelVersion, active: ModelVersion | None) 
     if active is None:
         return GateResult(True, "No version is active yet, so there is nothing to be worse than.", {"candidate": loss})
     reference = (candidate.metrics.get("reference_losses") or {}).get(str(active.pk))
-    same_set = (active.metrics or {}).get("validation_fingerprint") == candidate.metrics.get("validation_fingerprint")
+    fingerprint = candidate.metrics.get("validation_fingerprint")
+    same_set = fingerprint is not None and (active.metrics or {}).get("validation_fingerprint") == fingerprint
     if reference is None and same_set and active.base_model == candidate.base_model:
         reference = (active.metrics or {}).get("eval_loss")
     if reference is None:
