@@ -458,18 +458,31 @@ def train_lora(
     """Fine-tune ``config.base_model`` with LoRA on the dataset and save adapter, merged model and metrics.
 
     ``should_stop`` is called before every optimizer step and between phases; when it
-    returns True the run raises TrainingCancelled and leaves nothing in ``output_dir``.
-    Raises DatasetError for a dataset it cannot use.
+    returns True the run raises TrainingCancelled. On any failure ``output_dir`` is
+    removed, so a directory that exists after a run holds a complete result (or the
+    run's first files while it trains). Raises DatasetError for a dataset it cannot use.
     """
+    config.validate()
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"The output directory {output} is not empty; give a new one.")
+    output.mkdir(parents=True, exist_ok=True)
+    _write_json(output / "train_config.json", {**config.to_json(), "dataset_path": str(dataset_path)})
+    try:
+        return _train(config, Path(dataset_path), output, _Emitter(on_progress), should_stop or (lambda: False))
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _train(
+    config: TrainConfig, dataset_path: Path, output: Path, emit: _Emitter, stop: Callable[[], bool]
+) -> TrainResult:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    config.validate()
     started = time.monotonic()
-    emit = _Emitter(on_progress)
-    output = Path(output_dir)
-    stop = should_stop or (lambda: False)
 
     def check_stop() -> None:
         if stop():
@@ -707,13 +720,11 @@ def train_lora(
             {**s, "retrieval": b}
             for s, b in zip(metrics["samples"], baseline.predict([e.question for e in samples[:5]]), strict=False)
         ]
-    if output.exists():
-        shutil.rmtree(output)
     adapter_dir.mkdir(parents=True)
     model.save_pretrained(adapter_dir)  # peft writes adapter_model.safetensors + adapter_config.json
     tokenizer.save_pretrained(adapter_dir)
     _write_json(adapter_dir / "metrics.json", metrics)
-    _write_json(adapter_dir / "train_config.json", config.to_json())
+    shutil.copy(output / "train_config.json", adapter_dir / "train_config.json")
     emit("saving", 0.4)
     if merged_dir is not None:
         emit("saving", 0.5, message="Merging the adapter into the base model (merge_and_unload)")

@@ -7,7 +7,6 @@ not depend on the dataset builder.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -89,17 +88,25 @@ def write_dataset(
 
 
 def dataset_version_create(path: Path, name: str | None = None) -> DatasetVersion:
-    from datasets import load_from_disk
-
-    loaded = load_from_disk(str(path))
-    digest = hashlib.sha256(json.dumps(list(loaded["train"]["messages"])).encode()).hexdigest()
+    """A DatasetVersion row for ``path``, as build_dataset would write (the files are not read)."""
     return DatasetVersion.objects.create(
         name=name or f"test-{uuid.uuid4().hex[:6]}",
         path=str(path),
-        content_hash=digest,
-        num_train=loaded["train"].num_rows,
-        num_validation=loaded["validation"].num_rows,
+        content_hash=hashlib.sha256(str(path).encode()).hexdigest(),
     )
+
+
+def version_with_files(tmp_path: Path, **kwargs):
+    """A ModelVersion row whose adapter and merged directories exist (empty)."""
+    from tests.factories import ModelVersionFactory
+
+    version = ModelVersionFactory(**kwargs)
+    for attr in ("adapter_path", "merged_path"):
+        path = tmp_path / f"v{version.number}" / attr
+        path.mkdir(parents=True)
+        setattr(version, attr, str(path))
+    version.save()
+    return version
 
 
 @pytest.fixture(scope="session")

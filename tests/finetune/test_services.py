@@ -25,7 +25,7 @@ from finetune.services import (
 )
 from supportbot.errors import ApplicationError
 from tests.factories import ModelVersionFactory, TrainingRunFactory, UserFactory
-from tests.finetune.conftest import FAST, dataset_version_create
+from tests.finetune.conftest import FAST, dataset_version_create, version_with_files
 
 pytestmark = pytest.mark.django_db
 
@@ -34,16 +34,6 @@ pytestmark = pytest.mark.django_db
 def fast_heartbeat(settings):
     settings.SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = 0.2
     settings.SUPPORTBOT_TRAINING_STALE_AFTER = 5
-
-
-def version_with_files(tmp_path: Path, **kwargs) -> ModelVersion:
-    version = ModelVersionFactory(**kwargs)
-    for attr in ("adapter_path", "merged_path"):
-        path = tmp_path / f"v{version.number}" / attr
-        path.mkdir(parents=True)
-        setattr(version, attr, str(path))
-    version.save()
-    return version
 
 
 class ModelEvents:
