@@ -707,8 +707,10 @@ def promotion_gates() -> dict[str, PromotionGate]:
     return dict(_PROMOTION_GATES)
 
 
-def model_version_gates_evaluate(*, version: ModelVersion, active: ModelVersion | None = None) -> dict[str, Any]:
-    """Run every gate against the active version (the current one unless given) and store the results."""
+def model_version_gates_evaluate(
+    *, version: ModelVersion, active: ModelVersion | None = None, save: bool = True
+) -> dict[str, Any]:
+    """Run every gate against the active version (the current one unless given); store the results if ``save``."""
     if active is None:
         active = ModelVersion.objects.filter(status=ModelVersion.Status.ACTIVE).exclude(pk=version.pk).first()
     results: dict[str, Any] = {}
@@ -726,8 +728,9 @@ def model_version_gates_evaluate(*, version: ModelVersion, active: ModelVersion 
         "evaluated_at": timezone.now().isoformat(),
         "gates": results,
     }
-    version.gate_results = summary
-    version.save(update_fields=["gate_results"])
+    if save:
+        version.gate_results = summary
+        version.save(update_fields=["gate_results"])
     return summary
 
 
