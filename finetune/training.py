@@ -92,6 +92,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 96  # a support reply of a few sentences
     eval_before: bool = True  # also evaluate the base model, to show what fine-tuning changed
     merge: bool = True  # write the merged model for fast inference (an unmerged adapter costs ~7%/token)
+    gradient_checkpointing: bool = True  # recompute activations in backward: ~half the peak memory for ~25% compute
     log_every_steps: int | None = None  # None: about 200 loss points per run, whatever its length
 
     LIMITS = {
@@ -406,6 +407,30 @@ def load_tokenizer(base: str):
     return tokenizer
 
 
+_LIBC = None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last step back to the OS (glibc only).
+
+    Batches of varying length leave glibc's heap fragmented, and the process keeps
+    growing although PyTorch freed the tensors; trimming after each step keeps the
+    peak near what one step needs (about -10% peak RSS on GPT-2-small here).
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - musl and macOS lack it
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -444,6 +469,180 @@ class _Emitter:
             self.callback(ProgressEvent(phase=phase, progress=round(progress, 4), **kwargs))
 
 
+def attach_lora(model, config: TrainConfig):
+    """Wrap a causal LM with peft LoRA adapters; only the adapters are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach the adapters although the inputs are frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets, fan_in_fan_out = lora_targets(model.config.model_type, config.target_modules)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ValueError(
+            f"peft cannot place LoRA on {model.config.model_type!r} by itself ({exc}); "
+            "set target_modules to the names of its attention projections."
+        ) from exc
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or any("lora_" not in n for n, _ in trainable):
+        raise RuntimeError("Only LoRA weights may be trainable; the base model must stay frozen.")
+    return model, targets, trainable
+
+
+@dataclass
+class FitStats:
+    total_steps: int
+    first_loss: float | None
+    last_loss: float | None
+    loss_points: list[dict[str, float]]
+    tokens: int  # real (non-pad) tokens processed
+    padded_tokens: int  # tokens computed, padding included
+    reply_tokens: int  # tokens the loss was computed on
+    seconds: float
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    step_tokens: list[int] = field(default_factory=list)  # real tokens of each optimizer step
+
+
+def fit(
+    model,
+    train: Sequence[Example],
+    config: TrainConfig,
+    *,
+    device: str,
+    autocast: Callable | None,
+    pad_id: int,
+    emit: Callable[..., None] | None = None,
+    check_stop: Callable[[], None] | None = None,
+) -> FitStats:
+    """The optimisation loop: length-grouped batches, reply-only loss, accumulation, clipping, warm-up + decay.
+
+    ``model`` has its trainable parameters set (``attach_lora``). Used by ``train_lora``
+    and, on random data, by ``bench/bench_training.py``.
+    """
+    import torch
+
+    emit = emit or (lambda *args, **kwargs: None)
+    check_stop = check_stop or (lambda: None)
+    lengths = [len(e.input_ids) for e in train]
+    batches_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum_steps))
+    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    warmup = int(total_steps * config.warmup_ratio)
+    log_every = config.log_every_steps or max(1, total_steps // 200)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    emit("training", 0.0, step=0, total_steps=total_steps, message=f"Training: {total_steps} optimizer steps")
+    model.train()
+    step, epoch_index = 0, 0
+    seen_tokens = seen_reply_tokens = padded_tokens = 0
+    window_loss, window_tokens, first_loss, last_loss = 0.0, 0, None, None
+    loss_points: list[dict[str, float]] = []
+    train_started = time.monotonic()
+    step_seconds: list[float] = []
+    step_tokens: list[int] = []
+    multiple = 8 if device == "cuda" else 1
+    while step < total_steps:
+        order = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch_index)
+        for group_start in range(0, len(order), config.grad_accum_steps):
+            if step >= total_steps:
+                break
+            check_stop()
+            step_started = time.perf_counter()
+            tokens_before = seen_tokens
+            group = [
+                collate([train[i] for i in ids], pad_id, multiple_of=multiple)
+                for ids in order[group_start:][: config.grad_accum_steps]
+            ]
+            group_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+            step_loss = 0.0
+            for batch in group:
+                seen_tokens += int(batch["attention_mask"].sum())
+                padded_tokens += batch["input_ids"].numel()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss_sum, n = reply_token_loss_sum(model, batch, autocast=autocast)
+                if n == 0:
+                    continue
+                # Normalised by the window's reply tokens, so accumulation equals one big batch.
+                (loss_sum / group_tokens).backward()
+                step_loss += float(loss_sum.detach())
+            seen_reply_tokens += group_tokens
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()  # so the step's time is the GPU's, not the launch's
+            if device == "cpu":
+                _release_freed_memory()
+            step_seconds.append(time.perf_counter() - step_started)
+            step_tokens.append(seen_tokens - tokens_before)
+            step += 1
+            mean = step_loss / max(1, group_tokens)
+            if not math.isfinite(mean):
+                raise FloatingPointError(
+                    f"The training loss became {mean} at step {step}; lower the learning rate "
+                    f"(now {config.learning_rate})."
+                )
+            first_loss = mean if first_loss is None else first_loss
+            last_loss = mean
+            window_loss += step_loss
+            window_tokens += group_tokens
+            epoch = (epoch_index + min(1.0, (group_start + len(group)) / max(1, len(order)))) if order else 0.0
+            point = None
+            if step % log_every == 0 or step == total_steps:
+                point = window_loss / max(1, window_tokens)
+                loss_points.append({"step": step, "epoch": round(epoch, 3), "loss": round(point, 5)})
+                window_loss, window_tokens = 0.0, 0
+            elapsed = time.monotonic() - train_started
+            emit(
+                "training",
+                step / total_steps,
+                step=step,
+                total_steps=total_steps,
+                epoch=round(epoch, 3),
+                loss=point,
+                learning_rate=scheduler.get_last_lr()[0],
+                message=(
+                    f"step {step}/{total_steps} epoch {epoch:.2f} loss {point:.4f} "
+                    f"({seen_tokens / max(elapsed, 1e-9):.0f} tok/s)"
+                    if point is not None
+                    else ""
+                ),
+            )
+        epoch_index += 1
+    train_seconds = time.monotonic() - train_started
+    return FitStats(
+        total_steps=total_steps,
+        first_loss=first_loss,
+        last_loss=last_loss,
+        loss_points=loss_points,
+        tokens=seen_tokens,
+        padded_tokens=padded_tokens,
+        reply_tokens=seen_reply_tokens,
+        seconds=train_seconds,
+        step_seconds=step_seconds,
+        step_tokens=step_tokens,
+    )
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -479,7 +678,6 @@ def _train(
     config: TrainConfig, dataset_path: Path, output: Path, emit: _Emitter, stop: Callable[[], bool]
 ) -> TrainResult:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
     started = time.monotonic()
@@ -521,26 +719,7 @@ def _train(
     model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32)
     model.config.use_cache = False  # no KV cache while training; generation turns it back on per call
     model.to(device)
-    targets, fan_in_fan_out = lora_targets(model.config.model_type, config.target_modules)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        fan_in_fan_out=fan_in_fan_out,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise ValueError(
-            f"peft cannot place LoRA on {model.config.model_type!r} by itself ({exc}); "
-            "set target_modules to the names of its attention projections."
-        ) from exc
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable or any("lora_" not in n for n, _ in trainable):
-        raise RuntimeError("Only LoRA weights may be trainable; the base model must stay frozen.")
+    model, targets, trainable = attach_lora(model, config)
     n_trainable = sum(p.numel() for _, p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
     emit(
@@ -586,93 +765,8 @@ def _train(
         before, _ = evaluate("evaluating_before")
         check_stop()
 
-    # --- training loop ---
-    lengths = [len(e.input_ids) for e in train]
-    batches_per_epoch = math.ceil(len(train) / config.batch_size)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum_steps))
-    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    warmup = int(total_steps * config.warmup_ratio)
-    log_every = config.log_every_steps or max(1, total_steps // 200)
-    params = [p for _, p in trainable]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    emit("training", 0.0, step=0, total_steps=total_steps, message=f"Training: {total_steps} optimizer steps")
-    model.train()
-    step, epoch_index = 0, 0
-    seen_tokens = seen_reply_tokens = padded_tokens = 0
-    window_loss, window_tokens, first_loss, last_loss = 0.0, 0, None, None
-    loss_points: list[dict[str, float]] = []
-    train_started = time.monotonic()
-    multiple = 8 if device == "cuda" else 1
-    while step < total_steps:
-        order = length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch_index)
-        for group_start in range(0, len(order), config.grad_accum_steps):
-            if step >= total_steps:
-                break
-            check_stop()
-            group = [
-                collate([train[i] for i in ids], pad_id, multiple_of=multiple)
-                for ids in order[group_start:][: config.grad_accum_steps]
-            ]
-            group_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
-            step_loss = 0.0
-            for batch in group:
-                seen_tokens += int(batch["attention_mask"].sum())
-                padded_tokens += batch["input_ids"].numel()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss_sum, n = reply_token_loss_sum(model, batch, autocast=autocast)
-                if n == 0:
-                    continue
-                # Normalised by the window's reply tokens, so accumulation equals one big batch.
-                (loss_sum / group_tokens).backward()
-                step_loss += float(loss_sum.detach())
-            seen_reply_tokens += group_tokens
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            mean = step_loss / max(1, group_tokens)
-            if not math.isfinite(mean):
-                raise FloatingPointError(
-                    f"The training loss became {mean} at step {step}; lower the learning rate "
-                    f"(now {config.learning_rate})."
-                )
-            first_loss = mean if first_loss is None else first_loss
-            last_loss = mean
-            window_loss += step_loss
-            window_tokens += group_tokens
-            epoch = (epoch_index + min(1.0, (group_start + len(group)) / max(1, len(order)))) if order else 0.0
-            point = None
-            if step % log_every == 0 or step == total_steps:
-                point = window_loss / max(1, window_tokens)
-                loss_points.append({"step": step, "epoch": round(epoch, 3), "loss": round(point, 5)})
-                window_loss, window_tokens = 0.0, 0
-            elapsed = time.monotonic() - train_started
-            emit(
-                "training",
-                step / total_steps,
-                step=step,
-                total_steps=total_steps,
-                epoch=round(epoch, 3),
-                loss=point,
-                learning_rate=scheduler.get_last_lr()[0],
-                message=(
-                    f"step {step}/{total_steps} epoch {epoch:.2f} loss {point:.4f} "
-                    f"({seen_tokens / max(elapsed, 1e-9):.0f} tok/s)"
-                    if point is not None
-                    else ""
-                ),
-            )
-        epoch_index += 1
-    train_seconds = time.monotonic() - train_started
+    stats = fit(model, train, config, device=device, autocast=autocast, pad_id=pad_id, emit=emit, check_stop=check_stop)
+    total_steps = stats.total_steps
     check_stop()
 
     emit("evaluating_after", 0.0, message="Evaluating the fine-tuned model on the validation split")
@@ -695,15 +789,15 @@ def _train(
         "rouge_l_retrieval": baseline_rouge,
         "before": before,
         "after": after,
-        "train_loss_first": first_loss,
-        "train_loss_last": last_loss,
-        "loss_history": loss_points,
+        "train_loss_first": stats.first_loss,
+        "train_loss_last": stats.last_loss,
+        "loss_history": stats.loss_points,
         "optimizer_steps": total_steps,
         "epochs": config.epochs,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(seen_tokens / max(train_seconds, 1e-9), 1),
-        "padding_fraction": round(1 - seen_tokens / max(1, padded_tokens), 4),
-        "reply_tokens": seen_reply_tokens,
+        "train_seconds": round(stats.seconds, 2),
+        "tokens_per_second": round(stats.tokens / max(stats.seconds, 1e-9), 1),
+        "padding_fraction": round(1 - stats.tokens / max(1, stats.padded_tokens), 4),
+        "reply_tokens": stats.reply_tokens,
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "device": device,

@@ -83,8 +83,9 @@ class Command(BaseCommand):
         )
         hyperparameters = {name: options[name] for name in names if options.get(name) is not None}
         dataset = self._dataset(options["dataset"])
-        build_fresh = options["build_fresh"] or (options["build_fresh_if_missing"] and dataset is None)
-        if dataset is None and not build_fresh and not DatasetVersion.objects.exists():
+        have_dataset = dataset is not None or DatasetVersion.objects.exists()
+        build_fresh = options["build_fresh"] or (options["build_fresh_if_missing"] and not have_dataset)
+        if not have_dataset and not build_fresh:
             raise CommandError(
                 "There is no dataset yet. Build one with `python manage.py build_dataset`, or pass "
                 "--build-fresh-if-missing.",
