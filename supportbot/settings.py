@@ -142,7 +142,10 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "supportbot.sqlite3",
-            "OPTIONS": {"timeout": 20},
+            # IMMEDIATE: a transaction takes the write lock when it begins, so a writer waits
+            # (up to the timeout) instead of failing with "database is locked" when two
+            # connections (a training worker's progress and heartbeat threads, daphne) write at once.
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
             # A file, not :memory:, so a Celery worker or daphne started by a test
             # sees the same test database.
             "TEST": {"NAME": str(VAR_DIR / "test-supportbot.sqlite3")},

@@ -372,3 +372,35 @@ def test_rollback_to_a_chosen_earlier_version(tmp_path):
     event = ModelVersionEvent.objects.filter(action="rolled_back").get()
     assert event.reason == "v3 and v2 misbehave"
     assert event.previous == versions[2]
+
+
+def test_hard_time_limit_fails_the_run_from_the_watchdog(transactional_db, model_store, dataset_dir, fast_heartbeat):
+    dataset_version_create(dataset_dir)
+    run = training_run_request(hyperparameters={**FAST, "epochs": 100}, enqueue=False)
+    finished = training_run_execute(run_id=run.pk, soft_time_limit=600, time_limit=1)
+    assert finished.status == TrainingRun.Status.FAILED
+    assert "hard time limit of 1 s" in finished.error
+    assert not (model_store / "runs" / str(run.pk)).exists()
+    assert not ModelVersion.objects.exists()
+
+
+def test_build_fresh_uses_the_dataset_builder_when_installed(
+    transactional_db, model_store, dataset_dir, fast_heartbeat, monkeypatch
+):
+    built = []
+
+    def dataset_version_build(*, created_by=None):
+        built.append(created_by)
+        return dataset_version_create(dataset_dir, name="fresh-build")
+
+    # The dataset builder (another issue) lives in this module once merged.
+    monkeypatch.setattr(services, "dataset_version_build", dataset_version_build, raising=False)
+    admin = UserFactory(username="builder")
+    run = training_run_request(actor=admin, build_fresh=True, hyperparameters=FAST, enqueue=False)
+    assert run.dataset_version is None
+    run = training_run_execute(run_id=run.pk)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert built == [admin]
+    assert run.dataset_version.name == "fresh-build"
+    assert ModelVersion.objects.get(training_run=run).dataset_version == run.dataset_version
+    assert "Built dataset fresh-build" in run.log_tail
