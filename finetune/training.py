@@ -8,10 +8,13 @@ by length, so almost every token computed is a real one. Before and after traini
 it evaluates on the validation split (loss, perplexity, ROUGE-L of generated replies
 beside a TF-IDF retrieval baseline), then writes::
 
+    OUTPUT_DIR/train_config.json  written first, so a run's directory exists while it trains
     OUTPUT_DIR/adapter/   adapter_model.safetensors, adapter_config.json, tokenizer, metrics.json
     OUTPUT_DIR/merged/    the base with the adapter merged in (merge_and_unload), tokenizer,
                           metrics.json: loads with AutoModelForCausalLM.from_pretrained
     OUTPUT_DIR/metrics.json
+
+A failed or cancelled run removes OUTPUT_DIR.
 
 Run it from a shell (the Django service ``training_run_execute`` calls ``train_lora``)::
 
