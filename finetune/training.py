@@ -478,7 +478,11 @@ def attach_lora(model, config: TrainConfig):
 
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach the adapters although the inputs are frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers renamed it; the old name still works there but warns.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     targets, fan_in_fan_out = lora_targets(model.config.model_type, config.target_modules)
     lora = LoraConfig(
         r=config.lora_r,
