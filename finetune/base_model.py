@@ -86,6 +86,7 @@ def convert_bundled(model_store: Path) -> Path:
     """
     target = Path(model_store) / "base" / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        _drop_quantization_config(target / "config.json")
         return target
     gguf = bundled_gguf_path()
     if gguf is None:
@@ -98,7 +99,12 @@ def convert_bundled(model_store: Path) -> Path:
     log.info("Converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    fresh = AutoModelForCausalLM.from_config(quantised.config)
+    config = quantised.config
+    # The weights are de-quantised now; left in the config, the GGUF marker makes every later
+    # load "quantized" again, and such a model refuses save_pretrained (a merged export fails).
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(quantised.state_dict())
     # Written beside the target and renamed, so an interrupted conversion is never mistaken for a model.
     tmp = target.with_name(target.name + ".partial")
@@ -110,6 +116,16 @@ def convert_bundled(model_store: Path) -> Path:
         shutil.rmtree(target)
     tmp.replace(target)
     return target
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """Repair a directory converted before the GGUF marker was dropped (see convert_bundled)."""
+    import json
+
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    if (data.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del data["quantization_config"]
+        config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def resolve_base_model(spec: str, model_store: str | Path) -> ResolvedBase:

@@ -142,7 +142,10 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": VAR_DIR / "supportbot.sqlite3",
-            "OPTIONS": {"timeout": 20},
+            # IMMEDIATE: a transaction takes the write lock when it begins, so a writer waits
+            # (up to the timeout) instead of failing with "database is locked" when two
+            # connections (a training worker's progress and heartbeat threads, daphne) write at once.
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
             # A file, not :memory:, so a Celery worker or daphne started by a test
             # sees the same test database.
             "TEST": {"NAME": str(VAR_DIR / "test-supportbot.sqlite3")},
@@ -181,6 +184,18 @@ if not (CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > SUPPORTBOT_
         "Celery time limits must satisfy CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > "
         "SUPPORTBOT_TRAINING_SOFT_TIME_LIMIT, or a long training run is delivered twice."
     )
+
+# A training worker writes a heartbeat this often; a running run whose heartbeat is
+# older than STALE_AFTER belongs to a dead worker and is failed by the reaper.
+SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = env_float("SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL", 5.0)
+SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 120.0)
+if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
+    raise ImproperlyConfigured(
+        "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
+        "or a live run with one slow heartbeat is failed as dead."
+    )
+# Queue that retrain tasks are sent to; empty: Celery's default queue.
+SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "")
 
 CELERY_BROKER_DIR = VAR_DIR / "celery"
 if REDIS_URL:
