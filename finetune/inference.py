@@ -29,11 +29,13 @@ from django.conf import settings
 from .engine import BatchedEngine, NaiveEngine, load_for_inference
 from .generation import Engine, GenerationParams, GenerationRequest
 from .safety import Masker, SafeEngine, parse_blocked_terms, reply_maskers
+from .services import MODEL_CHANGED_EVENT, MODEL_EVENTS_GROUP
 
 log = logging.getLogger(__name__)
 
-MODELS_GROUP = "models"
-MODEL_CHANGED = "model.changed"
+# The promotion services send this event to this group after a promotion or rollback commits.
+MODELS_GROUP = MODEL_EVENTS_GROUP
+MODEL_CHANGED = MODEL_CHANGED_EVENT
 # channels-redis forgets group members after a day (group_expiry); re-joining hourly keeps
 # a long-running process subscribed.
 _GROUP_REFRESH_S = 3600
