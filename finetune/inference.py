@@ -160,10 +160,11 @@ async def model_listener_stop() -> None:
     global _listener
     task, _listener = _listener, None
     if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+        # The flag as well as the cancel: redis-py may turn a cancellation inside a read
+        # into an error of its own, which the listener would otherwise retry.
+        task.stop_requested = True
         task.cancel()
-        # Cancelled inside a Redis read, the task may end with redis-py's TimeoutError instead.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await asyncio.wait({task}, timeout=10)
 
 
 async def _listen(ready: asyncio.Future) -> None:
@@ -189,7 +190,8 @@ async def _listen(ready: asyncio.Future) -> None:
                 message = await layer.receive(channel)
             except Exception:
                 # redis-py can turn a cancellation into its own TimeoutError: stop when asked to.
-                if asyncio.current_task().cancelling():
+                current = asyncio.current_task()
+                if current.cancelling() or getattr(current, "stop_requested", False):
                     raise asyncio.CancelledError from None
                 log.exception("Receiving model changes failed; listening again in 1 s")
                 await asyncio.sleep(1)

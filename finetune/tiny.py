@@ -34,11 +34,15 @@ def build_tiny_causal_lm(
     n_head: int = 2,
     n_positions: int = 512,
     seed: int = 0,
+    overfit_steps: int = 0,
 ) -> Path:
     """Write a tokenizer and a randomly initialised GPT2LMHeadModel to ``out_dir``.
 
     ``vocab_size`` is the model's embedding size; the tokenizer learns at most that
     many tokens from ``corpus`` (fewer on a small corpus, which is fine).
+    ``overfit_steps`` > 0 first trains the model on ``corpus`` (full fine-tune, a second
+    or two), so it writes words and spaces like a real model rather than random tokens:
+    what tests of streaming and safety filtering need.
     """
     import torch
     from tokenizers import ByteLevelBPETokenizer
@@ -56,6 +60,7 @@ def build_tiny_causal_lm(
         unk_token=EOS,
         model_max_length=n_positions,
     )
+    tokenizer.pad_token = EOS
     tokenizer.save_pretrained(out)
     (out / "bpe.json").unlink()
 
@@ -69,8 +74,26 @@ def build_tiny_causal_lm(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    GPT2LMHeadModel(config).save_pretrained(out)
+    model = GPT2LMHeadModel(config)
+    if overfit_steps:
+        _overfit(model, tokenizer, list(corpus), overfit_steps)
+    model.save_pretrained(out)
     return out
+
+
+def _overfit(model, tokenizer, corpus: list[str], steps: int) -> None:
+    import torch
+
+    batch = tokenizer([text + EOS for text in corpus], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 WS_MAX_MESSAGE=${WS_MAX_MESSAGE:-65536}
 mkdir -p var/log
+# The bundled offline base model, unless the user chose one: "auto" would try the Hub
+# for gpt2 first. Exported so the dataset, the quick adapter and admin retrains agree.
+export SUPPORTBOT_BASE_MODEL=${SUPPORTBOT_BASE_MODEL:-smollm2}
 
 echo "==> Demo logins"
 "$PY" manage.py demo_setup | tee var/log/demo-logins.txt

@@ -9,16 +9,27 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.contrib.sessions.backends.db import SessionStore
 
+from conversations.models import BotProfile
+from conversations.selectors import system_prompt_for
 from conversations.tokens import chat_token_mint
 from finetune.inference import engine_reset
 from finetune.models import ModelVersion
 from finetune.tiny import build_tiny_causal_lm
 from tests.factories import ModelVersionFactory
 
-# Tests read the tiny random model's replies as ordinary ones: it is always "unsure"
-# (mean log-probability near -ln(vocab)), so the low-confidence handoff is switched
-# off here and switched on only by the test of that rule.
+# The low-confidence handoff is switched off here and switched on only by the test of
+# that rule, so the other tests read every reply of the tiny model as an ordinary one.
 LOW_CONFIDENCE_OFF = -1000.0
+
+# What the tiny model is trained to say, in the chat's own prompt format: replies of
+# several words, so they stream in several pieces through the safety filter (which
+# sends whole words only) as a real model's do.
+EXCHANGES = [
+    ("Where is my order?", "Your order has shipped and will arrive in two days, tracking is in your account."),
+    ("How do I reset my password?", "Use the Forgot password link on the login page and follow the e-mail we send."),
+    ("I want a refund.", "I am sorry to hear that. Refunds are paid back within five business days."),
+    ("Can I change my address?", "Yes, open Settings, then Addresses, and edit the delivery address there."),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +40,9 @@ def _chat_settings(settings):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-chat-model"))
+    system = system_prompt_for(BotProfile())
+    corpus = [f"System: {system}\nCustomer: {q}\nAgent: {a}" for q, a in EXCHANGES]
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-chat-model"), corpus, overfit_steps=150)
 
 
 @pytest.fixture

@@ -91,8 +91,6 @@ def test_request_refuses_bad_input_with_what_to_do(model_store, dataset_dir, tmp
         training_run_request(hyperparameters={"lora_r": 0})
     with pytest.raises(ApplicationError, match="Unknown training settings: target_modules"):
         training_run_request(hyperparameters={"target_modules": ["c_fc"]})
-    with pytest.raises(ApplicationError, match="dataset builder is not installed"):
-        training_run_request(build_fresh=True)
     dataset.path = str(tmp_path / "gone")
     dataset.save()
     with pytest.raises(ApplicationError, match="files of dataset .* are missing"):
