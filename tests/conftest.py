@@ -150,6 +150,14 @@ def child_process_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def celery_worker_command(queue: str, name: str) -> list[str]:
+    """A solo-pool worker consuming only ``queue`` (no gossip: tests start and stop many)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "supportbot", "worker", "--pool=solo", "-Q", queue,
+        "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", name,
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def celery_worker_process(transactional_db, tmp_path) -> Iterator[str]:
     """A real ``celery worker`` process on the test database, on a queue of its own.
@@ -161,23 +169,7 @@ def celery_worker_process(transactional_db, tmp_path) -> Iterator[str]:
     queue = f"test-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "supportbot",
-            "worker",
-            "--pool=solo",
-            "-Q",
-            queue,
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-n",
-            f"{queue}@%h",
-        ],
+        celery_worker_command(queue, f"{queue}@%h"),
         cwd=ROOT,
         env=child_process_env(SUPPORTBOT_CELERY_QUEUE=queue),
         stdout=log.open("w"),

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from finetune.models import DatasetVersion
-from tests.conftest import ROOT, child_process_env, stop_process
+from tests.conftest import ROOT, celery_worker_command, child_process_env, stop_process
 
 SAMPLE_TICKETS = ROOT / "finetune" / "fixtures" / "sample_tickets.jsonl"
 
@@ -267,23 +266,7 @@ def training_worker(transactional_db, tmp_path, settings) -> Iterator:
             "HF_HUB_OFFLINE": "1",
         }
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "supportbot",
-                "worker",
-                "--pool=solo",
-                "-Q",
-                queue,
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-n",
-                f"{queue}-{len(started)}@%h",
-            ],
+            celery_worker_command(queue, f"{queue}-{len(started)}@%h"),
             cwd=ROOT,
             env=child_process_env(**{**defaults, **env}),
             stdout=log.open("w"),
