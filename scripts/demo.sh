@@ -43,7 +43,7 @@ cat <<MSG
 
 SupportBot is running.
   Chat (customer):    http://$HOST:$PORT/chat/
-  Review console:     http://$HOST:$PORT/review/
+  Conversations:      http://$HOST:$PORT/admin/conversations/conversation/
   Admin:              http://$HOST:$PORT/admin/
   Health:             http://$HOST:$PORT/healthz
 Logins:

@@ -33,6 +33,7 @@ def test_demo_logins_open_the_admin(client, capsys):
     assert client.login(username="agent", password="supportbot-agent")
     response = client.get("/admin/finetune/trainingrun/")
     assert response.status_code == 403  # agents review conversations, they do not retrain
+    assert client.get("/admin/conversations/conversation/?status__exact=waiting_for_agent").status_code == 200
 
 
 def test_demo_setup_keeps_existing_passwords(client):
@@ -53,5 +54,5 @@ def test_demo_setup_refuses_in_production():
 
 def test_home_page_links_the_product(client):
     body = client.get("/").content.decode()
-    for link in ("/chat/", "/review/", "/admin/", "/healthz"):
+    for link in ("/chat/", "/admin/conversations/conversation/", "/admin/", "/healthz"):
         assert f'href="{link}"' in body
