@@ -79,6 +79,20 @@ class Conversation(models.Model):
     class Meta:
         ordering = ["-started_at"]
         permissions = [("review_conversations", "Can use the review console")]
+        constraints = [
+            # One open conversation per customer: two tabs opening the chat at the same
+            # moment join the same conversation instead of splitting it in two.
+            models.UniqueConstraint(
+                fields=["session_key"],
+                condition=Q(customer__isnull=True) & ~Q(session_key="") & ~Q(status="closed"),
+                name="conversation_one_open_per_session",
+            ),
+            models.UniqueConstraint(
+                fields=["customer"],
+                condition=Q(customer__isnull=False) & ~Q(status="closed"),
+                name="conversation_one_open_per_customer",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"Conversation {str(self.id)[:8]} ({self.get_status_display()})"

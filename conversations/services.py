@@ -100,14 +100,23 @@ def conversation_open_for_session(
     else:
         open_ones = open_ones.filter(session_key=session_key, customer__isnull=True)
     conversation = open_ones.order_by("-started_at").first()
-    if conversation is None:
-        conversation = Conversation.objects.create(
-            session_key=session_key or "",
-            customer=user if signed_in else None,
-            segment=(segment or "")[:64],
-            metadata=metadata or {},
-        )
-    return conversation
+    if conversation is not None:
+        return conversation
+    try:
+        # A savepoint: losing the race must not break a surrounding transaction.
+        with transaction.atomic():
+            return Conversation.objects.create(
+                session_key=session_key or "",
+                customer=user if signed_in else None,
+                segment=(segment or "")[:64],
+                metadata=metadata or {},
+            )
+    except IntegrityError:
+        # Another socket of the same customer created it a moment ago: join that one.
+        conversation = open_ones.order_by("-started_at").first()
+        if conversation is None:
+            raise
+        return conversation
 
 
 def handoff_keyword_in(text: str) -> bool:

@@ -12,6 +12,10 @@
   ``get_engine()`` on an event loop), loads the now active version in a worker thread,
   and swaps it in: replies already running finish on the old model, new ones use the
   new model. ``inference_reload()`` does the same when called directly.
+- Preload: ``preload_start()`` (called by ``supportbot/asgi.py`` when the server starts)
+  loads the active version in a background thread, so the first customer after a
+  restart does not wait for the load. ``engine_status()`` says what this process
+  serves, is loading, or failed to load (shown by ``/healthz``).
 - ``generation_params()``: the reply limits from settings. The chat builds the prompt
   (``conversations.selectors.prompt_messages``); the engine trims it to the context window.
 """
@@ -43,7 +47,10 @@ _GROUP_REFRESH_S = 3600
 _engine = None  # BatchedEngine or NaiveEngine, the model's owner
 _safe_engine: SafeEngine | None = None  # what get_engine() hands out
 _engine_version_id: int | None = None
-_state_lock = threading.Lock()  # guards the three above
+_engine_label: str | None = None
+_state_lock = threading.Lock()  # guards the four above
+_loading_label: str | None = None  # the version being loaded now, if any
+_load_error: str | None = None  # why the last load failed (cleared by the next success)
 _load_lock = threading.Lock()  # one model load at a time, so the last promotion wins
 
 _listener: asyncio.Task | None = None
@@ -68,9 +75,10 @@ def inference_reload() -> str | None:
 
     Blocking (loading takes seconds): call it from a thread, never on the event loop
     (``areload()`` does). Returns the label served, or None when no version is active;
-    then new requests get no engine while replies already running finish.
+    then new requests get no engine while replies already running finish. A failed load
+    raises, leaves whatever was served in place, and is reported by ``engine_status()``.
     """
-    global _engine, _safe_engine, _engine_version_id
+    global _engine, _safe_engine, _engine_version_id, _engine_label, _loading_label, _load_error
     from .selectors import model_version_active
 
     with _load_lock:
@@ -79,7 +87,8 @@ def inference_reload() -> str | None:
         version = model_version_active()
         if version is None:
             with _state_lock:
-                old, _engine, _safe_engine, _engine_version_id = _engine, None, None, None
+                old, _engine, _safe_engine = _engine, None, None
+                _engine_version_id = _engine_label = _load_error = None
             if old is not None:
                 old.close(timeout=0)  # finishes what runs, then its thread ends
             return None
@@ -88,14 +97,21 @@ def inference_reload() -> str | None:
                 return version.label
         path = version.merged_path or version.adapter_path
         log.info("Loading model %s from %s", version.label, path)
-        loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
+        _loading_label = version.label
+        try:
+            loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
+        except Exception as exc:
+            _load_error = f"{version.label}: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            _loading_label = None
         with _state_lock:
             if _engine is None:
                 _engine = _make_engine(loaded)
                 _safe_engine = SafeEngine(_engine, _reply_maskers)
             else:
                 _engine.swap(loaded)
-            _engine_version_id = version.pk
+            _engine_version_id, _engine_label, _load_error = version.pk, version.label, None
         log.info("Serving model %s", version.label)
         return version.label
 
@@ -107,6 +123,33 @@ def _reload_in_worker() -> str | None:
         return inference_reload()
     finally:
         connections.close_all()  # this worker thread's own connections only
+
+
+def preload_start() -> threading.Thread:
+    """Load the active version in a daemon thread now (server start), not on the first reply.
+
+    A failure is logged and left in ``engine_status()``; the first reply then tries again.
+    """
+
+    def preload() -> None:
+        try:
+            label = _reload_in_worker()
+        except Exception:
+            log.exception("Preloading the active model version failed; the first reply will try again")
+            return
+        if label is None:
+            log.info("No model version is active; nothing to preload")
+
+    thread = threading.Thread(target=preload, name="supportbot-model-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def engine_status() -> dict:
+    """What this process serves: ``{"serving": label|None, "loading": label|None, "error": str|None}``."""
+    with _state_lock:
+        serving = _engine_label if _engine is not None else None
+    return {"serving": serving, "loading": _loading_label, "error": _load_error}
 
 
 async def areload() -> str | None:
@@ -130,9 +173,10 @@ def engine_reset() -> None:
 
     Replies already running on the old engine still finish; its thread then ends.
     """
-    global _engine, _safe_engine, _engine_version_id
+    global _engine, _safe_engine, _engine_version_id, _engine_label, _load_error
     with _state_lock:
-        old, _engine, _safe_engine, _engine_version_id = _engine, None, None, None
+        old, _engine, _safe_engine, _engine_version_id, _engine_label = _engine, None, None, None, None
+        _load_error = None
     if old is not None:
         old.close(timeout=0)
 

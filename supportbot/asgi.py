@@ -1,7 +1,9 @@
 """ASGI entry point: HTTP through Django, websockets through Channels.
 
 ``get_asgi_application()`` runs first so the app registry is ready before
-consumers (which import models) are imported.
+consumers (which import models) are imported. With ``SUPPORTBOT_PRELOAD_MODEL`` on
+(the default), the process starts loading the active model version in the
+background as it starts, instead of on the first customer's reply.
 """
 
 import os
@@ -14,8 +16,10 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from conversations.routing import websocket_urlpatterns  # noqa: E402
+from finetune.inference import preload_start  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -23,3 +27,6 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+
+if settings.SUPPORTBOT_PRELOAD_MODEL:
+    preload_start()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from channels.testing import WebsocketCommunicator
 from django.contrib.sessions.backends.db import SessionStore
+from django.test import override_settings
 
 from conversations.models import BotProfile
 from conversations.selectors import system_prompt_for
@@ -77,7 +78,8 @@ def session_key(db) -> str:
 
 def communicator(token: str | None, *, path: str = "/ws/chat/", origin: str = "http://testserver", query: str = ""):
     """A WebsocketCommunicator on the real ASGI stack (Origin check, sessions, routing)."""
-    from supportbot.asgi import application
+    with override_settings(SUPPORTBOT_PRELOAD_MODEL=False):  # the tests load models themselves
+        from supportbot.asgi import application
 
     params = [f"token={token}"] if token else []
     if query:

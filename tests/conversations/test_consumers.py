@@ -158,6 +158,7 @@ async def test_no_or_a_forged_token_is_closed_with_4401(transactional_db):
         assert error["type"] == "error"
         assert error["code"] in {"no_session", "session_expired"}
         assert (await comm.receive_output(timeout=5))["code"] == 4401
+        await comm.disconnect()  # what the browser sends after the close; the consumer then ends
 
 
 @pytest.mark.parametrize(

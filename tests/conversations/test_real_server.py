@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -83,6 +85,28 @@ async def drain(ws) -> None:
 
 def is_done(frame: dict) -> bool:
     return frame["type"] == "reply_done"
+
+
+def served_here(base: str) -> dict:
+    """What the daphne process answering /healthz serves (200 or 503, the body says)."""
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=15) as response:  # noqa: S310 - local server
+            body = response.read()
+    except urllib.error.HTTPError as error:
+        body = error.read()
+    return json.loads(body)["checks"]["model"]["this_process"]
+
+
+def test_a_server_loads_the_active_model_before_the_first_chat(daphne_factory, served_model):
+    base = daphne_factory(**SERVER_ENV)
+    deadline = time.monotonic() + 60
+    while (status := served_here(base))["serving"] is None and time.monotonic() < deadline:
+        assert status["error"] is None, status
+        time.sleep(0.5)
+    assert status == {"serving": served_model.label, "loading": None, "error": None}
+
+    cold = daphne_factory(**SERVER_ENV, SUPPORTBOT_PRELOAD_MODEL="0")
+    assert served_here(cold) == {"serving": None, "loading": None, "error": None}
 
 
 async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, served_model):

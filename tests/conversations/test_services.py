@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from conversations import services
@@ -84,6 +85,44 @@ def test_a_signed_in_customers_conversation_follows_the_user_not_the_session():
     assert services.conversation_open_for_session(session_key="z" * 32, user=user).pk == conversation.pk
     with pytest.raises(ApplicationError):
         services.conversation_open_for_session(session_key="a" * 32, user=stranger, conversation_id=conversation.pk)
+
+
+def test_the_database_holds_one_open_conversation_per_customer():
+    services.conversation_open_for_session(session_key="s" * 32)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Conversation.objects.create(session_key="s" * 32)
+    Conversation.objects.filter(session_key="s" * 32).update(status=Conversation.Status.CLOSED)
+    Conversation.objects.create(session_key="s" * 32)  # a closed one does not count
+    user = UserFactory()
+    services.conversation_open_for_session(session_key="a" * 32, user=user)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Conversation.objects.create(session_key="b" * 32, customer=user)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_tabs_opening_at_once_share_one_conversation(postgres):
+    """Several sockets of one new session race to create its conversation: all get the same one."""
+    rounds, tabs = 10, 6
+    for attempt in range(rounds):
+        key = f"race{attempt:028d}"
+        barrier = threading.Barrier(tabs)
+        opened: list[uuid.UUID] = []
+
+        def tab(key=key, barrier=barrier, opened=opened) -> None:
+            try:
+                barrier.wait()
+                opened.append(services.conversation_open_for_session(session_key=key).pk)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=tab) for _ in range(tabs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(opened) == tabs, "a tab failed to open its conversation"
+        assert len(set(opened)) == 1
+        assert Conversation.objects.filter(session_key=key).count() == 1
 
 
 def test_no_identity_is_refused():

@@ -20,9 +20,11 @@ from finetune.inference import (
     MODELS_GROUP,
     areload,
     engine_reset,
+    engine_status,
     get_engine,
     inference_reload,
     model_listener_stop,
+    preload_start,
     served_engine,
 )
 from finetune.models import ModelVersion
@@ -115,6 +117,36 @@ def test_inference_reload_swaps_to_the_newly_active_version():
     assert inference_reload() == "v2"
     assert served_engine() is engine  # the same engine, now serving the new model
     assert engine.model_label == "v2"
+
+
+def test_a_failed_load_is_reported_and_the_old_version_kept(tmp_path):
+    v1 = version(1, tiny_gpt2_dir())
+    assert inference_reload() == "v1"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    v2 = version(2, broken, status=ModelVersion.Status.CANDIDATE)
+    promote_now(v2, v1)
+    with pytest.raises(OSError, match="not a valid JSON"):
+        inference_reload()
+    status = engine_status()
+    assert (status["serving"], status["loading"]) == ("v1", None)
+    assert status["error"].startswith("v2: ")
+    assert served_engine().model_label == "v1"  # customers keep the old model
+
+
+def test_preload_serves_the_active_version_before_any_request():
+    assert engine_status() == {"serving": None, "loading": None, "error": None}
+    version(1, tiny_gpt2_dir())
+    preload_start().join(60)
+    assert engine_status() == {"serving": "v1", "loading": None, "error": None}
+    assert isinstance(served_engine(), BatchedEngine)
+
+
+def test_preload_with_no_active_version_serves_nothing():
+    preload_start().join(60)
+    assert engine_status() == {"serving": None, "loading": None, "error": None}
+    assert served_engine() is None
 
 
 async def test_reload_keeps_running_replies_on_the_old_model(listening):

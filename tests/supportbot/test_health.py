@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.test import override_settings
 
+from finetune.inference import engine_reset
 from tests.factories import ModelVersionFactory
 
 pytestmark = pytest.mark.django_db
@@ -31,8 +32,14 @@ def test_healthz_green_with_postgres_and_redis(client, postgres, redis_url):
 
 def test_healthz_reports_active_model_version(client):
     ModelVersionFactory(number=7, status="active", base_model="gpt2")
+    engine_reset()  # this process serves nothing yet: the model loads on the first reply
     model = client.get("/healthz").json()["checks"]["model"]
-    assert model == {"ok": True, "active_version": "v7", "base_model": "gpt2"}
+    assert model == {
+        "ok": True,
+        "active_version": "v7",
+        "base_model": "gpt2",
+        "this_process": {"serving": None, "loading": None, "error": None},
+    }
 
 
 def test_healthz_503_when_redis_is_dead(client):
