@@ -8,7 +8,10 @@ until it can no longer become part of a match: a streamed e-mail address or card
 number is never sent half-unmasked. ``StreamFilter.push(delta)`` returns the text
 that is final; ``flush()`` returns the rest when the reply ends. Text is committed
 only up to a whitespace character, in segments that each masker sees whole, so the
-concatenated output is exactly the filtered reply (``StreamFilter.text``).
+concatenated output is exactly the filtered reply (``StreamFilter.text``). Chinese and
+Japanese are written without spaces, so there the punctuation of those scripts
+("，", "。", "、", fullwidth "！"…) also ends a segment, except inside a run that holds
+a URL (the URL pattern runs to the next whitespace).
 
 **Maskers.** A ``Masker`` is a function ``str -> str`` plus a hold-back rule: how
 many characters at the end of the not-yet-sent text might still grow into a match.
@@ -54,6 +57,27 @@ class Masker:
 
 # --- hold-back rules -------------------------------------------------------------------
 
+
+def is_unspaced_break(ch: str) -> bool:
+    """Punctuation of scripts written without spaces (CJK symbols, fullwidth forms).
+
+    None of the personal-data patterns can run across one (they are ASCII digits,
+    letters and ASCII punctuation), except a URL, which runs to the next whitespace.
+    """
+    cp = ord(ch)
+    return (
+        0x3001 <= cp <= 0x303F  # 、。〈〉《》「」『』【】〜 …
+        or 0xFF01 <= cp <= 0xFF0F  # ！＂＃＄％＆＇（）＊＋，－．／
+        or 0xFF1A <= cp <= 0xFF20  # ：；＜＝＞？＠
+        or 0xFF3B <= cp <= 0xFF40  # ［＼］＾＿｀
+        or 0xFF5B <= cp <= 0xFF65  # ｛｜｝～ and halfwidth ｡｢｣､･
+    )
+
+
+def _is_gap(ch: str) -> bool:
+    return ch.isspace() or is_unspaced_break(ch)
+
+
 # A word that contains a digit, or punctuation that starts or joins a number ("+", "(",
 # "-"): part of a number written in groups ("4111 1111 …", "+44 20 7946 0958",
 # "DE89 3704 0044 …", "(555) 123-4567").
@@ -61,7 +85,7 @@ _NUMBER_WORD_RE = re.compile(r"\S*\d\S*|[+()\-./]+")
 
 
 def number_tail(pending: str) -> int:
-    """The trailing run of number-like words (and the spaces between them).
+    """The trailing run of number-like words (and the spaces or CJK punctuation between them).
 
     Such a run may be the beginning of a phone, card or account number or an IBAN
     whose next group has not been generated yet, so none of it is sent. The last word,
@@ -69,13 +93,13 @@ def number_tail(pending: str) -> int:
     """
     end = len(pending)
     start = position = end
-    unfinished = bool(pending) and not pending[-1].isspace()
+    unfinished = bool(pending) and not _is_gap(pending[-1])
     while position > 0:
         word_end = position
-        while word_end > 0 and pending[word_end - 1].isspace():
+        while word_end > 0 and _is_gap(pending[word_end - 1]):
             word_end -= 1
         word_start = word_end
-        while word_start > 0 and not pending[word_start - 1].isspace():
+        while word_start > 0 and not _is_gap(pending[word_start - 1]):
             word_start -= 1
         if word_start == word_end:
             break
@@ -194,6 +218,9 @@ def mask_text(text: str, maskers: Iterable[Masker]) -> str:
 
 # --- streaming -----------------------------------------------------------------------------
 
+# The start of a URL (finetune.redaction's URL pattern): "http://", "https://" or "www.".
+_URL_HINT_RE = re.compile(r"(?i)://|www\.")
+
 
 class StreamFilter:
     """Masks a reply that arrives in pieces, sending only text that can no longer change."""
@@ -222,14 +249,26 @@ class StreamFilter:
         return ""
 
     def _word_start_at_or_before(self, cut: int) -> int:
-        """The last position <= ``cut`` right after whitespace (0 if none).
+        """The last position <= ``cut`` right after whitespace, or after CJK punctuation (0 if none).
 
         The unfinished last word is never sent, and every segment starts at a word, so
         word-boundary rules see in a segment what they would see in the whole reply.
+        After CJK punctuation the same holds when at least one character follows it and
+        no URL runs through it (a URL continues to the next whitespace).
         """
-        while cut > 0 and not self.pending[cut - 1].isspace():
+        pending = self.pending
+        while cut > 0:
+            before = pending[cut - 1]
+            if before.isspace():
+                return cut
+            if is_unspaced_break(before) and cut < len(pending):
+                run_start = cut - 1
+                while run_start > 0 and not pending[run_start - 1].isspace():
+                    run_start -= 1
+                if not _URL_HINT_RE.search(pending, run_start, cut):
+                    return cut
             cut -= 1
-        return max(cut, 0)
+        return 0
 
     def flush(self) -> str:
         """The rest of the reply, masked: call once when generation has ended."""

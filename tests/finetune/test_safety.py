@@ -109,6 +109,74 @@ def test_streaming_is_the_same_as_masking_the_whole_reply(pieces, separators, si
         assert secret not in "".join(out)
 
 
+SECRET_URL = "https://example.com/reset?token=8f3b2c1d9e7a6b5c4d3e2f1a"
+
+
+def test_a_reply_without_spaces_streams_clause_by_clause():
+    """Chinese has no spaces: its punctuation ends segments, so the reply does not wait for the end."""
+    maskers = reply_maskers()
+    text = "您好，您的订单已经发货了。预计3天内送达，请耐心等待。如有问题，请联系我们！"
+    flt = StreamFilter(maskers)
+    out = stream_through(flt, text, [1])
+    assert "".join(out) == flt.text == text
+    assert out[0] == "您好，"
+    assert len(out) >= 5
+
+
+def test_personal_data_next_to_cjk_punctuation_never_leaks():
+    maskers = reply_maskers()
+    text = f"电话：{PHONE}，邮箱：{EMAIL}。重置链接：{SECRET_URL}。谢谢 再见。"
+    flt = StreamFilter(maskers)
+    out = stream_through(flt, text, [1])
+    assert "".join(out) == flt.text == mask_text(text, maskers)
+    sent = ""
+    for piece in out:
+        sent += piece
+        assert not any(secret[:4] in sent for secret in (*SECRETS, SECRET_URL))
+    assert "{{PHONE}}" in sent
+    assert "{{EMAIL}}" in sent
+    assert "token=" not in sent
+
+
+def test_a_url_is_never_split_at_cjk_punctuation():
+    """The URL pattern runs to the next whitespace: a secret after a "。" inside it is still masked."""
+    maskers = reply_maskers()
+    text = "链接：https://example.com/reset。?token=8f3b2c1d9e7a6b5c4d3e2f1a 谢谢"
+    flt = StreamFilter(maskers)
+    out = "".join(stream_through(flt, text, [1]))
+    assert out == mask_text(text, maskers)
+    assert "8f3b" not in out
+
+
+def test_number_runs_end_at_cjk_punctuation():
+    # A clause with a digit waits for the next clause (it might be "3 …" of a number)…
+    assert number_tail("预计3天内送达，请") == len("预计3天内送达，请")
+    # …but not for the rest of the reply.
+    assert number_tail("预计3天内送达，请耐心等待。如") == 0
+    assert number_tail("电话：+44 20") == len("+44 20")
+
+
+_CJK_WORDS = st.sampled_from(["您好", "订单", "已发货", "3天", "请", "免费", "Free", "money", "42", "(555)", "x@y"])
+_CJK_SEPARATORS = ["，", "。", "、", "！", "：", " ", "。 ", "（", "）"]
+_CJK_PIECES = st.one_of(_CJK_WORDS, st.sampled_from((*SECRETS, SECRET_URL)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pieces=st.lists(_CJK_PIECES, min_size=1, max_size=25),
+    separators=st.lists(st.sampled_from(_CJK_SEPARATORS), min_size=1, max_size=5),
+    sizes=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=6),
+)
+def test_streaming_cjk_is_the_same_as_masking_the_whole_reply(pieces, separators, sizes):
+    maskers = reply_maskers(["free money", "免费"])
+    text = "".join(piece + separators[i % len(separators)] for i, piece in enumerate(pieces))
+    flt = StreamFilter(maskers)
+    out = stream_through(flt, text, sizes)
+    assert "".join(out) == flt.text == mask_text(text, maskers)
+    for secret in (*SECRETS, SECRET_URL):
+        assert secret not in "".join(out)
+
+
 def test_registered_maskers_apply_to_every_reply():
     masker = Masker(name="test-acme", mask=lambda t: re.sub(r"\bAcme\b", "[company]", t), hold_back=lambda t: 0)
     register_masker(masker)
