@@ -122,14 +122,16 @@ _TOKENISH_RE = re.compile(r"[A-Za-z0-9_\-]{16,}")
 _URL_USERINFO_RE = re.compile(r"^(?:https?://)[^/@\s]+:[^/@\s]+@", re.IGNORECASE)
 
 _IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])")
+# Lookarounds name ASCII letters and digits, not \w: Chinese or Japanese text runs
+# straight into a number ("请拨打138-1234-5678联系我们"), and \w would hide it.
 _CARD_RE = re.compile(
-    r"(?<![\w-])(?:"
+    r"(?<![A-Za-z0-9_-])(?:"
     r"\d{4}(?P<s1>[ -]?)\d{4}(?P=s1)\d{4}(?P=s1)\d{4}(?:(?P=s1)\d{1,3})?"  # 16 (Visa, MC), up to 19
     r"|\d{4}(?P<s2>[ -]?)\d{6}(?P=s2)\d{4,5}"  # 14-15 (Amex, Diners)
     r"|\d{13,19}"
-    r")(?![\w-])"
+    r")(?![A-Za-z0-9_-])"
 )
-_PHONE_RE = re.compile(r"(?<![\w+#])(?:\+|\b00)?\(?\d[\d ().\-]{5,22}\d(?![\w])")
+_PHONE_RE = re.compile(r"(?<![A-Za-z0-9_+#])(?:\+|(?<![A-Za-z0-9_])00)?\(?\d[\d ().\-]{5,22}\d(?![A-Za-z0-9_])")
 # Seven digits with at most two separator characters between each ("(555) 123-4567"):
 # every card, IBAN, phone and long number contains such a run; most support text does not.
 _DIGIT_RUN_RE = re.compile(r"\d(?:[ ().\-]{0,2}\d){6}")

@@ -37,6 +37,11 @@ GOLDEN = [
     ),
     ("Log in at https://admin:hunter2@acme.example/panel", None, "Log in at {{URL}}"),
     ("Order 370795561790 arrived", None, "Order {{NUMBER}} arrived"),
+    # Chinese and Japanese run straight into numbers: no space, no \w boundary.
+    ("请拨打138-1234-5678联系我们", None, "请拨打{{PHONE}}联系我们"),
+    ("电话+86 138 1234 5678", None, "电话{{PHONE}}"),
+    ("カード4111111111111111で払いました", None, "カード{{CARD}}で払いました"),
+    ("Serial abc1234567890def stays", None, None),
     # Dates, times, prices and short numbers are not personal data.
     ("On 2024-01-15 at 10:30 I paid $1,299.00 for 2 items, ref 12345", None, None),
     ("Bitext placeholders like {{Order Number}} stay as they are.", None, None),
