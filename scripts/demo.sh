@@ -39,6 +39,33 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 
+# daphne loads the active model in the background as it starts; wait for it (up to a
+# minute) so the first chat answers at once, and say what it serves.
+"$PY" - "http://$HOST:$PORT/healthz" <<'PY' || true
+import json, sys, time, urllib.error, urllib.request
+
+deadline = time.monotonic() + 60
+while True:
+    try:
+        body = urllib.request.urlopen(sys.argv[1], timeout=5).read()
+    except urllib.error.HTTPError as error:  # 503 still carries the report
+        body = error.read()
+    model = json.loads(body)["checks"]["model"]
+    here = model.get("this_process") or {}
+    if not model.get("active_version"):
+        print("No model version is active: the chat says so and offers a human.")
+    elif here.get("serving"):
+        print(f"Serving model {here['serving']}.")
+    elif here.get("error"):
+        print(f"The model failed to load: {here['error']} (see var/log/daphne.log).")
+    elif time.monotonic() > deadline:
+        print("The model is still loading; the first reply may take a few seconds.")
+    else:
+        time.sleep(1)
+        continue
+    break
+PY
+
 cat <<MSG
 
 SupportBot is running.
