@@ -160,10 +160,13 @@ async def areload() -> str | None:
 async def get_engine() -> Engine | None:
     """This process's engine (safety-filtered), or None when no model version is active."""
     try:
-        await model_listener_start()
+        started = await model_listener_start()
     except Exception:  # the chat still works; only promotions wait for a restart (or the next try)
         log.exception("Could not listen for model changes on the channel layer")
-    if _safe_engine is None:
+        started = False
+    if _safe_engine is None or started:
+        # Just started listening: a promotion made before (after the preload, say) sent
+        # its event to nobody here, so check the active version once now.
         await areload()
     return _safe_engine
 
@@ -189,14 +192,20 @@ def served_engine():
 # --- listening for promotions and rollbacks -------------------------------------------
 
 
-async def model_listener_start() -> None:
-    """Start, once per event loop, the task that reloads on ``model.changed``; returns once it listens."""
+async def model_listener_start() -> bool:
+    """Start, once per event loop, the task that reloads on ``model.changed``; returns once it listens.
+
+    True when this call started it (so events sent before were missed).
+    """
     global _listener, _listener_ready
     loop = asyncio.get_running_loop()
+    started = False
     if _listener is None or _listener.done() or _listener.get_loop() is not loop:
         _listener_ready = loop.create_future()
         _listener = loop.create_task(_listen(_listener_ready), name="supportbot-model-listener")
+        started = True
     await asyncio.shield(_listener_ready)
+    return started
 
 
 async def model_listener_stop() -> None:

@@ -143,6 +143,17 @@ def test_preload_serves_the_active_version_before_any_request():
     assert isinstance(served_engine(), BatchedEngine)
 
 
+async def test_a_promotion_between_preload_and_the_first_chat_is_not_missed(listening):
+    """Nobody listened for the event yet: the first chat checks the active version itself."""
+    v1 = await sync_to_async(version)(1, tiny_gpt2_dir())
+    await asyncio.to_thread(lambda: preload_start().join(60))
+    v2 = await sync_to_async(version)(2, tiny_gpt2_dir(seed=1), status=ModelVersion.Status.CANDIDATE)
+    await promote(v2, v1)
+    engine = await get_engine()
+    assert engine.model_label == "v2"
+    assert engine_status()["serving"] == "v2"
+
+
 def test_preload_with_no_active_version_serves_nothing():
     preload_start().join(60)
     assert engine_status() == {"serving": None, "loading": None, "error": None}
