@@ -164,10 +164,16 @@ async def get_engine() -> Engine | None:
     except Exception:  # the chat still works; only promotions wait for a restart (or the next try)
         log.exception("Could not listen for model changes on the channel layer")
         started = False
-    if _safe_engine is None or started:
-        # Just started listening: a promotion made before (after the preload, say) sent
-        # its event to nobody here, so check the active version once now.
+    if _safe_engine is None:
         await areload()
+    elif started:
+        # Just started listening: a promotion made before (after the preload, say) sent
+        # its event to nobody here, so check the active version once now. If that version
+        # cannot be loaded, the one already loaded goes on serving (engine_status says why).
+        try:
+            await areload()
+        except Exception:
+            log.exception("Loading the newly active model version failed; still serving %s", _engine_label)
     return _safe_engine
 
 

@@ -154,6 +154,19 @@ async def test_a_promotion_between_preload_and_the_first_chat_is_not_missed(list
     assert engine_status()["serving"] == "v2"
 
 
+async def test_a_broken_version_promoted_after_preload_leaves_the_old_one_serving(listening, tmp_path):
+    v1 = await sync_to_async(version)(1, tiny_gpt2_dir())
+    await asyncio.to_thread(lambda: preload_start().join(60))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    v2 = await sync_to_async(version)(2, broken, status=ModelVersion.Status.CANDIDATE)
+    await promote(v2, v1)
+    engine = await get_engine()  # the chat still gets an answer, from v1
+    assert engine.model_label == "v1"
+    assert engine_status()["error"].startswith("v2: ")
+
+
 def test_preload_with_no_active_version_serves_nothing():
     preload_start().join(60)
     assert engine_status() == {"serving": None, "loading": None, "error": None}
