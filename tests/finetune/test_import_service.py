@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.db import connection
 
 from finetune.models import Ticket, TicketMessage
 from finetune.services import ticket_import
@@ -28,6 +29,15 @@ def test_bitext_import_stores_every_row_with_intents_and_tags(bitext_csv):
     assert ticket.messages.first().body == "how can I cancel purchase 113542617735902?"
     tags = [tag for tags in Ticket.objects.values_list("tags", flat=True) for tag in tags]
     assert set(tags) >= {"B", "I", "L", "P", "Q", "Z", "K"}
+
+
+def test_a_long_import_keeps_no_query_log_with_debug_on(bitext_csv, settings):
+    """DEBUG keeps each query's SQL (all the tickets' text): the import clears it per batch."""
+    settings.DEBUG = True
+    summary = ticket_import(path=bitext_csv, fmt="bitext", batch_size=100)
+    assert summary.created == 3651
+    # One batch's queries at most, not the 37 batches' (each batch is a handful of queries).
+    assert len(connection.queries) < 20
 
 
 def test_reimporting_the_same_file_creates_nothing(bitext_csv):
