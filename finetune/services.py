@@ -98,7 +98,8 @@ class ImportSummary:
     skipped: int = 0
     skipped_by_reason: Counter = field(default_factory=Counter)
     problems: list[RowError] = field(default_factory=list)  # the first MAX_PROBLEMS_KEPT
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS_KEPT
+    repeated_ids: int = 0  # rows whose external id an earlier row of the same file had
 
     @property
     def imported(self) -> int:
@@ -143,10 +144,12 @@ def _write_batch(
                 continue
             previous = (ticket.metadata or {}).get("_import", {})
             if previous.get("run") == run_id:
-                summary.warnings.append(
-                    f"line {parsed.line}: external id {parsed.external_id!r} also appears on line "
-                    f"{previous.get('line')}; this later row replaced it"
-                )
+                summary.repeated_ids += 1
+                if len(summary.warnings) < MAX_PROBLEMS_KEPT:
+                    summary.warnings.append(
+                        f"line {parsed.line}: external id {parsed.external_id!r} also appears on line "
+                        f"{previous.get('line')}; this later row replaced it"
+                    )
             elif previous.get("sha256") == values["metadata"]["_import"]["sha256"]:
                 summary.unchanged += 1
                 continue

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 
 from finetune.models import Ticket, TicketMessage
-from finetune.services import ticket_import
+from finetune.services import MAX_PROBLEMS_KEPT, ticket_import
 from supportbot.errors import ApplicationError
 from tests.finetune.test_importers import CSV_MAP, write_broken_csv
 
@@ -124,4 +124,15 @@ def test_a_repeated_id_in_one_file_keeps_the_later_row_and_warns(tmp_path):
     summary = ticket_import(path=path, fmt="jsonl", batch_size=10)
     assert (summary.created, summary.updated) == (2, 1)
     assert summary.warnings == ["line 3: external id 'D1' also appears on line 1; this later row replaced it"]
+    assert summary.repeated_ids == 1
     assert Ticket.objects.get(external_id="D1").messages.first().body == "v2"
+
+
+def test_a_file_of_repeated_ids_keeps_a_bounded_list_of_warnings(tmp_path):
+    path = tmp_path / "many-dupes.jsonl"
+    row = {"external_id": "SAME", "messages": [{"role": "customer", "body": "q"}, {"role": "agent", "body": "a"}]}
+    path.write_text((json.dumps(row) + "\n") * (MAX_PROBLEMS_KEPT + 50))
+    summary = ticket_import(path=path, fmt="jsonl", batch_size=10)
+    assert summary.repeated_ids == MAX_PROBLEMS_KEPT + 49
+    assert len(summary.warnings) == MAX_PROBLEMS_KEPT
+    assert Ticket.objects.filter(external_id="SAME").count() == 1

@@ -78,6 +78,11 @@ class Command(BaseCommand):
             bar.close()
         for warning in summary.warnings:
             self.stderr.write(f"  warning: {warning}")
+        if summary.repeated_ids > len(summary.warnings):
+            self.stderr.write(
+                f"  … {summary.repeated_ids} rows in all repeated an earlier row's external id "
+                f"(the first {len(summary.warnings)} are listed)."
+            )
         reasons = ", ".join(f"{code}: {count}" for code, count in sorted(summary.skipped_by_reason.items()))
         self.stdout.write(
             self.style.SUCCESS(
