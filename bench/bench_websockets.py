@@ -5,10 +5,10 @@
 Without ``--url`` it starts one daphne process itself, on a database of its own
 (``--database-url``, default a SQLite file under var/bench/) that it migrates, and
 serves a model it activates there (``--model tiny``: a 2-layer test model built
-here; ``--model small``: GPT-2-small's shape, random weights; or a model
-directory). With ``--url`` it targets a running server, which must have an
-active model version. The server's REDIS_URL (channel layer, rate limit) comes
-from the environment.
+and trained here to answer the bench's questions in words; ``--model small``:
+GPT-2-small's shape, random weights; or a model directory). With ``--url`` it
+targets a running server, which must have an active model version. The server's
+REDIS_URL (channel layer, rate limit) comes from the environment.
 
 Every socket gets its own anonymous session over HTTP (``POST /chat/session/``),
 as the widget does. The chatting sockets each send ``--messages`` questions one
@@ -43,6 +43,17 @@ QUESTIONS = [
     "Can I change the delivery address?",
     "Which payment methods do you accept?",
 ]
+# What the tiny model is trained to answer (in the chat's own prompt format), so that it
+# writes words and spaces as a real model does. An untrained model writes runs without
+# whitespace, which the safety filter holds back whole: its "first token" would be the
+# end of the reply, and the benchmark would measure reply length, not the serving path.
+ANSWERS = [
+    "Your order has shipped and will arrive in two days, tracking is in your account.",
+    "Use the Forgot password link on the login page and follow the e-mail we send.",
+    "I am sorry to hear that. Refunds are paid back within five business days.",
+    "Yes, open Settings, then Addresses, and edit the delivery address there.",
+    "We accept cards, bank transfer and PayPal; choose one at checkout.",
+]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -69,9 +80,23 @@ def prepare_database(env: dict[str, str], model: str, work: Path) -> str:
     if model in ("tiny", "small"):
         path = work / f"{model}-model"
         if not (path / "config.json").exists():
-            sizes = "" if model == "tiny" else ", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=4096"
-            code = f"from finetune.tiny import build_tiny_causal_lm; build_tiny_causal_lm({str(path)!r}{sizes})"
-            subprocess.run([python, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True)
+            sizes = (
+                ", overfit_steps=150"
+                if model == "tiny"
+                else ", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=4096"
+            )
+            exchanges = list(zip(QUESTIONS, ANSWERS, strict=True))
+            code = (
+                "from conversations.models import BotProfile\n"
+                "from conversations.selectors import system_prompt_for\n"
+                "from finetune.tiny import build_tiny_causal_lm\n"
+                "system = system_prompt_for(BotProfile())\n"
+                f"exchanges = {exchanges!r}\n"
+                "corpus = [f'System: {system}\\nCustomer: {q}\\nAgent: {a}' for q, a in exchanges]\n"
+                f"build_tiny_causal_lm({str(path)!r}, corpus{sizes})\n"
+            )
+            build = [python, "manage.py", "shell", "-c", code]
+            subprocess.run(build, cwd=ROOT, env=env, check=True, capture_output=True)
     else:
         path = Path(model).resolve()
     activate = (
