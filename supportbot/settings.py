@@ -151,6 +151,24 @@ else:
             "TEST": {"NAME": str(VAR_DIR / "test-supportbot.sqlite3")},
         }
     }
+# A psycopg connection pool per process (PostgreSQL only). Without it every database
+# call of the chat opens a new connection (Channels closes it after each call when
+# CONN_MAX_AGE is 0, and persistent connections are unsafe under ASGI); with it, 50
+# simultaneous chats got their first word in half the time (docs/benchmarks.md). Off by
+# default: a Celery worker that forks (prefork pool) must not inherit a pool; the solo
+# worker of `make worker` may use one.
+if env_bool("DJANGO_DB_POOL", False):
+    if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DJANGO_DB_POOL=1 needs PostgreSQL (DATABASE_URL=postgres://...).")
+    if DATABASES["default"].get("CONN_MAX_AGE"):
+        raise ImproperlyConfigured(
+            "DJANGO_DB_POOL=1 replaces persistent connections: unset DJANGO_CONN_MAX_AGE (or set it to 0)."
+        )
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("DJANGO_DB_POOL_MAX_SIZE", 8),
+        "timeout": 10,  # seconds a call waits for a free connection before failing
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channel layer and Celery ------------------------------------------

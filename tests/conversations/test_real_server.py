@@ -154,6 +154,23 @@ async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, serv
     await ws.close()
 
 
+async def test_a_server_with_a_connection_pool_answers_concurrent_chats(daphne_factory, served_model, postgres):
+    """DJANGO_DB_POOL on PostgreSQL, with fewer pooled connections than chats asking at once."""
+    base = daphne_factory(**SERVER_ENV, DJANGO_DB_POOL="1", DJANGO_DB_POOL_MAX_SIZE="2")
+
+    async def ask(n: int) -> dict:
+        token = await asyncio.to_thread(chat_token, base)
+        ws, _ = await open_socket(base, token)
+        await ws.send(json.dumps({"type": "message", "client_id": f"p-{n}", "text": "Where is my order?"}))
+        done = (await until(ws, is_done))[-1]
+        await ws.close()
+        return done
+
+    replies = await asyncio.gather(*(ask(n) for n in range(5)))
+    assert [r["status"] for r in replies] == ["complete"] * 5
+    assert all(r["body"] for r in replies)
+
+
 async def test_abuse_is_refused_on_a_real_server(daphne_factory, served_model):
     base = daphne_factory(**{**SERVER_ENV, "SUPPORTBOT_RATE_LIMIT": "3"})
     token = await asyncio.to_thread(chat_token, base)

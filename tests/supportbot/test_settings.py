@@ -49,3 +49,17 @@ def test_development_deploy_check_does_warn():
     """The same check fails on the development defaults, so the test above can fail."""
     result = run_manage("check", "--deploy", "--fail-level", "WARNING")
     assert result.returncode != 0
+
+
+def test_a_connection_pool_needs_postgresql_and_no_persistent_connections():
+    sqlite = run_manage("check", DJANGO_DB_POOL="1", DATABASE_URL="")
+    assert sqlite.returncode != 0
+    assert "DJANGO_DB_POOL=1 needs PostgreSQL" in sqlite.stderr
+    persistent = run_manage(
+        "check",
+        DJANGO_DB_POOL="1",
+        DJANGO_CONN_MAX_AGE="60",
+        DATABASE_URL="postgres://postgres@127.0.0.1:5432/postgres",
+    )
+    assert persistent.returncode != 0
+    assert "unset DJANGO_CONN_MAX_AGE" in persistent.stderr
