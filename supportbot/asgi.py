@@ -11,7 +11,14 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "supportbot.settings")
+# Tells settings this process is the ASGI server (DJANGO_DB_POOL=auto pools connections
+# here, never in a Celery worker). Has no effect where settings were loaded already, and
+# is removed again so that processes started from this one do not inherit it.
+_marked = "SUPPORTBOT_PROCESS" not in os.environ
+os.environ.setdefault("SUPPORTBOT_PROCESS", "asgi")
 django_asgi_app = get_asgi_application()
+if _marked:
+    del os.environ["SUPPORTBOT_PROCESS"]
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

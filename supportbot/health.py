@@ -32,7 +32,8 @@ def database_check() -> dict:
             cursor.fetchone()
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable", reported as text
         return {"ok": False, "vendor": connection.vendor, "error": f"{type(exc).__name__}: {exc}"}
-    return {"ok": True, "vendor": connection.vendor, "latency_ms": _elapsed_ms(start)}
+    pooled = bool(connection.settings_dict.get("OPTIONS", {}).get("pool"))
+    return {"ok": True, "vendor": connection.vendor, "pooled": pooled, "latency_ms": _elapsed_ms(start)}
 
 
 async def channel_layer_check() -> dict:

@@ -154,16 +154,27 @@ else:
 # A psycopg connection pool per process (PostgreSQL only). Without it every database
 # call of the chat opens a new connection (Channels closes it after each call when
 # CONN_MAX_AGE is 0, and persistent connections are unsafe under ASGI); with it, 50
-# simultaneous chats got their first word in half the time (docs/benchmarks.md). Off by
-# default: a Celery worker that forks (prefork pool) must not inherit a pool; the solo
-# worker of `make worker` may use one.
-if env_bool("DJANGO_DB_POOL", False):
-    if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+# simultaneous chats got their first word in half the time (docs/benchmarks.md).
+# "auto" (default): on in the ASGI server (supportbot/asgi.py marks its process) when the
+# database is PostgreSQL, off elsewhere: a Celery worker that forks (prefork) must not
+# inherit a pool. "1" forces it on (PostgreSQL only), "0" off.
+DB_POOL = os.environ.get("DJANGO_DB_POOL", "auto").strip().lower()
+if DB_POOL not in {"auto", "1", "0", "true", "false", "on", "off", "yes", "no"}:
+    raise ImproperlyConfigured(f"DJANGO_DB_POOL={DB_POOL!r}; use auto, 1 or 0.")
+_postgres = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+if DB_POOL == "auto":
+    DB_POOL_ON = (
+        _postgres and os.environ.get("SUPPORTBOT_PROCESS") == "asgi" and not DATABASES["default"].get("CONN_MAX_AGE")
+    )
+else:
+    DB_POOL_ON = env_bool("DJANGO_DB_POOL", False)
+    if DB_POOL_ON and not _postgres:
         raise ImproperlyConfigured("DJANGO_DB_POOL=1 needs PostgreSQL (DATABASE_URL=postgres://...).")
-    if DATABASES["default"].get("CONN_MAX_AGE"):
+    if DB_POOL_ON and DATABASES["default"].get("CONN_MAX_AGE"):
         raise ImproperlyConfigured(
             "DJANGO_DB_POOL=1 replaces persistent connections: unset DJANGO_CONN_MAX_AGE (or set it to 0)."
         )
+if DB_POOL_ON:
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env_int("DJANGO_DB_POOL_MAX_SIZE", 8),

@@ -87,14 +87,18 @@ def is_done(frame: dict) -> bool:
     return frame["type"] == "reply_done"
 
 
-def served_here(base: str) -> dict:
-    """What the daphne process answering /healthz serves (200 or 503, the body says)."""
+def health(base: str) -> dict:
+    """The /healthz report of the daphne process at ``base`` (200 or 503, the body says)."""
     try:
         with urllib.request.urlopen(f"{base}/healthz", timeout=15) as response:  # noqa: S310 - local server
-            body = response.read()
+            return json.loads(response.read())
     except urllib.error.HTTPError as error:
-        body = error.read()
-    return json.loads(body)["checks"]["model"]["this_process"]
+        return json.loads(error.read())
+
+
+def served_here(base: str) -> dict:
+    """What the daphne process answering /healthz serves."""
+    return health(base)["checks"]["model"]["this_process"]
 
 
 def test_a_server_loads_the_active_model_before_the_first_chat(daphne_factory, served_model):
@@ -155,8 +159,11 @@ async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, serv
 
 
 async def test_a_server_with_a_connection_pool_answers_concurrent_chats(daphne_factory, served_model, postgres):
-    """DJANGO_DB_POOL on PostgreSQL, with fewer pooled connections than chats asking at once."""
-    base = daphne_factory(**SERVER_ENV, DJANGO_DB_POOL="1", DJANGO_DB_POOL_MAX_SIZE="2")
+    """DJANGO_DB_POOL=auto pools in daphne on PostgreSQL; fewer pooled connections than chats asking at once."""
+    base = daphne_factory(**SERVER_ENV, DJANGO_DB_POOL_MAX_SIZE="2")
+    assert (await asyncio.to_thread(health, base))["checks"]["database"]["pooled"] is True
+    unpooled = daphne_factory(**SERVER_ENV, DJANGO_DB_POOL="0")
+    assert (await asyncio.to_thread(health, unpooled))["checks"]["database"]["pooled"] is False
 
     async def ask(n: int) -> dict:
         token = await asyncio.to_thread(chat_token, base)

@@ -25,6 +25,7 @@ def test_healthz_green_on_configured_services(client):
 def test_healthz_green_with_postgres_and_redis(client, postgres, redis_url):
     body = client.get("/healthz").json()
     assert body["checks"]["database"]["vendor"] == "postgresql"
+    assert body["checks"]["database"]["pooled"] is False  # pools are for the ASGI server (DJANGO_DB_POOL=auto)
     assert body["checks"]["channel_layer"]["backend"] == "RedisChannelLayer"
     assert body["checks"]["celery_broker"]["transport"] == "redis"
     assert body["status"] == "ok"
