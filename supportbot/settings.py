@@ -158,11 +158,8 @@ else:
 # "auto" (default): on in the ASGI server (supportbot/asgi.py marks its process) when the
 # database is PostgreSQL, off elsewhere: a Celery worker that forks (prefork) must not
 # inherit a pool. "1" forces it on (PostgreSQL only), "0" off.
-DB_POOL = os.environ.get("DJANGO_DB_POOL", "auto").strip().lower()
-if DB_POOL not in {"auto", "1", "0", "true", "false", "on", "off", "yes", "no"}:
-    raise ImproperlyConfigured(f"DJANGO_DB_POOL={DB_POOL!r}; use auto, 1 or 0.")
 _postgres = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
-if DB_POOL == "auto":
+if os.environ.get("DJANGO_DB_POOL", "auto").strip().lower() == "auto":
     DB_POOL_ON = (
         _postgres and os.environ.get("SUPPORTBOT_PROCESS") == "asgi" and not DATABASES["default"].get("CONN_MAX_AGE")
     )
