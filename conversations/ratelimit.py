@@ -1,17 +1,27 @@
 """Per-session rate limit of chat frames, shared by every socket of the session.
 
-A fixed one-minute window counted in Redis (``INCR`` + ``EXPIRE``) when
-``REDIS_URL`` is set, so all sockets in all daphne processes share the budget;
-an in-process counter otherwise (the laptop demo runs one process). If Redis
-does not answer, frames are let through and a warning is logged: the chat keeps
-working and the channel layer, on the same Redis, is failing loudly anyway.
+A sliding one-minute window: a frame is allowed when fewer than ``limit`` frames
+were allowed in the last 60 seconds. Refused frames are not counted, so a client
+that waits the ``retry_after`` it was told gets through.
+
+With ``REDIS_URL`` set the window is a sorted set in Redis, checked and updated
+by one Lua script (atomic, timed by the Redis server's clock), so all sockets in
+all daphne processes share the budget. Without it, an in-process log serves the
+laptop demo's single process. If Redis does not answer, frames are let through
+and a warning is logged: the chat keeps working, and the channel layer, on the
+same Redis, is failing loudly anyway.
+
+(A fixed per-minute counter was used before; it reset at each minute boundary,
+so a burst straddling one got twice the budget and tests flaked.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+import uuid
 import weakref
 
 from django.conf import settings
@@ -20,51 +30,79 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 _KEY_PREFIX = "supportbot:ratelimit"
-_local_counts: dict[tuple[str, int], int] = {}
+
+# KEYS[1]: the window's sorted set (member: a unique id; score: ms when allowed).
+# ARGV: window in ms, limit, a unique member id.
+# Returns -1 when the frame is allowed (and recorded), else the ms until it would be.
+_SLIDING_WINDOW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return -1
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(tonumber(oldest[2]) + window - now, 1)
+"""
+
 # redis.asyncio clients hold connections bound to the event loop that made them.
-_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_scripts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+_local_log: dict[str, collections.deque[float]] = {}
+_local_pruned_at = 0.0
 
 
-def _redis():
+def _redis_script():
     import redis.asyncio as aioredis
 
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
+    script = _scripts.get(loop)
+    if script is None:
         client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-        _clients[loop] = client
-    return client
+        script = client.register_script(_SLIDING_WINDOW_LUA)
+        _scripts[loop] = script
+    return script
 
 
-async def _count_redis(key: str, window: int) -> int | None:
+async def _hit_redis(key: str, limit: int, window_s: float = WINDOW_S) -> float | None:
+    """Seconds until allowed (None when allowed now, or when Redis did not answer)."""
     import redis
 
-    name = f"{_KEY_PREFIX}:{key}:{window}"
     try:
-        async with _redis().pipeline(transaction=True) as pipe:
-            pipe.incr(name)
-            pipe.expire(name, WINDOW_S + 5)
-            count, _ = await pipe.execute()
+        wait_ms = await _redis_script()(
+            keys=[f"{_KEY_PREFIX}:{key}"], args=[int(window_s * 1000), limit, uuid.uuid4().hex]
+        )
     except (redis.RedisError, OSError):
         log.warning("Rate limit not applied: Redis did not answer", exc_info=True)
         return None
-    return int(count)
+    return None if int(wait_ms) < 0 else int(wait_ms) / 1000
 
 
-def _count_local(key: str, window: int) -> int:
-    for stale in [k for k in _local_counts if k[1] < window]:
-        del _local_counts[stale]
-    _local_counts[(key, window)] = _local_counts.get((key, window), 0) + 1
-    return _local_counts[(key, window)]
+def _hit_local(key: str, limit: int, now: float, window_s: float = WINDOW_S) -> float | None:
+    global _local_pruned_at
+    if now - _local_pruned_at > 1.0:  # forget sessions idle for a whole window, at most once a second
+        for stale in [k for k, hits in _local_log.items() if not hits or hits[-1] <= now - window_s]:
+            del _local_log[stale]
+        _local_pruned_at = now
+    hits = _local_log.setdefault(key, collections.deque())
+    while hits and hits[0] <= now - window_s:
+        hits.popleft()
+    if len(hits) < limit:
+        hits.append(now)
+        return None
+    return hits[0] + window_s - now
 
 
 async def rate_limit_hit(*, key: str, limit: int) -> float | None:
-    """Count one frame for ``key``; return the seconds until the next window when over ``limit``, else None."""
+    """Count one frame for ``key``; when it is over ``limit`` in the last minute, refuse it
+    (it is not counted) and return the seconds until one would be allowed, else None."""
     if limit <= 0:
         return None
-    now = time.time()
-    window = int(now // WINDOW_S)
-    count = await _count_redis(key, window) if settings.REDIS_URL else _count_local(key, window)
-    if count is None or count <= limit:
-        return None
-    return round((window + 1) * WINDOW_S - now, 1)
+    if settings.REDIS_URL:
+        wait = await _hit_redis(key, limit)
+    else:
+        wait = _hit_local(key, limit, time.monotonic())
+    return None if wait is None else max(round(wait, 1), 0.1)
