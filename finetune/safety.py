@@ -74,6 +74,15 @@ def is_unspaced_break(ch: str) -> bool:
     )
 
 
+# Letters of scripts written without spaces between words (Thai, Lao, Myanmar, Khmer,
+# kana, CJK ideographs) and Hangul, whose particles attach to the word before them.
+# A blocked term that begins or ends with one has no word boundary there to look for.
+_UNSPACED_LETTERS = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+)
+_UNSPACED_LETTER_RE = re.compile(f"[{_UNSPACED_LETTERS}]")
+
+
 def _is_gap(ch: str) -> bool:
     return ch.isspace() or is_unspaced_break(ch)
 
@@ -117,9 +126,10 @@ def number_tail(pending: str) -> int:
 def term_prefix_tail(terms: Iterable[str]) -> Callable[[str], int]:
     """A rule holding back the end of the text that is the start of one of ``terms``.
 
-    Terms match whole words, case-insensitively, with any whitespace between their words,
-    so the rule does too. A whole term at the very end is held as well: the next
-    character may make it part of a longer word ("ass" in "assist"), which is not masked.
+    Terms match whole words (except at an edge written in a script without spaces),
+    case-insensitively, with any whitespace between their words, so the rule does too.
+    A whole term at the very end is held as well: the next character may make it part
+    of a longer word ("ass" in "assist"), which is not masked.
     """
     patterns = []
     for term in terms:
@@ -131,11 +141,11 @@ def term_prefix_tail(terms: Iterable[str]) -> Callable[[str], int]:
         nested = ""
         for atom in reversed(atoms[1:]):
             nested = f"(?:{atom}{nested})?"
-        patterns.append(atoms[0] + nested)
+        patterns.append(_term_start(term) + atoms[0] + nested)
     if not patterns:
         return lambda pending: 0
     # The leftmost start from which a term prefix runs to the end is the longest such end.
-    tail = re.compile(rf"(?<!\w)(?:{'|'.join(patterns)})\Z", re.IGNORECASE)
+    tail = re.compile(rf"(?:{'|'.join(patterns)})\Z", re.IGNORECASE)
 
     def hold_back(pending: str) -> int:
         match = tail.search(pending)
@@ -171,13 +181,28 @@ def pii_masker() -> Masker:
     return Masker(name="pii", mask=lambda text: redact(text).text, hold_back=number_tail)
 
 
+def _term_start(term: str) -> str:
+    """Whole words only, except at an edge of a term in a script without spaces ("免费" in "这是免费的")."""
+    return "" if _UNSPACED_LETTER_RE.match(term[0]) else r"(?<!\w)"
+
+
+def _term_end(term: str) -> str:
+    return "" if _UNSPACED_LETTER_RE.match(term[-1]) else r"(?!\w)"
+
+
 def blocked_terms_masker(terms: Iterable[str]) -> Masker | None:
-    """Mask each term (case-insensitive, whole words, any whitespace inside); None when there are none."""
+    """Mask each term (case-insensitive, whole words, any whitespace inside); None when there are none.
+
+    An edge of a term written in a script without spaces (Chinese, Japanese, Thai, ...)
+    matches inside a word, since such text has no word boundaries to match.
+    """
     cleaned = sorted({" ".join(term.split()) for term in terms if term and term.strip()}, key=len, reverse=True)
     if not cleaned:
         return None
-    alternatives = "|".join(r"\s+".join(re.escape(word) for word in term.split()) for term in cleaned)
-    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    alternatives = "|".join(
+        _term_start(term) + r"\s+".join(re.escape(word) for word in term.split()) + _term_end(term) for term in cleaned
+    )
+    pattern = re.compile(f"(?:{alternatives})", re.IGNORECASE)
     return Masker(
         name="blocked-terms", mask=lambda text: pattern.sub(BLOCKED_MASK, text), hold_back=term_prefix_tail(cleaned)
     )

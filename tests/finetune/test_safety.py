@@ -64,6 +64,20 @@ def test_blocked_terms_are_masked_as_whole_words_in_any_case_and_spacing():
     assert blocked_terms_masker(parse_blocked_terms("\n  \n")) is None
 
 
+def test_blocked_terms_in_scripts_without_spaces_are_masked_inside_words():
+    masker = blocked_terms_masker(["免费", "ガチャ", "free 钱"])
+    text = "这是免费的！ガチャガチャは禁止。Free 钱到账，freedom 不是。"
+    assert (
+        masker.mask(text)
+        == f"这是{BLOCKED_MASK}的！{BLOCKED_MASK}{BLOCKED_MASK}は禁止。{BLOCKED_MASK}到账，freedom 不是。"
+    )
+    hold = term_prefix_tail(["免费", "free 钱"])
+    assert hold("这是免") == 1  # the start of a term inside a word is held
+    assert hold("我们 fre") == 3
+    assert hold("a fre") == 3
+    assert hold("afre") == 0  # a Latin edge still needs a word start
+
+
 def test_hold_back_rules():
     assert number_tail("call 555 123 ") == len("555 123 ")
     assert number_tail("call me later ") == 0
@@ -161,8 +175,10 @@ def test_number_runs_end_at_cjk_punctuation():
     assert number_tail("电话：+44 20") == len("+44 20")
 
 
-_CJK_WORDS = st.sampled_from(["您好", "订单", "已发货", "3天", "请", "免费", "Free", "money", "42", "(555)", "x@y"])
-_CJK_SEPARATORS = ["，", "。", "、", "！", "：", " ", "。 ", "（", "）"]
+_CJK_WORDS = st.sampled_from(
+    ["您好", "订单", "已发货", "3天", "请", "免费", "是免", "费的", "Free", "money", "42", "(555)", "x@y"]
+)
+_CJK_SEPARATORS = ["，", "。", "、", "！", "：", " ", "。 ", "（", "）", ""]
 _CJK_PIECES = st.one_of(_CJK_WORDS, st.sampled_from((*SECRETS, SECRET_URL)))
 
 
