@@ -283,10 +283,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.conversation.status, self.conversation.handoff_reason = frame["status"], frame["reason"]
         await self.send_json(frame)
 
+    async def chat_tokens(self, event: dict[str, Any]) -> None:
+        """A batch of one reply's token frames from its writer (see replies._TokenBroadcast)."""
+        if self.closed or event.get("origin") == self.channel_name:
+            return
+        for frame in event["frames"]:
+            await self._relay({"frame": frame})
+
     # Channel-layer events of the conversation group (``chat.message`` -> ``chat_message``).
     # They carry ready frames, so no handler touches the ORM.
     chat_message = _relay
-    chat_token = _relay
+    chat_token = _relay  # one token per event, as processes before chat.tokens send them
     chat_reply_done = _relay
     chat_handoff = _relay
     chat_typing = _relay

@@ -6,9 +6,9 @@ the runner, an asyncio task, answers the conversation's newest customer message:
 1. ``bot_reply_start`` saves the reply as ``streaming`` (or says there is nothing
    to answer: handed off, already answered, another reply streaming);
 2. the engine's async stream yields ``TokenDelta`` events; each becomes a ``token``
-   frame, sent straight to the asking socket and to the conversation's group (a
-   second tab, an agent watching); the engine generates in its own thread, never
-   on the event loop;
+   frame, sent straight to the asking socket and copied to the conversation's group
+   (a second tab, an agent watching) in batches that never hold up the stream; the
+   engine generates in its own thread, never on the event loop;
 3. every ``REPLY_HEARTBEAT_S`` the text so far is saved, proving the writer alive;
 4. ``bot_reply_finish`` saves the final text and its provenance, then ``reply_done``.
 
@@ -140,6 +140,7 @@ class _Runner:
     async def _stream(self, engine, message: Message, prompt, params: GenerationParams, live: LiveReply) -> Message:
         request = GenerationRequest(key=self.conversation_id, messages=prompt, params=params)
         heartbeat = asyncio.create_task(_heartbeat(live))
+        copies = _TokenBroadcast(self.group, self.origin)
         done: GenerationDone | None = None
         error = ""
         try:
@@ -148,7 +149,9 @@ class _Runner:
                     if isinstance(event, TokenDelta):
                         if event.text:
                             live.parts.append(event.text)
-                            await self._token(message.pk, event.text, live.seq)
+                            frame = frames.token_frame(reply_id=message.pk, delta=event.text, seq=live.seq)
+                            await self.send(frame)
+                            copies.add(frame)
                     else:
                         done = event
         except EngineBusy:
@@ -160,6 +163,7 @@ class _Runner:
             # The process is shutting down: record the reply as cut off, then stop.
             await engine.cancel(request.request_id)
             heartbeat.cancel()
+            copies.abandon()
             await _save_cut_off(message.pk, live)
             raise
         except Exception as exc:
@@ -167,6 +171,8 @@ class _Runner:
             error = f"The model failed: {type(exc).__name__}."
         finally:
             heartbeat.cancel()
+        # The group hears every token before it hears the saved reply.
+        await copies.drain()
         if done is not None:
             return await database_sync_to_async(services.bot_reply_finish)(
                 message_id=message.pk, done=done, seq=live.seq
@@ -175,14 +181,54 @@ class _Runner:
             message_id=message.pk, error=error or "The model stream ended early.", body=live.text, seq=live.seq
         )
 
-    async def _token(self, reply_id: int, delta: str, seq: int) -> None:
-        frame = frames.token_frame(reply_id=reply_id, delta=delta, seq=seq)
-        await self.send(frame)
+
+class _TokenBroadcast:
+    """Copies one reply's token frames to the conversation's group (other tabs, an agent).
+
+    The asking socket gets each token straight away; the copies go out from a task of
+    their own, so a slow channel layer never holds up the stream. Tokens that pile up
+    while one ``group_send`` is in flight leave together in the next, as one
+    ``chat.tokens`` event whose consumers send them on frame by frame: on Redis, under
+    load, that is a few round trips per reply instead of one per word, and the frames
+    the browser sees are the same.
+    """
+
+    def __init__(self, group: str, origin: str):
+        self.group = group
+        self.origin = origin
+        self.pending: list[dict[str, Any]] = []
+        self.task: asyncio.Task | None = None
+
+    def add(self, frame: dict[str, Any]) -> None:
+        self.pending.append(frame)
+        # The sender leaves its loop only with nothing pending, and nothing can be added
+        # between its last look and its end (no await there), so no frame is stranded.
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._send_pending())
+
+    async def _send_pending(self) -> None:
         layer = get_channel_layer()
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
+            except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
+                log.warning("Broadcasting %d token(s) to %s failed", len(batch), self.group, exc_info=True)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until every copy is sent (or ``timeout`` passes: the saved reply repairs a gap)."""
+        if self.task is None:
+            return
         try:
-            await layer.group_send(self.group, {"type": "chat.token", "frame": frame, "origin": self.origin})
-        except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
-            log.warning("Broadcasting a token of reply %s failed", reply_id, exc_info=True)
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except TimeoutError:
+            log.warning("Token copies to %s still unsent after %.0f s; dropped", self.group, timeout)
+            self.abandon()
+
+    def abandon(self) -> None:
+        self.pending = []
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _conversation_needing_reply(conversation_id: str) -> Conversation | None:

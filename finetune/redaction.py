@@ -102,14 +102,16 @@ _EMAIL_RE = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
 # find_pii looks for these; an example containing one is dropped rather than guessed at.
 _AT = r"(?:\[at\]|\(at\)|\{at\}|<at>)"
 _DOT = r"(?:\[dot\]|\(dot\)|\{dot\}|<dot>)"
-_TLD = r"(?:com|org|net|edu|gov|io|co|uk|de|fr|es|it|nl|be|ch|at|eu|info|biz|me)\b"
+_TLD = r"(?:com|org|net|edu|gov|io|co|uk|de|fr|es|it|nl|be|ch|at|eu|info|biz|me)(?![A-Za-z0-9_])"
 # Matched from the "at" outwards (a pattern starting with the local part would be
 # tried at every position of every text, which made it the slowest detector).
 _OBFUSCATED_AT_RE = re.compile(rf"(?i)(?<=[\w.+-])(?:\s*{_AT}\s*|\s+at\s+)(?=[\w-])")
 _OBFUSCATED_DOMAIN_RE = re.compile(rf"(?i)[\w-]+(?:\s*(?:{_DOT}|\.)\s*[\w-]+)*?\s*(?:{_DOT}|\.)\s*{_TLD}")
 # After a plain " at ", the dot must be spelled out too: "look at example.com" is no address.
 _OBFUSCATED_SPOKEN_DOMAIN_RE = re.compile(rf"(?i)[\w-]+(?:\s+dot\s+[\w-]+)*?\s+dot\s+{_TLD}")
-_URL_RE = re.compile(r"(?:\bhttps?://|\bwww\.)[^\s<>\"'`{}|\\^]+", re.IGNORECASE)
+# No boundary before the scheme: a URL glued to other text ("您好https://…", "Linkhttps://…")
+# is still a URL, and only URLs carrying secrets are rewritten, so over-matching costs nothing.
+_URL_RE = re.compile(r"(?:https?://|www\.)[^\s<>\"'`{}|\\^]+", re.IGNORECASE)
 _URL_TRAILING = ".,;:!?)]"
 _SENSITIVE_PARAM_RE = re.compile(
     r"(?:^|[?&;])(?:[\w.-]*(?:token|key|secret|passw(?:or)?d|pwd|auth|sig|signature|session|sid|jwt|otp|code|"

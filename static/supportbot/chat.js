@@ -331,7 +331,13 @@
 
   function renderMeta(m) {
     var d = m.data;
+    if (m.csat && d.status === "complete") {
+      // Already drawn: update the buttons in place, so a focused one keeps the focus.
+      pressCsat(m);
+      return;
+    }
     m.meta.textContent = "";
+    m.csat = null;
     if (d.role !== "bot") return;
     if (d.status === "failed") {
       m.el.classList.add("sb-msg--failed");
@@ -349,22 +355,31 @@
     label.id = "sb-csat-" + d.id;
     group.setAttribute("aria-labelledby", label.id);
     group.appendChild(label);
+    m.csat = [];
     [["Yes", true], ["No", false]].forEach(function (choice) {
       var b = document.createElement("button");
       b.type = "button";
       b.className = "sb-csat-btn";
       b.textContent = choice[0];
-      b.setAttribute("aria-pressed", d.helpful === choice[1] ? "true" : "false");
       b.addEventListener("click", function () {
-        if (sendFrame({ type: "csat", message_id: d.id, helpful: choice[1] })) {
-          b.setAttribute("aria-pressed", "true");
+        if (sendFrame({ type: "csat", message_id: m.data.id, helpful: choice[1] })) {
+          m.data.helpful = choice[1];
+          pressCsat(m);
         } else {
           showAlert("Not connected; try again in a moment.");
         }
       });
+      m.csat.push({ button: b, helpful: choice[1] });
       group.appendChild(b);
     });
+    pressCsat(m);
     m.meta.appendChild(group);
+  }
+
+  function pressCsat(m) {
+    m.csat.forEach(function (c) {
+      c.button.setAttribute("aria-pressed", m.data.helpful === c.helpful ? "true" : "false");
+    });
   }
 
   function markPending(item, text) {

@@ -118,7 +118,11 @@ async def test_a_second_socket_of_the_customer_sees_the_stream(token, active_mod
     await first.send_json_to({"type": "message", "client_id": "c-1", "text": "Hello"})
     seen = await receive_until(second, is_done)
     assert [f["type"] for f in seen][:1] == ["message"]
-    assert any(f["type"] == "token" for f in seen)
+    tokens = [f for f in seen if f["type"] == "token"]
+    assert tokens
+    # Every token, in order, once: the batched group copies add up to the saved reply.
+    assert [f["seq"] for f in tokens] == list(range(1, len(tokens) + 1))
+    assert "".join(f["delta"] for f in tokens).strip() == seen[-1]["body"]  # the saved reply is trimmed
     await receive_until(first, is_done)
     await first.disconnect()
     await second.disconnect()

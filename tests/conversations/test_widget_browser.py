@@ -116,10 +116,17 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
     customer = driver.find_element(By.CSS_SELECTOR, ".sb-msg--customer .sb-body").text
     assert customer == "Where is my order?"
 
-    # Was this helpful? Yes.
+    # Was this helpful? No, then Yes. The buttons stay the same elements (the server's
+    # echo of each answer updates them in place), so keyboard focus is never lost.
     yes = reply.find_element(By.XPATH, ".//button[text()='Yes']")
+    no = reply.find_element(By.XPATH, ".//button[text()='No']")
+    no.click()
+    wait.until(lambda d: (no.get_attribute("aria-pressed"), yes.get_attribute("aria-pressed")) == ("true", "false"))
     yes.click()
-    wait.until(lambda d: yes.get_attribute("aria-pressed") == "true")
+    wait.until(lambda d: (yes.get_attribute("aria-pressed"), no.get_attribute("aria-pressed")) == ("true", "false"))
+    time.sleep(0.5)  # the server's echo of the answer arrives and is drawn
+    assert yes.get_attribute("aria-pressed") == "true"
+    assert driver.switch_to.active_element == yes
 
     # Reload the shop page: the cross-site iframe has no cookie, its stored token brings the history back.
     driver.switch_to.default_content()

@@ -41,6 +41,9 @@ GOLDEN = [
     ("请拨打138-1234-5678联系我们", None, "请拨打{{PHONE}}联系我们"),
     ("电话+86 138 1234 5678", None, "电话{{PHONE}}"),
     ("カード4111111111111111で払いました", None, "カード{{CARD}}で払いました"),
+    ("您好https://acme.example/reset?token=9f8e7d6c5b4a谢谢", None, "您好{{URL}}"),
+    ("访问www.acme.example/reset?token=9f8e7d6c5b4a 即可", None, "访问{{URL}} 即可"),
+    ("Linkhttps://acme.example/reset?token=9f8e7d6c5b4a", None, "Link{{URL}}"),
     ("Serial abc1234567890def stays", None, None),
     # Dates, times, prices and short numbers are not personal data.
     ("On 2024-01-15 at 10:30 I paid $1,299.00 for 2 items, ref 12345", None, None),
@@ -85,6 +88,8 @@ def test_obfuscated_email_is_not_rewritten_but_found():
     assert find_pii(text) == {"EMAIL": 2}
     # A plain "at" needs a spelled-out "dot" to count: this is an ordinary sentence.
     assert not find_pii("have a look at example.com")
+    # Chinese text runs straight into the address: no \b after its ".com".
+    assert find_pii("请写信给jane [at] example [dot] com谢谢") == {"EMAIL": 1}
 
 
 def test_find_pii_sees_what_redaction_removes():

@@ -1,0 +1,77 @@
+"""Token copies to a conversation's other sockets: batched, in order, never holding up the stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from channels.layers import InMemoryChannelLayer
+
+from conversations import replies
+
+
+class SlowLayer(InMemoryChannelLayer):
+    """A real in-memory layer whose group_send takes a while, like Redis under load."""
+
+    def __init__(self, delay: float, fail: bool = False):
+        super().__init__()
+        self.delay, self.fail, self.sends = delay, fail, 0
+
+    async def group_send(self, group, message):
+        self.sends += 1
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise ConnectionError("layer down")
+        await super().group_send(group, message)
+
+
+def token(seq: int) -> dict:
+    return {"type": "token", "id": 1, "delta": f"w{seq} ", "seq": seq}
+
+
+async def received(layer, channel) -> list[dict]:
+    events = []
+    while True:
+        try:
+            events.append(await asyncio.wait_for(layer.receive(channel), 0.05))
+        except TimeoutError:
+            return events
+
+
+async def test_tokens_that_pile_up_leave_together_in_order(monkeypatch):
+    layer = SlowLayer(delay=0.02)
+    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
+    channel = await layer.new_channel()
+    await layer.group_add("conversation.x", channel)
+    copies = replies._TokenBroadcast("conversation.x", origin="asker")
+    for seq in range(1, 31):  # a word every 2 ms; each send takes 20 ms
+        copies.add(token(seq))
+        await asyncio.sleep(0.002)
+    await copies.drain()
+    events = await received(layer, channel)
+    assert {e["type"] for e in events} == {"chat.tokens"}
+    assert {e["origin"] for e in events} == {"asker"}
+    assert [f["seq"] for e in events for f in e["frames"]] == list(range(1, 31))
+    assert len(events) == layer.sends < 10  # far fewer sends than tokens
+
+
+async def test_drain_waits_for_the_last_copy_and_a_dead_layer_loses_only_copies(monkeypatch, caplog):
+    layer = SlowLayer(delay=0.01, fail=True)
+    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
+    copies = replies._TokenBroadcast("conversation.y", origin="asker")
+    for seq in range(1, 4):
+        copies.add(token(seq))
+    await copies.drain()
+    assert copies.task.done()
+    assert not copies.pending
+    assert "Broadcasting 3 token(s) to conversation.y failed" in caplog.text
+
+
+async def test_drain_gives_up_after_its_timeout(monkeypatch, caplog):
+    layer = SlowLayer(delay=5.0)
+    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
+    copies = replies._TokenBroadcast("conversation.z", origin="asker")
+    copies.add(token(1))
+    await copies.drain(timeout=0.05)
+    await asyncio.sleep(0)
+    assert copies.task.cancelled()
+    assert "still unsent" in caplog.text
