@@ -23,6 +23,7 @@ reply from a dead one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -50,6 +51,8 @@ PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 # Beyond the engine's own wall-clock limit: how long the runner waits for a stream
 # that has gone silent (queued behind other chats, or a stuck engine) before failing it.
 STREAM_GRACE_S = 30.0
+# How often a streaming reply's tokens are copied to the conversation's other sockets.
+TOKEN_COPY_INTERVAL_S = 0.05
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -186,18 +189,21 @@ class _TokenBroadcast:
     """Copies one reply's token frames to the conversation's group (other tabs, an agent).
 
     The asking socket gets each token straight away; the copies go out from a task of
-    their own, so a slow channel layer never holds up the stream. Tokens that pile up
-    while one ``group_send`` is in flight leave together in the next, as one
-    ``chat.tokens`` event whose consumers send them on frame by frame: on Redis, under
-    load, that is a few round trips per reply instead of one per word, and the frames
-    the browser sees are the same.
+    their own, so a slow channel layer never holds up the stream. The first token is
+    copied at once; later ones at most every ``TOKEN_COPY_INTERVAL_S``, all that piled
+    up in one ``chat.tokens`` event, whose consumers send the frames on one by one (the
+    browser sees the same frames). On Redis that is a few round trips per reply
+    instead of one per word, for every socket in the group, the asking one included.
     """
 
-    def __init__(self, group: str, origin: str):
+    def __init__(self, group: str, origin: str, interval: float | None = None):
         self.group = group
         self.origin = origin
+        self.interval = TOKEN_COPY_INTERVAL_S if interval is None else interval
         self.pending: list[dict[str, Any]] = []
         self.task: asyncio.Task | None = None
+        self.hurry = asyncio.Event()  # set by drain: send what is left without waiting
+        self.sends = 0
 
     def add(self, frame: dict[str, Any]) -> None:
         self.pending.append(frame)
@@ -208,15 +214,23 @@ class _TokenBroadcast:
 
     async def _send_pending(self) -> None:
         layer = get_channel_layer()
+        loop = asyncio.get_running_loop()
         while self.pending:
+            started = loop.time()
             batch, self.pending = self.pending, []
+            self.sends += 1
             try:
                 await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
             except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
                 log.warning("Broadcasting %d token(s) to %s failed", len(batch), self.group, exc_info=True)
+            pause = self.interval - (loop.time() - started)
+            if pause > 0 and not self.hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.hurry.wait(), pause)
 
     async def drain(self, timeout: float = 10.0) -> None:
-        """Wait until every copy is sent (or ``timeout`` passes: the saved reply repairs a gap)."""
+        """Send what is left now and wait for it (at most ``timeout``: the saved reply repairs a gap)."""
+        self.hurry.set()
         if self.task is None:
             return
         try:

@@ -42,7 +42,7 @@ async def test_tokens_that_pile_up_leave_together_in_order(monkeypatch):
     monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
     channel = await layer.new_channel()
     await layer.group_add("conversation.x", channel)
-    copies = replies._TokenBroadcast("conversation.x", origin="asker")
+    copies = replies._TokenBroadcast("conversation.x", origin="asker", interval=0)
     for seq in range(1, 31):  # a word every 2 ms; each send takes 20 ms
         copies.add(token(seq))
         await asyncio.sleep(0.002)
@@ -52,6 +52,25 @@ async def test_tokens_that_pile_up_leave_together_in_order(monkeypatch):
     assert {e["origin"] for e in events} == {"asker"}
     assert [f["seq"] for e in events for f in e["frames"]] == list(range(1, 31))
     assert len(events) == layer.sends < 10  # far fewer sends than tokens
+
+
+async def test_the_first_copy_leaves_at_once_the_rest_after_the_interval_or_at_drain(monkeypatch):
+    layer = SlowLayer(delay=0)
+    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
+    channel = await layer.new_channel()
+    await layer.group_add("conversation.i", channel)
+    copies = replies._TokenBroadcast("conversation.i", origin="asker", interval=30.0)
+    copies.add(token(1))
+    await asyncio.sleep(0.05)
+    for seq in range(2, 6):
+        copies.add(token(seq))
+    await asyncio.sleep(0.05)
+    assert [len(e["frames"]) for e in await received(layer, channel)] == [1]  # the rest wait for the interval
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await copies.drain()
+    assert loop.time() - started < 5  # drain sends at once, it does not wait out the 30 s
+    assert [f["seq"] for e in await received(layer, channel) for f in e["frames"]] == [2, 3, 4, 5]
 
 
 async def test_drain_waits_for_the_last_copy_and_a_dead_layer_loses_only_copies(monkeypatch, caplog):
