@@ -9,6 +9,7 @@ database is the truth and ``resume`` repairs what a socket missed.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -33,3 +34,28 @@ def group_send_now(group: str, event: dict[str, Any]) -> None:
 
 def group_send_on_commit(group: str, event: dict[str, Any]) -> None:
     transaction.on_commit(lambda: group_send_now(group, event))
+
+
+async def group_has_other_members(layer: Any, group: str, channel: str) -> bool:
+    """Whether a channel other than ``channel`` is in ``group``; True when the layer cannot say.
+
+    Asks the two layers this project runs on for their member lists (the channels-redis
+    sorted set, as its own ``group_send`` reads it; the in-memory layer's dict). Any
+    other layer, or an error, answers True: the caller then sends, as it would anyway.
+    """
+    try:
+        from channels_redis.core import RedisChannelLayer
+
+        if isinstance(layer, RedisChannelLayer):
+            connection = layer.connection(layer.consistent_hash(group))
+            members = await connection.zrangebyscore(
+                layer._group_key(group), min=int(time.time()) - layer.group_expiry, max="+inf"
+            )
+            return any(member.decode() != channel for member in members)
+    except Exception:  # noqa: BLE001 - unknown is "yes": a wasted send, never a missed one
+        log.warning("Could not read the members of group %s", group, exc_info=True)
+        return True
+    groups = getattr(layer, "groups", None)
+    if isinstance(groups, dict):
+        return any(member != channel for member in groups.get(group, {}))
+    return True

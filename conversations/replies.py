@@ -6,9 +6,10 @@ the runner, an asyncio task, answers the conversation's newest customer message:
 1. ``bot_reply_start`` saves the reply as ``streaming`` (or says there is nothing
    to answer: handed off, already answered, another reply streaming);
 2. the engine's async stream yields ``TokenDelta`` events; each becomes a ``token``
-   frame, sent straight to the asking socket and copied to the conversation's group
-   (a second tab, an agent watching) in batches that never hold up the stream; the
-   engine generates in its own thread, never on the event loop;
+   frame, sent straight to the asking socket and, while another socket of the
+   conversation watches (a second tab, an agent), copied to the conversation's group
+   in batches that never hold up the stream; the engine generates in its own thread,
+   never on the event loop;
 3. every ``REPLY_HEARTBEAT_S`` the text so far is saved, proving the writer alive;
 4. ``bot_reply_finish`` saves the final text and its provenance, then ``reply_done``.
 
@@ -41,6 +42,7 @@ from finetune.generation import EngineBusy, GenerationDone, GenerationParams, Ge
 from finetune.inference import get_engine
 
 from . import frames, services
+from .broadcast import group_has_other_members
 from .models import Conversation, Message
 from .selectors import reply_target
 
@@ -51,8 +53,10 @@ PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 # Beyond the engine's own wall-clock limit: how long the runner waits for a stream
 # that has gone silent (queued behind other chats, or a stuck engine) before failing it.
 STREAM_GRACE_S = 30.0
-# How often a streaming reply's tokens are copied to the conversation's other sockets.
+# How often a streaming reply's tokens are copied to the conversation's other sockets,
+# and, while it has none, how often to look whether one has come.
 TOKEN_COPY_INTERVAL_S = 0.05
+WATCHER_RECHECK_S = 1.0
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -186,23 +190,32 @@ class _Runner:
 
 
 class _TokenBroadcast:
-    """Copies one reply's token frames to the conversation's group (other tabs, an agent).
+    """Copies one reply's token frames to the conversation's other sockets (a second tab, an agent).
 
     The asking socket gets each token straight away; the copies go out from a task of
-    their own, so a slow channel layer never holds up the stream. The first token is
-    copied at once; later ones at most every ``TOKEN_COPY_INTERVAL_S``, all that piled
-    up in one ``chat.tokens`` event, whose consumers send the frames on one by one (the
-    browser sees the same frames). On Redis that is a few round trips per reply
-    instead of one per word, for every socket in the group, the asking one included.
+    their own, so a slow channel layer never holds up the stream.
+
+    - Only while someone else watches: most conversations have one socket, which would
+      receive every copy just to discard it (on Redis, several round trips per word).
+      The group's members are looked up at the first token and, while nobody else is
+      there, again every ``WATCHER_RECHECK_S`` and at the end. Frames are kept until
+      then, so a socket that joins mid-reply gets them all (it skips the ``seq``s it
+      already holds from ``resume``).
+    - Batched: the first copy leaves at once, later ones at most every
+      ``TOKEN_COPY_INTERVAL_S``, all that piled up in one ``chat.tokens`` event, whose
+      consumers send the frames on one by one (the browser sees the same frames).
     """
 
-    def __init__(self, group: str, origin: str, interval: float | None = None):
+    def __init__(self, group: str, origin: str, interval: float | None = None, recheck: float | None = None):
         self.group = group
         self.origin = origin
         self.interval = TOKEN_COPY_INTERVAL_S if interval is None else interval
+        self.recheck = WATCHER_RECHECK_S if recheck is None else recheck
         self.pending: list[dict[str, Any]] = []
         self.task: asyncio.Task | None = None
         self.hurry = asyncio.Event()  # set by drain: send what is left without waiting
+        self.watched = False  # once someone else watches, copies go on to the end
+        self.checked_at: float | None = None
         self.sends = 0
 
     def add(self, frame: dict[str, Any]) -> None:
@@ -217,16 +230,31 @@ class _TokenBroadcast:
         loop = asyncio.get_running_loop()
         while self.pending:
             started = loop.time()
-            batch, self.pending = self.pending, []
-            self.sends += 1
-            try:
-                await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
-            except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
-                log.warning("Broadcasting %d token(s) to %s failed", len(batch), self.group, exc_info=True)
-            pause = self.interval - (loop.time() - started)
+            if await self._is_watched(layer, started):
+                batch, self.pending = self.pending, []
+                self.sends += 1
+                try:
+                    await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
+                except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
+                    log.warning("Broadcasting %d token(s) to %s failed", len(batch), self.group, exc_info=True)
+                pause = self.interval - (loop.time() - started)
+            elif self.hurry.is_set():
+                self.pending = []  # the reply is done and nobody else watched it
+                return
+            else:
+                pause = self.checked_at + self.recheck - loop.time()
             if pause > 0 and not self.hurry.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.hurry.wait(), pause)
+
+    async def _is_watched(self, layer, now: float) -> bool:
+        if self.watched:
+            return True
+        if self.checked_at is not None and now - self.checked_at < self.recheck and not self.hurry.is_set():
+            return False
+        self.checked_at = now
+        self.watched = await group_has_other_members(layer, self.group, self.origin)
+        return self.watched
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Send what is left now and wait for it (at most ``timeout``: the saved reply repairs a gap)."""
