@@ -216,7 +216,6 @@ class _TokenBroadcast:
         self.hurry = asyncio.Event()  # set by drain: send what is left without waiting
         self.watched = False  # once someone else watches, copies go on to the end
         self.checked_at: float | None = None
-        self.sends = 0
 
     def add(self, frame: dict[str, Any]) -> None:
         self.pending.append(frame)
@@ -232,7 +231,6 @@ class _TokenBroadcast:
             started = loop.time()
             if await self._is_watched(layer, started):
                 batch, self.pending = self.pending, []
-                self.sends += 1
                 try:
                     await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
                 except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
