@@ -96,8 +96,19 @@ def iban_valid(candidate: str) -> bool:
 
 # --- pattern detectors -----------------------------------------------------------------
 
+# Letters of scripts written without spaces between words (Thai, Lao, Myanmar, Khmer,
+# kana, CJK ideographs) and Hangul, whose particles attach to the word before them:
+# text in them runs straight into an address or a term, with no \b in between.
+UNSPACED_LETTERS = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+)
+
 # Local part and domain use \w so non-ASCII addresses ("jörg@beispiel.de") are found too.
 _EMAIL_RE = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
+# \w also takes in Chinese written right up to an ASCII address ("请发到jane@x.com谢谢"):
+# such a run before an ASCII local part, or after an ASCII top-level domain, is text.
+_EMAIL_GLUED_HEAD_RE = re.compile(rf"^[{UNSPACED_LETTERS}]+(?=[A-Za-z0-9._%+-]+@)")
+_EMAIL_GLUED_TAIL_RE = re.compile(rf"(?<=[A-Za-z])[{UNSPACED_LETTERS}]+$")
 # Written to dodge filters: "jane [at] example [dot] com", "jane(at)example.com". Only
 # find_pii looks for these; an example containing one is dropped rather than guessed at.
 _AT = r"(?:\[at\]|\(at\)|\{at\}|<at>)"
@@ -447,6 +458,22 @@ def _sub(pattern: re.Pattern, kind: str, text: str, counts: Counter, check=None)
     return pattern.sub(replace, text)
 
 
+def _sub_emails(text: str, counts: Counter) -> str:
+    def replace(match: re.Match) -> str:
+        address = match.group()
+        head = _EMAIL_GLUED_HEAD_RE.match(address)
+        head_text = head.group() if head else ""
+        tail = _EMAIL_GLUED_TAIL_RE.search(address)
+        tail_text = tail.group() if tail else ""
+        core = address[len(head_text) : len(address) - len(tail_text)]
+        if not _EMAIL_RE.fullmatch(core):
+            head_text = tail_text = ""  # not an ASCII address glued to text: mask it all
+        counts[EMAIL] += 1
+        return head_text + placeholder(EMAIL) + tail_text
+
+    return _EMAIL_RE.sub(replace, text)
+
+
 def _sub_urls(text: str, counts: Counter) -> str:
     def replace(match: re.Match) -> str:
         url = match.group()
@@ -471,7 +498,7 @@ def _redact_segment(text: str, known: _Known | None, counts: Counter) -> str:
     if _URL_HINT_RE.search(text):
         text = _sub_urls(text, counts)
     if "@" in text:
-        text = _sub(_EMAIL_RE, EMAIL, text, counts)
+        text = _sub_emails(text, counts)
     if _DIGIT_RUN_RE.search(text):
         text = _sub(_IBAN_RE, IBAN, text, counts, _iban_ok)
         text = _sub(_CARD_RE, CARD, text, counts, _card_ok)

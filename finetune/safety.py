@@ -16,8 +16,7 @@ a URL (the URL pattern runs to the next whitespace).
 **Maskers.** A ``Masker`` is a function ``str -> str`` plus a hold-back rule: how
 many characters at the end of the not-yet-sent text might still grow into a match.
 The personal-data masker uses ``finetune.redaction.redact`` (the same detectors
-that clean the training data) when that module exists, and a minimal e-mail /
-phone / card fallback otherwise. ``blocked_terms_masker(terms)`` masks the admin's
+that clean the training data). ``blocked_terms_masker(terms)`` masks the admin's
 blocked terms. Other issues (bias) add process-wide maskers with
 ``register_masker``.
 
@@ -37,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from .generation import Engine, GenerationDone, GenerationRequest, TokenDelta
+from .redaction import UNSPACED_LETTERS, redact
 
 BLOCKED_MASK = "***"
 
@@ -74,13 +74,7 @@ def is_unspaced_break(ch: str) -> bool:
     )
 
 
-# Letters of scripts written without spaces between words (Thai, Lao, Myanmar, Khmer,
-# kana, CJK ideographs) and Hangul, whose particles attach to the word before them.
-# A blocked term that begins or ends with one has no word boundary there to look for.
-_UNSPACED_LETTERS = (
-    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-)
-_UNSPACED_LETTER_RE = re.compile(f"[{_UNSPACED_LETTERS}]")
+_UNSPACED_LETTER_RE = re.compile(f"[{UNSPACED_LETTERS}]")
 
 
 def _is_gap(ch: str) -> bool:
@@ -156,28 +150,9 @@ def term_prefix_tail(terms: Iterable[str]) -> Callable[[str], int]:
 
 # --- maskers -----------------------------------------------------------------------------
 
-# Used only when finetune.redaction is absent; it writes the same placeholders.
-_FALLBACK_EMAIL_RE = re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
-_FALLBACK_CARD_RE = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-_FALLBACK_PHONE_RE = re.compile(r"(?<![\w+])(?:\+|\b00)?\(?\d[\d ().\-]{5,18}\d(?!\w)")
-
-
-def _fallback_mask(text: str) -> str:
-    text = _FALLBACK_EMAIL_RE.sub("{{EMAIL}}", text)
-    text = _FALLBACK_CARD_RE.sub("{{CARD}}", text)
-    return _FALLBACK_PHONE_RE.sub(
-        lambda m: "{{PHONE}}" if 7 <= sum(c.isdigit() for c in m.group()) <= 15 else m.group(), text
-    )
-
 
 def pii_masker() -> Masker:
-    """Personal-data masking: ``finetune.redaction.redact`` when present, else the minimal fallback."""
-    try:
-        from .redaction import redact
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.redaction":
-            raise  # redaction exists but cannot import what it needs: a real error
-        return Masker(name="pii-fallback", mask=_fallback_mask, hold_back=number_tail)
+    """Personal-data masking with ``finetune.redaction.redact``, the training data's detectors."""
     return Masker(name="pii", mask=lambda text: redact(text).text, hold_back=number_tail)
 
 

@@ -44,6 +44,11 @@ GOLDEN = [
     ("您好https://acme.example/reset?token=9f8e7d6c5b4a谢谢", None, "您好{{URL}}"),
     ("访问www.acme.example/reset?token=9f8e7d6c5b4a 即可", None, "访问{{URL}} 即可"),
     ("Linkhttps://acme.example/reset?token=9f8e7d6c5b4a", None, "Link{{URL}}"),
+    # An ASCII address written right up to Chinese, Japanese or Korean text: only the address goes.
+    ("请发到jane@example.com谢谢", None, "请发到{{EMAIL}}谢谢"),
+    ("メールはjane.doe@example.co.jpまで", None, "メールは{{EMAIL}}まで"),
+    ("이메일jane@example.com으로", None, "이메일{{EMAIL}}으로"),
+    ("张三@例子.中国", None, "{{EMAIL}}"),  # an address in Chinese is masked whole
     ("Serial abc1234567890def stays", None, None),
     # Dates, times, prices and short numbers are not personal data.
     ("On 2024-01-15 at 10:30 I paid $1,299.00 for 2 items, ref 12345", None, None),
