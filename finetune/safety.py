@@ -74,9 +74,6 @@ def is_unspaced_break(ch: str) -> bool:
     )
 
 
-_UNSPACED_LETTER_RE = re.compile(f"[{UNSPACED_LETTERS}]")
-
-
 def _is_gap(ch: str) -> bool:
     return ch.isspace() or is_unspaced_break(ch)
 
@@ -154,6 +151,9 @@ def term_prefix_tail(terms: Iterable[str]) -> Callable[[str], int]:
 def pii_masker() -> Masker:
     """Personal-data masking with ``finetune.redaction.redact``, the training data's detectors."""
     return Masker(name="pii", mask=lambda text: redact(text).text, hold_back=number_tail)
+
+
+_UNSPACED_LETTER_RE = re.compile(f"[{UNSPACED_LETTERS}]")
 
 
 def _term_start(term: str) -> str:

@@ -85,21 +85,16 @@ def model_check() -> dict:
     """The active version (database) and what this answering process serves (memory)."""
     from finetune.inference import engine_status
 
-    here = engine_status()
+    here = {"this_process": engine_status()}
     try:
         from finetune.selectors import model_version_active
 
         version = model_version_active()
     except Exception as exc:  # noqa: BLE001
-        return {"ok": False, "active_version": None, "error": f"{type(exc).__name__}: {exc}", "this_process": here}
+        return {"ok": False, "active_version": None, "error": f"{type(exc).__name__}: {exc}", **here}
     if version is None:
-        return {
-            "ok": True,
-            "active_version": None,
-            "note": "No model version is active; chat offers a human.",
-            "this_process": here,
-        }
-    return {"ok": True, "active_version": version.label, "base_model": version.base_model, "this_process": here}
+        return {"ok": True, "active_version": None, "note": "No model version is active; chat offers a human.", **here}
+    return {"ok": True, "active_version": version.label, "base_model": version.base_model, **here}
 
 
 async def health_report() -> tuple[bool, dict]:

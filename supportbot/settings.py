@@ -352,11 +352,11 @@ SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS"
 # throughput of "naive" under concurrent chats, see docs/benchmarks.md); "naive" runs one
 # model.generate() at a time, the simple reference.
 SUPPORTBOT_ENGINE = os.environ.get("SUPPORTBOT_ENGINE", "batched").strip().lower()
+if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
+    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched or naive.")
 # Load the active model version when the ASGI app starts (in a background thread), so the
 # first customer after a restart does not wait seconds for the load. Off: load on first reply.
 SUPPORTBOT_PRELOAD_MODEL = env_bool("SUPPORTBOT_PRELOAD_MODEL", True)
-if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
-    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched or naive.")
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)

@@ -31,6 +31,18 @@ def token(seq: int) -> dict:
     return {"type": "token", "id": 1, "delta": f"w{seq} ", "seq": seq}
 
 
+GROUP = "conversation.t"
+
+
+async def broadcast_on(monkeypatch, *, members=("watcher",), delay=0.0, fail=False, **options):
+    """A SlowLayer in place of the project's layer, ``GROUP`` holding ``members``, and the copier of "asker"."""
+    layer = SlowLayer(delay=delay, fail=fail)
+    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
+    for member in members:
+        await layer.group_add(GROUP, member)
+    return layer, replies._TokenBroadcast(GROUP, origin="asker", **options)
+
+
 async def received(layer, channel) -> list[dict]:
     events = []
     while True:
@@ -41,16 +53,12 @@ async def received(layer, channel) -> list[dict]:
 
 
 async def test_tokens_that_pile_up_leave_together_in_order(monkeypatch):
-    layer = SlowLayer(delay=0.02)
-    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
-    channel = await layer.new_channel()
-    await layer.group_add("conversation.x", channel)
-    copies = replies._TokenBroadcast("conversation.x", origin="asker", interval=0)
+    layer, copies = await broadcast_on(monkeypatch, delay=0.02, interval=0)
     for seq in range(1, 31):  # a word every 2 ms; each send takes 20 ms
         copies.add(token(seq))
         await asyncio.sleep(0.002)
     await copies.drain()
-    events = await received(layer, channel)
+    events = await received(layer, "watcher")
     assert {e["type"] for e in events} == {"chat.tokens"}
     assert {e["origin"] for e in events} == {"asker"}
     assert [f["seq"] for e in events for f in e["frames"]] == list(range(1, 31))
@@ -58,42 +66,32 @@ async def test_tokens_that_pile_up_leave_together_in_order(monkeypatch):
 
 
 async def test_the_first_copy_leaves_at_once_the_rest_after_the_interval_or_at_drain(monkeypatch):
-    layer = SlowLayer(delay=0)
-    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
-    channel = await layer.new_channel()
-    await layer.group_add("conversation.i", channel)
-    copies = replies._TokenBroadcast("conversation.i", origin="asker", interval=30.0)
+    layer, copies = await broadcast_on(monkeypatch, interval=30.0)
     copies.add(token(1))
     await asyncio.sleep(0.05)
     for seq in range(2, 6):
         copies.add(token(seq))
     await asyncio.sleep(0.05)
-    assert [len(e["frames"]) for e in await received(layer, channel)] == [1]  # the rest wait for the interval
+    assert [len(e["frames"]) for e in await received(layer, "watcher")] == [1]  # the rest wait for the interval
     loop = asyncio.get_running_loop()
     started = loop.time()
     await copies.drain()
     assert loop.time() - started < 5  # drain sends at once, it does not wait out the 30 s
-    assert [f["seq"] for e in await received(layer, channel) for f in e["frames"]] == [2, 3, 4, 5]
+    assert [f["seq"] for e in await received(layer, "watcher") for f in e["frames"]] == [2, 3, 4, 5]
 
 
 async def test_drain_waits_for_the_last_copy_and_a_dead_layer_loses_only_copies(monkeypatch, caplog):
-    layer = SlowLayer(delay=0.01, fail=True)
-    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
-    await layer.group_add("conversation.y", await layer.new_channel())
-    copies = replies._TokenBroadcast("conversation.y", origin="asker")
+    _, copies = await broadcast_on(monkeypatch, delay=0.01, fail=True)
     for seq in range(1, 4):
         copies.add(token(seq))
     await copies.drain()
     assert copies.task.done()
     assert not copies.pending
-    assert "Broadcasting 3 token(s) to conversation.y failed" in caplog.text
+    assert f"Broadcasting 3 token(s) to {GROUP} failed" in caplog.text
 
 
 async def test_drain_gives_up_after_its_timeout(monkeypatch, caplog):
-    layer = SlowLayer(delay=5.0)
-    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
-    await layer.group_add("conversation.z", await layer.new_channel())
-    copies = replies._TokenBroadcast("conversation.z", origin="asker")
+    _, copies = await broadcast_on(monkeypatch, delay=5.0)
     copies.add(token(1))
     await copies.drain(timeout=0.05)
     await asyncio.sleep(0)
@@ -102,10 +100,7 @@ async def test_drain_gives_up_after_its_timeout(monkeypatch, caplog):
 
 
 async def test_nothing_is_copied_while_only_the_asking_socket_is_there(monkeypatch):
-    layer = SlowLayer(delay=0)
-    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
-    await layer.group_add("conversation.alone", "asker")
-    copies = replies._TokenBroadcast("conversation.alone", origin="asker", interval=0, recheck=0.05)
+    layer, copies = await broadcast_on(monkeypatch, members=["asker"], interval=0, recheck=0.05)
     for seq in range(1, 11):
         copies.add(token(seq))
         await asyncio.sleep(0.02)
@@ -116,22 +111,18 @@ async def test_nothing_is_copied_while_only_the_asking_socket_is_there(monkeypat
 
 
 async def test_a_socket_that_joins_mid_reply_gets_every_token(monkeypatch):
-    layer = SlowLayer(delay=0)
-    monkeypatch.setattr(replies, "get_channel_layer", lambda: layer)
-    await layer.group_add("conversation.late", "asker")
-    copies = replies._TokenBroadcast("conversation.late", origin="asker", interval=0, recheck=0.1)
+    layer, copies = await broadcast_on(monkeypatch, members=["asker"], interval=0, recheck=0.1)
     for seq in range(1, 4):
         copies.add(token(seq))
     await asyncio.sleep(0.05)
     assert layer.sends == 0  # nobody else yet
-    tab = await layer.new_channel()
-    await layer.group_add("conversation.late", tab)
+    await layer.group_add(GROUP, "tab")
     for seq in range(4, 7):
         copies.add(token(seq))
         await asyncio.sleep(0.1)
     copies.add(token(7))
     await copies.drain()
-    assert [f["seq"] for e in await received(layer, tab) for f in e["frames"]] == list(range(1, 8))
+    assert [f["seq"] for e in await received(layer, "tab") for f in e["frames"]] == list(range(1, 8))
 
 
 async def test_group_members_are_read_from_redis(redis_url):
