@@ -2,7 +2,7 @@
 
 Generates N tickets (source "bench", default 100,000) from the sample-ticket templates
 with extra variation, into the configured database, then runs the real service
-(``finetune.services.dataset_version_build``) in a fresh child process, whose peak RSS
+(``finetune.services.datasets.dataset_version_build``) in a fresh child process, whose peak RSS
 (and its worker processes') is the build's own. Target (issue 3): at least 2,000
 tickets/s and peak RSS under 1 GB on two cores.
 
@@ -159,7 +159,7 @@ class _MemorySampler(threading.Thread):
 def build(base_model: str | None, workers: int | None, out_dir: Path) -> dict:
     """Run in a fresh process: build the dataset from the bench tickets and measure it."""
     from finetune.selectors import ticket_count
-    from finetune.services import dataset_version_build
+    from finetune.services.datasets import dataset_version_build
 
     tickets = ticket_count(sources=[SOURCE])
     sampler = _MemorySampler()
@@ -233,7 +233,7 @@ def main() -> None:
         if base_model == "tiny":
             from make_sample_tickets import make_tickets
 
-            from finetune.tiny import build_tiny_causal_lm
+            from finetune.ml.tiny import build_tiny_causal_lm
 
             corpus = [m["body"] for t in make_tickets(330, 3) for m in t["messages"]]
             base_model = str(build_tiny_causal_lm(Path(tmp) / "tiny", corpus=corpus, vocab_size=4096))

@@ -39,9 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from finetune.engine import BatchedEngine, NaiveEngine, load_for_inference  # noqa: E402
-from finetune.generation import GenerationDone, GenerationParams, GenerationRequest, TokenDelta  # noqa: E402
-from finetune.prompting import render_prompt  # noqa: E402
+from finetune.ml.prompting import render_prompt  # noqa: E402
+from finetune.serving.batched import BatchedEngine  # noqa: E402
+from finetune.serving.interface import GenerationDone, GenerationParams, GenerationRequest, TokenDelta  # noqa: E402
+from finetune.serving.loading import load_for_inference  # noqa: E402
+from finetune.serving.naive import NaiveEngine  # noqa: E402
 
 # BotProfile's default system prompt (conversations/models.py) for the company "Acme".
 SYSTEM_PROMPT = (
@@ -80,7 +82,7 @@ def load_exchanges(limit: int, seed: int) -> tuple[list[tuple[str, str]], str]:
 
 
 def build_model(args, exchanges) -> Path:
-    from finetune.tiny import build_tiny_causal_lm
+    from finetune.ml.tiny import build_tiny_causal_lm
 
     name = f"gpt2-l{args.layers}-e{args.embd}-h{args.heads}-v{args.vocab}-p{args.positions}"
     out = ROOT / "var" / "bench" / name

@@ -2,7 +2,7 @@
 
 Perplexity of the agents' replies in Bitext exchanges (the loss the fine-tuning
 minimises: reply tokens only, rendered with the training template), fp32 against
-int8 (``finetune.engine.quantize_int8``), plus single-stream decode speed and prefill
+int8 (``finetune.serving.loading.quantize_int8``), plus single-stream decode speed and prefill
 time of both. The default model is the bundled SmolLM2-135M-Instruct (real weights,
 offline); ``--model-dir`` takes any served model directory, e.g. a merged GPT-2
 version (its Conv1D layers are converted to Linear first).
@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import SYSTEM_PROMPT, load_exchanges  # noqa: E402
-from finetune.engine import load_for_inference  # noqa: E402
-from finetune.prompting import render_example, tokenize_example  # noqa: E402
+from finetune.ml.prompting import render_example, tokenize_example  # noqa: E402
+from finetune.serving.loading import load_for_inference  # noqa: E402
 
 
 def default_model_dir() -> Path:
-    from finetune.base_model import convert_bundled
+    from finetune.ml.base_model import convert_bundled
 
     return convert_bundled(ROOT / "var" / "models")
 

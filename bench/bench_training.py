@@ -5,7 +5,7 @@ the speed) on the same random token data: examples whose lengths follow a
 support-ticket-like distribution (log-normal, median ~45% of --seq-len, clipped to
 [32, --seq-len]), the first ~40% of each being the customer's prompt.
 
-- ``lora``: ``finetune.training.fit`` with ``attach_lora``, i.e. the code behind
+- ``lora``: ``finetune.ml.training.fit`` with ``attach_lora``, i.e. the code behind
   ``train_lora``: LoRA r=16 on c_attn/c_proj, loss on the reply only (logits only
   there), length-grouped dynamic padding, bf16 autocast where the CPU has AMX (the
   trainer's "auto").
@@ -40,8 +40,8 @@ MODES = ("lora", "full", "full-grouped")
 
 
 def make_examples(n: int, seq_len: int, vocab: int, seed: int):
-    from finetune.prompting import IGNORE_INDEX
-    from finetune.training import Example
+    from finetune.ml.prompting import IGNORE_INDEX
+    from finetune.ml.training import Example
 
     rng = random.Random(seed)
     examples = []
@@ -85,7 +85,7 @@ def measured(step_seconds: list[float], step_tokens: list[int], warmup: int) -> 
 def run_lora(args) -> dict:
     import torch
 
-    from finetune.training import TrainConfig, _autocast_factory, attach_lora, device_and_precision, fit
+    from finetune.ml.training import TrainConfig, _autocast_factory, attach_lora, device_and_precision, fit
 
     examples = make_examples(args.steps * args.batch_size, args.seq_len, args.vocab, args.seed)
     config = TrainConfig(
@@ -129,7 +129,7 @@ def run_trainer(args, grouped: bool) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from finetune.prompting import IGNORE_INDEX
+    from finetune.ml.prompting import IGNORE_INDEX
 
     examples = make_examples(args.steps * args.batch_size, args.seq_len, args.vocab, args.seed)
     rows = []

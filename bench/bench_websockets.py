@@ -89,7 +89,7 @@ def prepare_database(env: dict[str, str], model: str, work: Path) -> str:
             code = (
                 "from conversations.models import BotProfile\n"
                 "from conversations.selectors import system_prompt_for\n"
-                "from finetune.tiny import build_tiny_causal_lm\n"
+                "from finetune.ml.tiny import build_tiny_causal_lm\n"
                 "system = system_prompt_for(BotProfile())\n"
                 f"exchanges = {exchanges!r}\n"
                 "corpus = [f'System: {system}\\nCustomer: {q}\\nAgent: {a}' for q, a in exchanges]\n"

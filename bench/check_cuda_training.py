@@ -36,8 +36,8 @@ def main() -> None:
     import torch
     from datasets import Dataset, DatasetDict
 
-    from finetune.tiny import build_tiny_causal_lm
-    from finetune.training import TrainConfig, train_lora
+    from finetune.ml.tiny import build_tiny_causal_lm
+    from finetune.ml.training import TrainConfig, train_lora
 
     if not torch.cuda.is_available():
         raise SystemExit("No CUDA device: this check is for a GPU machine.")

@@ -25,14 +25,13 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.conf import settings
 
 from finetune.selectors import model_version_active
 from supportbot.errors import ApplicationError
 
 from . import frames, replies, services
 from .models import Conversation, Message
-from .ratelimit import rate_limit_hit
+from .ratelimit import rate_limit_for, rate_limit_hit
 from .tokens import chat_token_read
 
 log = logging.getLogger(__name__)
@@ -40,9 +39,6 @@ log = logging.getLogger(__name__)
 CLOSE_NO_SESSION = 4401
 CLOSE_FORBIDDEN = 4403
 TYPING_MIN_INTERVAL_S = 2.0  # relay a customer's "typing" at most this often
-# Frames other than ``message`` that touch the database (resume, csat, request_human)
-# share a budget this many times the message limit: reconnects resume, people click.
-OTHER_FRAMES_LIMIT_FACTOR = 3
 
 
 def _short(value: Any, limit: int) -> str:
@@ -155,7 +151,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "Something went wrong on our side. A message the chat showed as sent is saved; try again shortly.",
             )
 
-    async def _rate_limited(self, bucket: str, limit: int, client_id: Any = None) -> bool:
+    async def _rate_limited(self, bucket: str, client_id: Any = None) -> bool:
+        limit = rate_limit_for(bucket)
         retry_after = await rate_limit_hit(key=f"{bucket}:{self.rate_key}", limit=limit)
         if retry_after is None:
             return False
@@ -176,7 +173,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             extra = {"client_id": client_id} if isinstance(client_id, str) else {}
             await self._error("bad_frame", "A message frame needs 'client_id' and 'text' strings.", **extra)
             return
-        if await self._rate_limited("msg", settings.SUPPORTBOT_RATE_LIMIT, client_id):
+        if await self._rate_limited("msg", client_id):
             return
         message, _created = await database_sync_to_async(services.message_create_customer)(
             conversation=self.conversation, client_id=client_id, text=content["text"]
@@ -187,7 +184,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._request_reply()
 
     async def _on_resume(self, content: dict[str, Any]) -> None:
-        if await self._rate_limited("other", settings.SUPPORTBOT_RATE_LIMIT * OTHER_FRAMES_LIMIT_FACTOR):
+        if await self._rate_limited("other"):
             return
         after = content.get("after", 0)
         messages = await database_sync_to_async(services.conversation_resume)(
@@ -222,13 +219,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def _on_request_human(self, content: dict[str, Any]) -> None:
-        if await self._rate_limited("other", settings.SUPPORTBOT_RATE_LIMIT * OTHER_FRAMES_LIMIT_FACTOR):
+        if await self._rate_limited("other"):
             return
         await database_sync_to_async(services.conversation_request_human)(conversation=self.conversation)
         await self._send_direct(frames.handoff_frame(self.conversation))
 
     async def _on_csat(self, content: dict[str, Any]) -> None:
-        if await self._rate_limited("other", settings.SUPPORTBOT_RATE_LIMIT * OTHER_FRAMES_LIMIT_FACTOR):
+        if await self._rate_limited("other"):
             return
         message = await database_sync_to_async(services.csat_record)(
             conversation=self.conversation, message_id=content.get("message_id"), helpful=content.get("helpful")

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 _KEY_PREFIX = "supportbot:ratelimit"
+# Frames other than ``message`` that touch the database (resume, csat, request_human)
+# share a budget this many times the message limit: reconnects resume, people click.
+OTHER_FRAMES_LIMIT_FACTOR = 3
 
 # KEYS[1]: the window's sorted set (member: a unique id; score: ms when allowed).
 # ARGV: window in ms, limit, a unique member id.
@@ -94,6 +97,12 @@ def _hit_local(key: str, limit: int, now: float, window_s: float = WINDOW_S) -> 
         hits.append(now)
         return None
     return hits[0] + window_s - now
+
+
+def rate_limit_for(bucket: str) -> int:
+    """Frames a minute allowed in ``bucket``: ``"msg"`` (customer messages) or ``"other"`` (the rest)."""
+    limit = settings.SUPPORTBOT_RATE_LIMIT
+    return limit if bucket == "msg" else limit * OTHER_FRAMES_LIMIT_FACTOR
 
 
 async def rate_limit_hit(*, key: str, limit: int) -> float | None:

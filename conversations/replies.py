@@ -37,9 +37,9 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from finetune import inference
-from finetune.generation import EngineBusy, GenerationDone, GenerationParams, GenerationRequest, TokenDelta
-from finetune.inference import get_engine
+from finetune.serving import runtime
+from finetune.serving.interface import EngineBusy, GenerationDone, GenerationParams, GenerationRequest, TokenDelta
+from finetune.serving.runtime import get_engine
 
 from . import frames, services
 from .broadcast import group_has_other_members
@@ -81,7 +81,7 @@ _runners: dict[str, _Runner] = {}
 
 def generation_params() -> GenerationParams:
     """Parameters of every chat reply: the limits from settings (greedy, a few sentences)."""
-    return inference.generation_params()
+    return runtime.generation_params()
 
 
 class _Runner:

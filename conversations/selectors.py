@@ -1,23 +1,31 @@
-"""Read-side queries of the chat: history for ``resume``, the model's prompt, the bot profile."""
+"""Read-side queries of the chat: history for ``resume``, the model's prompt, the bot profile.
+
+Also what fine-tuning reads from the chat (agents' feedback as training examples, the
+system prompt, the blocked terms): ``ConversationsConfig.ready()`` registers those
+readers with ``finetune.providers``, since ``finetune`` does not import this app.
+"""
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from collections.abc import Iterator
+from datetime import datetime
 
+from django.db.models import F, OuterRef, QuerySet, Subquery
+
+from finetune.ml.dataset_builder import SourceConversation
+from finetune.ml.prompting import CHAT_SPEAKER_ROLES, ROLE_AGENT, ROLE_SYSTEM, system_prompt_text
+from finetune.ml.redaction import CustomerFields
 from finetune.models import ModelVersion
-from finetune.prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM, system_prompt_text
+from finetune.serving.safety import parse_blocked_terms
 
-from .models import BotProfile, Conversation, Message
+from .models import BotProfile, Conversation, Message, Review
 
 # Turns of history sent to the model. A small model's context (1-2k tokens) holds
 # about this many support-sized turns; the engine trims further by tokens.
 PROMPT_MAX_TURNS = 20
-
-_PROMPT_ROLES = {
-    Message.Role.CUSTOMER: ROLE_CUSTOMER,
-    Message.Role.BOT: ROLE_AGENT,
-    Message.Role.AGENT: ROLE_AGENT,
-}
+# Turns of a live conversation kept before a reviewed reply in a training example:
+# older ones would be cut by the token limit anyway.
+FEEDBACK_HISTORY_TURNS = 20
 
 
 def messages_after(*, conversation: Conversation, after_id: int) -> QuerySet[Message]:
@@ -34,6 +42,17 @@ def system_prompt_for(profile: BotProfile) -> str:
     return system_prompt_text(template=profile.system_prompt, company=profile.company_name, policy=profile.policy_text)
 
 
+def system_prompt_current() -> str:
+    """The system prompt every chat starts with now (the saved bot profile, or its defaults)."""
+    return system_prompt_for(bot_profile_get())
+
+
+def blocked_terms_current() -> list[str]:
+    """The bot profile's blocked terms, masked in every reply."""
+    text = BotProfile.objects.filter(key="default").values_list("blocked_terms", flat=True).first()
+    return parse_blocked_terms(text or "")
+
+
 def prompt_messages(
     *, conversation: Conversation, upto: Message, max_turns: int = PROMPT_MAX_TURNS
 ) -> list[dict[str, str]]:
@@ -46,14 +65,14 @@ def prompt_messages(
     history = (
         conversation.messages.filter(
             pk__lte=upto.pk,
-            role__in=list(_PROMPT_ROLES),
+            role__in=list(CHAT_SPEAKER_ROLES),
             status=Message.Status.COMPLETE,
         )
         .order_by("-pk")
         .values_list("role", "body")[:max_turns]
     )
-    turns = [{"role": _PROMPT_ROLES[role], "content": body} for role, body in reversed(history)]
-    return [{"role": ROLE_SYSTEM, "content": system_prompt_for(bot_profile_get())}, *turns]
+    turns = [{"role": CHAT_SPEAKER_ROLES[role], "content": body} for role, body in reversed(history)]
+    return [{"role": ROLE_SYSTEM, "content": system_prompt_current()}, *turns]
 
 
 def reply_target(*, conversation: Conversation) -> Message | None:
@@ -66,3 +85,54 @@ def model_version_for_label(label: str | None) -> ModelVersion | None:
     if not label or not label.startswith("v") or not label[1:].isdigit():
         return None
     return ModelVersion.objects.filter(number=int(label[1:])).first()
+
+
+def feedback_training_examples(*, since: datetime | None = None) -> Iterator[SourceConversation]:
+    """Bot replies agents approved, and agents' corrections, as training conversations.
+
+    The one place that decides which feedback becomes training data:
+
+    - only a reply's **latest** review counts (a review is never edited; a new rating
+      is a new row, so an approval later overruled by a rejection is not used);
+    - ``approved``: the bot's reply as written, origin ``review:<review id>``;
+    - ``corrected``: the agent's ``corrected_body`` in place of the reply, origin
+      ``correction:<review id>``;
+    - ``rejected`` replies are never used;
+    - the conversation before the reply (customer, bot and agent turns; system notices
+      left out) is the context, the logged-in customer's name and e-mail are redacted.
+    """
+    latest = Review.objects.filter(message=OuterRef("message")).order_by("-created_at", "-id").values("id")[:1]
+    reviews = (
+        Review.objects.annotate(latest_id=Subquery(latest))
+        .filter(id=F("latest_id"), verdict__in=[Review.Verdict.APPROVED, Review.Verdict.CORRECTED])
+        .filter(message__role=Message.Role.BOT, message__status=Message.Status.COMPLETE)
+        .select_related("message", "message__conversation", "message__conversation__customer")
+        .order_by("id")
+    )
+    if since is not None:
+        reviews = reviews.filter(created_at__gte=since)
+    for review in reviews.iterator(chunk_size=200):
+        reply = review.message
+        conversation = reply.conversation
+        earlier = (
+            Message.objects.filter(conversation=conversation, status=Message.Status.COMPLETE)
+            .exclude(role=Message.Role.SYSTEM)
+            .filter(created_at__lte=reply.created_at)
+            .exclude(id=reply.id)
+            .exclude(created_at=reply.created_at, id__gt=reply.id)
+            .order_by("-created_at", "-id")
+            .values_list("role", "body")[:FEEDBACK_HISTORY_TURNS]
+        )
+        history = [{"role": CHAT_SPEAKER_ROLES[role], "content": body} for role, body in reversed(earlier)]
+        corrected = review.verdict == Review.Verdict.CORRECTED
+        target = review.corrected_body if corrected else reply.body
+        customer = conversation.customer
+        yield SourceConversation(
+            origin=f"{'correction' if corrected else 'review'}:{review.id}",
+            messages=[*history, {"role": ROLE_AGENT, "content": target}],
+            segment=review.segment or conversation.segment,
+            customer=CustomerFields.from_values(
+                name=customer.get_full_name() if customer else "",
+                email=customer.email if customer else "",
+            ),
+        )

@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from finetune.generation import GenerationDone
+from finetune.serving.interface import GenerationDone
 from supportbot.errors import ApplicationError
 
 from . import frames

@@ -9,20 +9,18 @@ from __future__ import annotations
 from django import forms
 
 from .models import DatasetVersion
-from .training import TrainConfig
+from .services.training_runs import training_settings_requestable
 
 LATEST = "latest"
 FRESH = "fresh"
+# The per-run settings this form offers (the service lists every requestable one; the
+# rest keep their defaults), and labels where the setting's name reads badly.
+FORM_SETTINGS = ("epochs", "learning_rate", "lora_r", "max_examples")
+LABELS = {"lora_r": "LoRA rank"}
 
 
 class RetrainForm(forms.Form):
     dataset = forms.ChoiceField(label="Dataset", help_text="Train on an existing dataset version or build a new one.")
-    epochs = forms.FloatField(initial=TrainConfig.epochs, help_text="Passes over the training data (1-3 is usual).")
-    learning_rate = forms.FloatField(initial=TrainConfig.learning_rate, help_text="LoRA's usual range is 1e-4 to 3e-4.")
-    lora_r = forms.IntegerField(label="LoRA rank", initial=TrainConfig.lora_r, help_text="Adapter rank r (8-32).")
-    max_examples = forms.IntegerField(
-        required=False, min_value=1, help_text="Train on a sample of this many examples; blank: all of them."
-    )
     auto_promote = forms.BooleanField(
         required=False,
         initial=True,
@@ -32,6 +30,16 @@ class RetrainForm(forms.Form):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        for setting in training_settings_requestable():
+            if setting.name in FORM_SETTINGS:
+                field = forms.IntegerField if setting.type is int else forms.FloatField
+                self.fields[setting.name] = field(
+                    label=LABELS.get(setting.name),
+                    required=setting.default is not None,
+                    initial=setting.default,
+                    help_text=setting.help,
+                )
+        self.order_fields(["dataset", *FORM_SETTINGS, "auto_promote"])
         versions = list(DatasetVersion.objects.order_by("-created_at", "-id")[:50])
         choices = []
         if versions:
@@ -52,12 +60,7 @@ class RetrainForm(forms.Form):
             "dataset_version": dataset,
             "build_fresh": choice == FRESH,
             "auto_promote": data["auto_promote"],
-            "hyperparameters": {
-                "epochs": data["epochs"],
-                "learning_rate": data["learning_rate"],
-                "lora_r": data["lora_r"],
-                "max_examples": data.get("max_examples"),
-            },
+            "hyperparameters": {name: data.get(name) for name in FORM_SETTINGS},
         }
 
 

@@ -107,10 +107,11 @@ class TrainingRun(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     LIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+    DEFAULT_LANE = "default"
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     lane = models.CharField(
-        max_length=32, default="default", help_text="At most one queued or running run per lane (a DB constraint)."
+        max_length=32, default=DEFAULT_LANE, help_text="At most one queued or running run per lane (a DB constraint)."
     )
     dataset_version = models.ForeignKey(
         DatasetVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="training_runs"

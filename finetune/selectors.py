@@ -2,31 +2,35 @@
 
 The dataset selectors turn rows into the plain ``SourceConversation`` records the
 dataset builder takes, streaming them with ``iterator()`` so a build over 100,000
-tickets never holds them all in memory.
+tickets never holds them all in memory. What a build reads from the chat (agents'
+feedback, the system prompt) comes through ``finetune.providers``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import F, OuterRef, Subquery
-
-from .dataset_builder import SourceConversation
+from . import providers
+from .ml.dataset_builder import SourceConversation
+from .ml.redaction import CustomerFields
 from .models import DatasetVersion, ModelVersion, Ticket, TicketMessage, TrainingRun
-from .redaction import CustomerFields
 
 # Tickets fetched per round trip while streaming, and whose messages are fetched together.
 TICKET_CHUNK_SIZE = 1000
-# Turns of a live conversation kept before a reviewed reply: older ones would be cut
-# by the token limit anyway.
-FEEDBACK_HISTORY_TURNS = 20
 
 
-def model_version_active() -> ModelVersion | None:
-    return ModelVersion.objects.filter(status=ModelVersion.Status.ACTIVE).first()
+def model_version_active(*, for_update: bool = False) -> ModelVersion | None:
+    """The version serving customers, if any; ``for_update`` locks its row (inside a transaction)."""
+    versions = ModelVersion.objects.select_for_update() if for_update else ModelVersion.objects
+    return versions.filter(status=ModelVersion.Status.ACTIVE).first()
+
+
+def model_version_of_run(run: TrainingRun) -> ModelVersion | None:
+    """The version a training run produced, if it got that far."""
+    return ModelVersion.objects.filter(training_run=run).first()
 
 
 def dataset_version_latest() -> DatasetVersion | None:
@@ -108,66 +112,47 @@ def _conversations_of(tickets: list[tuple]) -> Iterator[SourceConversation]:
 def training_examples_from_feedback(*, since: datetime | None = None) -> Iterator[SourceConversation]:
     """Bot replies agents approved, and agents' corrections, as training conversations.
 
-    The one place that decides which feedback becomes training data:
-
-    - only a reply's **latest** review counts (a review is never edited; a new rating
-      is a new row, so an approval later overruled by a rejection is not used);
-    - ``approved``: the bot's reply as written, origin ``review:<review id>``;
-    - ``corrected``: the agent's ``corrected_body`` in place of the reply, origin
-      ``correction:<review id>``;
-    - ``rejected`` replies are never used;
-    - the conversation before the reply (customer, bot and agent turns; system notices
-      left out) is the context, the logged-in customer's name and e-mail are redacted.
+    The chat app decides which feedback becomes training data (its provider, see
+    ``finetune.providers``); ``since`` keeps only reviews written on or after it.
     """
-    from conversations.models import Message, Review
-
-    latest = Review.objects.filter(message=OuterRef("message")).order_by("-created_at", "-id").values("id")[:1]
-    reviews = (
-        Review.objects.annotate(latest_id=Subquery(latest))
-        .filter(id=F("latest_id"), verdict__in=[Review.Verdict.APPROVED, Review.Verdict.CORRECTED])
-        .filter(message__role=Message.Role.BOT, message__status=Message.Status.COMPLETE)
-        .select_related("message", "message__conversation", "message__conversation__customer")
-        .order_by("id")
-    )
-    if since is not None:
-        reviews = reviews.filter(created_at__gte=since)
-    roles = {Message.Role.CUSTOMER: "customer", Message.Role.BOT: "agent", Message.Role.AGENT: "agent"}
-    for review in reviews.iterator(chunk_size=200):
-        reply = review.message
-        conversation = reply.conversation
-        earlier = (
-            Message.objects.filter(conversation=conversation, status=Message.Status.COMPLETE)
-            .exclude(role=Message.Role.SYSTEM)
-            .filter(created_at__lte=reply.created_at)
-            .exclude(id=reply.id)
-            .exclude(created_at=reply.created_at, id__gt=reply.id)
-            .order_by("-created_at", "-id")
-            .values_list("role", "body")[:FEEDBACK_HISTORY_TURNS]
-        )
-        history = [{"role": roles[role], "content": body} for role, body in reversed(earlier)]
-        corrected = review.verdict == Review.Verdict.CORRECTED
-        target = review.corrected_body if corrected else reply.body
-        customer = conversation.customer
-        yield SourceConversation(
-            origin=f"{'correction' if corrected else 'review'}:{review.id}",
-            messages=[*history, {"role": "agent", "content": target}],
-            segment=review.segment or conversation.segment,
-            customer=CustomerFields.from_values(
-                name=customer.get_full_name() if customer else "",
-                email=customer.email if customer else "",
-            ),
-        )
+    return iter(providers.chat_data().feedback_examples(since=since))
 
 
-def training_system_prompt() -> str:
+def training_system_prompt() -> str | None:
     """The system prompt the chat sends (company name and policy), so examples start the same way."""
-    from conversations.selectors import bot_profile_get, system_prompt_for
-
-    return system_prompt_for(bot_profile_get())
+    return providers.chat_data().system_prompt()
 
 
-def training_run_live(lane: str = "default") -> TrainingRun | None:
-    return TrainingRun.objects.filter(lane=lane, status__in=TrainingRun.LIVE_STATUSES).first()
+def training_run_live(lane: str | None = TrainingRun.DEFAULT_LANE) -> TrainingRun | None:
+    """The queued or running run of ``lane`` (of any lane when None)."""
+    runs = TrainingRun.objects.filter(status__in=TrainingRun.LIVE_STATUSES)
+    return (runs if lane is None else runs.filter(lane=lane)).first()
+
+
+def training_run_progress(run: TrainingRun, *, version_url: Callable[[ModelVersion], str]) -> dict[str, Any]:
+    """What the run page polls: status, steps, loss, log, and the version it produced (linked by ``version_url``)."""
+    version = model_version_of_run(run)
+    return {
+        "id": run.pk,
+        "status": run.status,
+        "status_display": run.get_status_display(),
+        "is_live": run.is_live,
+        "progress": run.progress,
+        "current_step": run.current_step,
+        "total_steps": run.total_steps,
+        "current_epoch": run.current_epoch,
+        "last_loss": run.loss_history[-1]["loss"] if run.loss_history else None,
+        "loss_points": len(run.loss_history),
+        "log_tail": run.log_tail,
+        "error": run.error,
+        "cancel_requested": run.cancel_requested,
+        "heartbeat_at": run.heartbeat_at.isoformat() if run.heartbeat_at else None,
+        "version": (
+            {"label": version.label, "status": version.get_status_display(), "url": version_url(version)}
+            if version
+            else None
+        ),
+    }
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ import logging
 from celery import shared_task
 from celery.signals import worker_ready
 
+from finetune.services.training_runs import RETRAIN_TASK
+
 log = logging.getLogger(__name__)
 
 
 @shared_task(
     bind=True,
-    name="finetune.retrain",
+    name=RETRAIN_TASK,
     # Acknowledge only when done, and give the message back if the worker process is
     # lost: a run is never silently dropped. A repeated delivery is harmless because
     # training_run_execute only starts a run that is still queued.
@@ -33,8 +35,8 @@ def retrain(self, run_id: int) -> dict:
     (``training_run_request`` sets them); Celery's prefork pool enforces them, and
     the service enforces them itself under the solo pool, where Celery cannot.
     """
-    from .models import ModelVersion
-    from .services import training_run_execute
+    from .selectors import model_version_of_run
+    from .services.training_runs import training_run_execute
 
     hard, soft = (self.request.timelimit or (None, None))[:2]
     run = training_run_execute(
@@ -43,14 +45,14 @@ def retrain(self, run_id: int) -> dict:
         soft_time_limit=int(soft) if soft else None,
         time_limit=int(hard) if hard else None,
     )
-    version = ModelVersion.objects.filter(training_run=run).first()
+    version = model_version_of_run(run)
     return {"run_id": run.pk, "status": run.status, "version": version.label if version else None}
 
 
 @worker_ready.connect
 def _reap_stale_runs_on_start(**kwargs) -> None:
     """A worker that starts may be the replacement of one that died mid-run: fail its runs now."""
-    from .services import training_runs_reap_stale
+    from .services.training_runs import training_runs_reap_stale
 
     try:
         for run in training_runs_reap_stale():

@@ -26,7 +26,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from conversations.routing import websocket_urlpatterns  # noqa: E402
-from finetune.inference import preload_start  # noqa: E402
+from finetune.serving.runtime import preload_start  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

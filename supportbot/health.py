@@ -83,7 +83,7 @@ def broker_check() -> dict:
 
 def model_check() -> dict:
     """The active version (database) and what this answering process serves (memory)."""
-    from finetune.inference import engine_status
+    from finetune.serving.runtime import engine_status
 
     here = {"this_process": engine_status()}
     try:

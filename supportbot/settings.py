@@ -347,7 +347,7 @@ SUPPORTBOT_CHAT_TOKEN_MAX_AGE = env_int("SUPPORTBOT_CHAT_TOKEN_MAX_AGE", 30 * 24
 # sources. "*" lets the widget run on any site, as the embed snippet promises.
 SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS", ["*"])
 
-# --- Inference engine (finetune/engine.py, finetune/inference.py) -------------------------
+# --- Inference engine (finetune/serving/, finetune/serving/runtime.py) --------------------
 # "batched" steps every running reply together over a shared KV cache (several times the
 # throughput of "naive" under concurrent chats, see docs/benchmarks.md); "naive" runs one
 # model.generate() at a time, the simple reference.

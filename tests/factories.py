@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from conversations.models import Conversation, Message, Review
 from finetune.models import DatasetVersion, ModelVersion, Ticket, TicketMessage, TrainingRun
@@ -93,3 +96,18 @@ class ReviewFactory(factory.django.DjangoModelFactory):
     reviewer = factory.SubFactory(UserFactory)
     rating = 4
     verdict = Review.Verdict.APPROVED
+
+
+def conversation_with_reply(customer_text: str, bot_text: str, **conversation) -> tuple[Conversation, Message]:
+    """A live conversation: a customer message and the bot's reply to it."""
+    conv = ConversationFactory(**conversation)
+    now = timezone.now()
+    question = MessageFactory(conversation=conv, role=Message.Role.CUSTOMER, body=customer_text, created_at=now)
+    reply = MessageFactory(
+        conversation=conv,
+        role=Message.Role.BOT,
+        body=bot_text,
+        in_reply_to=question,
+        created_at=now + timedelta(seconds=1),
+    )
+    return conv, reply

@@ -13,9 +13,9 @@ from django.test import override_settings
 from conversations.models import BotProfile
 from conversations.selectors import system_prompt_for
 from conversations.tokens import chat_token_mint
-from finetune.inference import engine_reset
+from finetune.ml.tiny import build_tiny_causal_lm
 from finetune.models import ModelVersion
-from finetune.tiny import build_tiny_causal_lm
+from finetune.serving.runtime import engine_reset
 from tests.factories import ModelVersionFactory
 
 # The low-confidence handoff is switched off here and switched on only by the test of

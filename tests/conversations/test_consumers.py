@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 
 from conversations import replies
 from conversations.models import Conversation, Message
-from finetune.inference import model_listener_stop
+from finetune.serving.runtime import model_listener_stop
 from tests.conversations.conftest import communicator, new_session_key, open_chat, receive_until, token_for
 from tests.factories import ConversationFactory
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 from conversations import services
 from conversations.models import BotProfile, Conversation, Message
 from conversations.selectors import messages_after, prompt_messages
-from finetune.generation import GenerationDone
+from finetune.serving.interface import GenerationDone
 from supportbot.errors import ApplicationError
 from tests.factories import ConversationFactory, MessageFactory, ModelVersionFactory, UserFactory
 

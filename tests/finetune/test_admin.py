@@ -1,4 +1,4 @@
-"""The retraining and model-version admin: through the test client, with a real worker, and in a browser."""
+"""The fine-tuning admin (datasets, retraining, model versions): test client, a real worker, a browser."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from django.contrib.auth.models import Group
 from django.urls import reverse
 
 from finetune.models import ModelVersion, ModelVersionEvent, TrainingRun
+from finetune.services.datasets import dataset_version_build
+from finetune.services.tickets import ticket_import
+from finetune.services.training_runs import training_run_request
 from supportbot.roles import MODEL_ADMINS, SUPPORT_AGENTS, roles_sync
 from tests.factories import TrainingRunFactory, UserFactory
-from tests.finetune.conftest import FAST, dataset_version_create, version_with_files, wait_for
+from tests.finetune.fixtures import FAST, dataset_version_create, version_with_files, wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -63,6 +66,17 @@ def test_retrain_button_form_and_refusal_of_a_second_run(client, model_admin, mo
 
     bad = client.post(RETRAIN, {"dataset": "latest", "epochs": "1", "learning_rate": "5", "lora_r": "16"})
     assert b"learning_rate=5.0 is outside" in bad.content
+
+
+def test_admin_lists_dataset_versions(dataset_settings, sample_tickets, admin_client):
+    ticket_import(path=sample_tickets, fmt="jsonl", source="sample")
+    version = dataset_version_build(max_examples=30)
+    response = admin_client.get("/admin/finetune/datasetversion/")
+    assert response.status_code == 200
+    assert version.name in response.content.decode()
+    detail = admin_client.get(f"/admin/finetune/datasetversion/{version.pk}/change/")
+    assert detail.status_code == 200
+    assert version.content_hash in detail.content.decode()
 
 
 def test_support_agents_cannot_retrain_or_promote(client, tmp_path):
@@ -203,8 +217,6 @@ def test_progress_page_updates_live_in_a_browser(
     dataset_version_create(dataset_dir)
     queue = "test-browser-" + user.username
     settings.SUPPORTBOT_TRAINING_QUEUE = queue
-    from finetune.services import training_run_request
-
     run = training_run_request(actor=user, hyperparameters=FAST)
 
     chromium.get(f"{live_server.url}/admin/login/?next=/admin/finetune/trainingrun/{run.pk}/change/")

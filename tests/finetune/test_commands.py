@@ -1,16 +1,19 @@
-"""The import_tickets and build_dataset management commands: options, output, errors."""
+"""The management commands (import_tickets, build_dataset, finetune): options, output, errors."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from io import StringIO
 from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
-from finetune.models import DatasetVersion, Ticket
-from tests.finetune.test_importers import write_broken_csv
+from finetune.models import DatasetVersion, ModelVersion, Ticket, TrainingRun
+from tests.factories import TrainingRunFactory
+from tests.finetune.fixtures import dataset_version_create, version_with_files, write_broken_csv
 
 pytestmark = pytest.mark.django_db
 
@@ -92,3 +95,84 @@ def test_build_dataset_errors(dataset_settings):
         run("build_dataset", "--since", "last week")
     with pytest.raises(CommandError, match="No user named 'nobody'"):
         run("build_dataset", "--user", "nobody")
+
+
+def test_build_dataset_names_the_option_behind_a_refused_setting(dataset_settings, tmp_path):
+    with pytest.raises(CommandError, match=r"^--val-fraction: The validation fraction must be .* not 1\.5"):
+        run("build_dataset", "--val-fraction", "1.5", "--no-progress")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("")
+    with pytest.raises(CommandError, match=r"^--out: .*taken already exists and is not empty"):
+        run("build_dataset", "--out", str(taken), "--no-progress")
+    assert not DatasetVersion.objects.exists()
+
+
+# --- finetune -----------------------------------------------------------------------------------
+
+
+def test_finetune_offers_every_setting_a_run_may_choose():
+    from finetune.management.commands.finetune import Command
+    from finetune.services.training_runs import REQUESTABLE_SETTINGS
+
+    parser = Command().create_parser("manage.py", "finetune")
+    flags = {option for action in parser._actions for option in action.option_strings}
+    assert {f"--{name.replace('_', '-')}" for name in REQUESTABLE_SETTINGS} <= flags
+    parsed = parser.parse_args(["--rank", "4", "--lora-alpha", "8", "--eval-samples", "2", "--learning-rate", "1e-3"])
+    assert (parsed.lora_r, parsed.lora_alpha, parsed.eval_generate_samples) == (4, 8, 2)
+    assert parsed.learning_rate == pytest.approx(1e-3)
+    assert parsed.epochs is None  # unset: the service's default applies
+
+
+def test_finetune_without_a_dataset_says_what_to_do(model_store):
+    with pytest.raises(CommandError, match="no dataset yet.*build_dataset") as failure:
+        call_command("finetune")
+    assert failure.value.returncode == 3
+    # Building one needs tickets: the run fails and says so.
+    with pytest.raises(CommandError, match="import_tickets") as failure:
+        call_command("finetune", "--build-fresh-if-missing")
+    assert TrainingRun.objects.get().status == TrainingRun.Status.FAILED
+
+
+def test_finetune_trains_and_promotes_with_a_progress_bar(transactional_db, model_store, dataset_dir, settings):
+    settings.SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = 0.2
+    dataset = dataset_version_create(dataset_dir, name="june")
+    out, err = StringIO(), StringIO()
+    call_command(
+        "finetune", "--dataset", "june", "--epochs", "2", "--learning-rate", "0.01", "--max-length", "64",
+        "--eval-samples", "2", "--eval-max-new-tokens", "8", stdout=out, stderr=err,
+    )  # fmt: skip
+    run = TrainingRun.objects.get()
+    version = ModelVersion.objects.get()
+    assert run.status == TrainingRun.Status.SUCCEEDED
+    assert run.dataset_version == dataset
+    assert version.status == ModelVersion.Status.ACTIVE
+    assert f"Run #{run.pk} succeeded: v1 (active, passed the gates)" in out.getvalue()
+    assert "validation loss:" in out.getvalue()
+    assert "training:" in err.getvalue()  # tqdm's bar
+
+    out = StringIO()
+    call_command("finetune", "--skip-if-active", stdout=out)
+    assert "v1 is already active" in out.getvalue()
+    assert TrainingRun.objects.count() == 1
+
+
+def test_finetune_reports_a_failed_run_as_an_error(transactional_db, model_store, dataset_dir, settings, tmp_path):
+    settings.SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = 0.2
+    active = version_with_files(tmp_path, status=ModelVersion.Status.ACTIVE)
+    dataset_version_create(dataset_dir)
+    for arrow in dataset_dir.glob("train/*.arrow"):
+        arrow.write_bytes(b"junk")
+    with pytest.raises(CommandError, match="failed: The dataset at .* cannot be read"):
+        call_command("finetune", "--epochs", "1")
+    active.refresh_from_db()
+    assert active.status == ModelVersion.Status.ACTIVE
+
+
+def test_finetune_reap_fails_runs_whose_worker_died(model_store):
+    dead = TrainingRunFactory(status=TrainingRun.Status.RUNNING, heartbeat_at=timezone.now() - timedelta(hours=1))
+    out = StringIO()
+    call_command("finetune", "--reap", stdout=out)
+    dead.refresh_from_db()
+    assert dead.status == TrainingRun.Status.FAILED
+    assert "1 run(s) marked failed" in out.getvalue()

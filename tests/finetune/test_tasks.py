@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,10 +10,18 @@ from celery.result import AsyncResult
 from django.conf import settings as django_settings
 
 from finetune.models import ModelVersion, TrainingRun
-from finetune.services import training_run_request, training_runs_reap_stale
+from finetune.services.training_runs import RETRAIN_TASK, training_run_request, training_runs_reap_stale
 from finetune.tasks import retrain
 from supportbot.errors import ApplicationError
-from tests.finetune.conftest import FAST, dataset_version_create, version_with_files, wait_for
+from tests.finetune.fixtures import (
+    EXCHANGES,
+    FAST,
+    conversation,
+    dataset_version_create,
+    version_with_files,
+    wait_for,
+    write_dataset,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +34,13 @@ def finished(run_id: int, timeout: float = 90) -> TrainingRun:
     return wait_for(done, timeout=timeout, message=f"run #{run_id} to finish")
 
 
+def test_the_service_queues_the_task_this_module_defines():
+    assert retrain.name == RETRAIN_TASK  # the service sends it by name, without importing this interface
+
+
 def test_retrain_in_a_worker_promotes_then_a_corrupt_dataset_fails_without_harm(
     model_store, dataset_dir, training_worker, tmp_path
 ):
-    from tests.finetune.conftest import EXCHANGES, conversation, write_dataset
-
     worker = training_worker()
     dataset_version_create(dataset_dir)
     run = training_run_request(hyperparameters=FAST)
@@ -72,8 +81,10 @@ def test_killed_worker_fails_the_run_and_a_redelivery_does_not_rerun_it(
     assert run.status == TrainingRun.Status.RUNNING  # nobody has noticed yet
     started_at = run.started_at
 
-    time.sleep(1.5)
-    reaped = training_runs_reap_stale(stale_after=timedelta(seconds=1))
+    # Once its last heartbeat is a second old, the reaper takes it.
+    reaped = wait_for(
+        lambda: training_runs_reap_stale(stale_after=timedelta(seconds=1)), timeout=30, message="the run to be reaped"
+    )
     assert [r.pk for r in reaped] == [run.pk]
     run.refresh_from_db()
     assert run.status == TrainingRun.Status.FAILED

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.test import override_settings
 
-from finetune.inference import engine_reset
+from finetune.serving.runtime import engine_reset
 from tests.factories import ModelVersionFactory
 
 pytestmark = pytest.mark.django_db

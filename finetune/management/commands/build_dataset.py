@@ -18,8 +18,12 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from finetune import selectors
-from finetune.services import DEFAULT_MAX_LENGTH, dataset_version_build
+from finetune.management.errors import command_error
+from finetune.services.datasets import DEFAULT_MAX_LENGTH, dataset_version_build
 from supportbot.errors import ApplicationError
+
+# Options whose name is not the service's setting name (see ``command_error``).
+OPTIONS = {"out_dir": "--out"}
 
 
 def _since(value: str) -> datetime:
@@ -102,7 +106,7 @@ class Command(BaseCommand):
                 progress=bar.update,
             )
         except ApplicationError as exc:
-            raise CommandError(exc.message) from exc
+            raise command_error(exc, options=OPTIONS) from exc
         finally:
             bar.close()
         if version.created_at < started:

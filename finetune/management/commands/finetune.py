@@ -19,12 +19,20 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Q
 
-from finetune.models import DatasetVersion, ModelVersion, TrainingRun
-from finetune.selectors import model_version_active
-from finetune.services import training_run_execute, training_run_request, training_runs_reap_stale
+from finetune.management.errors import command_error
+from finetune.models import DatasetVersion, TrainingRun
+from finetune.selectors import model_version_active, model_version_of_run
+from finetune.services.training_runs import (
+    training_run_execute,
+    training_run_request,
+    training_runs_reap_stale,
+    training_settings_requestable,
+)
 from supportbot.errors import ApplicationError
 
 NO_DATASET_EXIT = 3
+# This command's older names for two settings, still accepted beside the generated ones.
+SETTING_ALIASES = {"lora_r": ["--rank"], "eval_generate_samples": ["--eval-samples"]}
 
 
 class Command(BaseCommand):
@@ -36,17 +44,15 @@ class Command(BaseCommand):
         parser.add_argument(
             "--build-fresh-if-missing", action="store_true", help="Build a dataset only when there is none yet."
         )
-        parser.add_argument("--epochs", type=float)
-        parser.add_argument("--learning-rate", type=float)
-        parser.add_argument("--rank", type=int, dest="lora_r", help="LoRA rank r.")
-        parser.add_argument("--max-examples", type=int, help="Train on a sample of this many examples.")
-        parser.add_argument("--max-length", type=int, help="Tokens per example (the reply is always kept).")
-        parser.add_argument("--batch-size", type=int)
-        parser.add_argument("--grad-accum-steps", type=int)
-        parser.add_argument("--eval-samples", type=int, dest="eval_generate_samples", help="Replies generated.")
-        parser.add_argument("--eval-max-new-tokens", type=int)
-        parser.add_argument("--max-eval-examples", type=int, help="Validation examples for the loss.")
-        parser.add_argument("--seed", type=int)
+        # One option per setting the service lets a person choose (--learning-rate, --lora-r, …).
+        for setting in training_settings_requestable():
+            parser.add_argument(
+                f"--{setting.name.replace('_', '-')}",
+                *SETTING_ALIASES.get(setting.name, []),
+                dest=setting.name,
+                type=setting.type,
+                help=setting.help if setting.default is None else f"{setting.help} Default: {setting.default}.",
+            )
         parser.add_argument(
             "--promote",
             action=argparse.BooleanOptionalAction,
@@ -68,20 +74,11 @@ class Command(BaseCommand):
             self.stdout.write(f"{active.label} is already active ({active.base_model}); nothing to do.")
             return
 
-        names = (
-            "epochs",
-            "learning_rate",
-            "lora_r",
-            "max_examples",
-            "max_length",
-            "batch_size",
-            "grad_accum_steps",
-            "eval_generate_samples",
-            "eval_max_new_tokens",
-            "max_eval_examples",
-            "seed",
-        )
-        hyperparameters = {name: options[name] for name in names if options.get(name) is not None}
+        hyperparameters = {
+            setting.name: options[setting.name]
+            for setting in training_settings_requestable()
+            if options.get(setting.name) is not None
+        }
         dataset = self._dataset(options["dataset"])
         have_dataset = dataset is not None or DatasetVersion.objects.exists()
         build_fresh = options["build_fresh"] or (options["build_fresh_if_missing"] and not have_dataset)
@@ -101,10 +98,10 @@ class Command(BaseCommand):
             )
         except ApplicationError as exc:
             code = NO_DATASET_EXIT if exc.code in {"no_dataset", "no_dataset_builder", "dataset_missing"} else 1
-            raise CommandError(exc.message, returncode=code) from exc
+            raise command_error(exc, returncode=code) from exc
         self.stdout.write(f"Run #{run.pk}: training (Ctrl-C stops it; the run is then marked failed by --reap)")
         # The progress bar prints the trainer's messages; its logger would print them a second time.
-        trainer_log = logging.getLogger("finetune.training")
+        trainer_log = logging.getLogger("finetune.ml.training")
         level = trainer_log.level
         trainer_log.setLevel(logging.WARNING)
         try:
@@ -125,7 +122,7 @@ class Command(BaseCommand):
     def _report(self, run: TrainingRun) -> None:
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise CommandError(f"Run #{run.pk} {run.get_status_display().lower()}: {run.error or 'cancelled'}")
-        version = ModelVersion.objects.get(training_run=run)
+        version = model_version_of_run(run)
         metrics = run.eval_metrics
         shown = {
             "validation loss": metrics.get("eval_loss"),

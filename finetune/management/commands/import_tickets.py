@@ -16,8 +16,9 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from finetune.importers import CSV_FIELDS, FORMATS, RowError, parse_field_map
-from finetune.services import ticket_import
+from finetune.management.errors import command_error
+from finetune.ml.importers import CSV_FIELDS, FORMATS, RowError, parse_field_map
+from finetune.services.tickets import IMPORT_BATCH_SIZE, ticket_import
 from supportbot.errors import ApplicationError
 
 
@@ -39,7 +40,12 @@ class Command(BaseCommand):
             help=f"For --format csv: which column holds each field. Fields: {', '.join(CSV_FIELDS)}. "
             "customer_message and agent_reply are required.",
         )
-        parser.add_argument("--batch-size", type=int, default=500, help="Tickets per transaction (default 500).")
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=IMPORT_BATCH_SIZE,
+            help=f"Tickets per transaction (default {IMPORT_BATCH_SIZE}).",
+        )
         parser.add_argument("--no-progress", action="store_true", help="Do not draw a progress bar.")
 
     def handle(self, *args, path: Path, fmt: str, source, map, batch_size: int, no_progress: bool, **options):  # noqa: A002
@@ -73,7 +79,7 @@ class Command(BaseCommand):
                 on_problem=report,
             )
         except ApplicationError as exc:
-            raise CommandError(exc.message) from exc
+            raise command_error(exc) from exc
         finally:
             bar.close()
         for warning in summary.warnings:

@@ -1,0 +1,16 @@
+"""The machine-learning core of fine-tuning, in plain Python: no Django, no database.
+
+Each module takes paths, configs and iterables, so it runs from a script or a test
+with nothing else set up; the services in ``finetune.services`` wrap them and record
+what they did. An import-linter contract (pyproject.toml) keeps Django and the
+project's apps out of this package.
+
+- ``importers``: stream tickets out of Bitext CSV, mapped CSV and JSONL files.
+- ``redaction``: replace personal data with typed placeholders (``{{EMAIL}}``).
+- ``prompting``: the one template that turns a conversation into model text.
+- ``dataset_builder``: redact, render, deduplicate, split and save a dataset.
+- ``training``: LoRA fine-tuning of a causal LM on such a dataset.
+- ``evaluation``: validation loss, ROUGE-L and the retrieval baseline.
+- ``base_model``: find the base model to fine-tune and serve, offline if need be.
+- ``tiny``: build a small GPT-2 with its own tokenizer, for tests and benchmarks.
+"""

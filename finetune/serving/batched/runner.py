@@ -1,0 +1,324 @@
+"""The batched engine's forward passes: prefill admitted prompts, then advance every row a token per step.
+
+``Runner`` owns the batches (one ``KVBatch`` per model being served, see ``kv.py``)
+and runs on the generation thread only. For requests the scheduler admitted, it
+builds each prompt (trimmed to the context window), reuses cached prefix keys and
+values, prefills the prompts in the groups the scheduler chose, and takes each
+reply's first token; each decode step then gives every row its next token. A row
+leaves its batch when its reply stops, reaches its length, is cancelled or times
+out; its request gets the held-back text and ``GenerationDone``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from finetune.ml.prompting import stop_sequences
+
+from ..interface import GenerationDone, GenerationParams, TokenDelta
+from ..kv import KVBatch, forward, prefill_forward
+from ..loading import LoadedModel, context_window
+from ..text import ReplyText, prompt_ids_for, token_budget
+from .scheduler import Job, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Row:
+    """One reply being generated: its text so far and where its next token goes."""
+
+    job: Job
+    reply: ReplyText
+    max_new: int
+    cached: list[int] = field(default_factory=list)  # token ids whose keys/values are in the cache
+    position: int = 0  # position id of ``next_token``
+    next_token: int = 0  # the last chosen token, fed to the model at the next step
+    count: int = 0  # tokens of reply text (the end-of-sequence token is not counted)
+    logprob_sum: float = 0.0
+    logprob_n: int = 0
+    first_at: float | None = None
+
+
+@dataclass(eq=False)
+class Prefill:
+    """An admitted prompt waiting for its prefill pass."""
+
+    row: Row
+    reused: int  # leading prompt tokens whose keys/values come from the prefix cache
+    layers: list | None  # the cached keys/values they come from
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.row.cached) - self.reused
+
+
+class Runner:
+    def __init__(self, scheduler: Scheduler, *, prefix_cache_bytes: int):
+        self.scheduler = scheduler
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.batches: list[KVBatch] = []
+        self.steps = 0  # decode steps taken (observability and tests)
+        self.prefills = 0  # prefill forward passes
+        self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batches (replies being generated right now)."""
+        return sum(len(batch.rows) for batch in self.batches)
+
+    def prefix_stats(self) -> dict[str, int]:
+        caches = [batch.prefixes for batch in list(self.batches)]
+        return {
+            "hits": sum(c.hits for c in caches),
+            "reused_tokens": sum(c.reused_tokens for c in caches),
+            "entries": sum(len(c.entries) for c in caches),
+            "bytes": sum(c.bytes for c in caches),
+        }
+
+    def _batch_for(self, loaded: LoadedModel) -> KVBatch:
+        for batch in self.batches:
+            if batch.loaded is loaded:
+                return batch
+        batch = KVBatch(loaded, self.prefix_cache_bytes)
+        self.batches.append(batch)
+        return batch
+
+    # --- admitting requests ----------------------------------------------------------------
+
+    def admit(
+        self, jobs: list[Job], loaded: LoadedModel, grouping: Callable[[Sequence[Prefill]], list[list[Prefill]]]
+    ) -> None:
+        """Prefill the prompts of newly admitted requests, in the groups ``grouping`` forms, and add them to the batch.
+
+        Tokens a prompt shares with a cached earlier prompt (the conversation's last turn,
+        or any conversation's system prompt) are not computed again. Each new reply's
+        first token comes out of this prefill.
+        """
+        batch = self._batch_for(loaded)
+        ready: list[Prefill] = []
+        for job in jobs:
+            if job.cancelled or time.monotonic() > job.deadline:
+                self.finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
+                continue
+            reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(job.request.params.stop))
+            try:
+                max_prompt, max_new = token_budget(context_window(loaded), job.request.params.max_new_tokens)
+                ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("Building the prompt failed for %s", job.request.key)
+                self.finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
+                continue
+            reused, layers = batch.prefixes.lookup(job.request.key, ids)
+            row = Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
+            ready.append(Prefill(row=row, reused=reused, layers=layers))
+        for group in grouping(ready):
+            self._prefill(group, batch)
+
+    def _prefill(self, group: list[Prefill], batch: KVBatch) -> None:
+        """One forward pass over several prompts' uncached tokens (left-padded), then their first tokens."""
+        loaded = batch.loaded
+        try:
+            logits, layers_per_row = prefill_forward(
+                loaded,
+                [item.row.cached for item in group],
+                [item.reused for item in group],
+                [item.layers for item in group],
+            )
+        except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
+            log.exception("Prefill failed for %d requests", len(group))
+            for item in group:
+                self.finish_job(
+                    item.row.job, "error", reply=item.row.reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}"
+                )
+            return
+        self.prefills += 1
+        self.prefilled_rows += len(group)
+        tokens, logprobs = _choose(logits, [item.row for item in group])
+        joining = []
+        for item, token, logprob, layers in zip(group, tokens, logprobs, layers_per_row, strict=True):
+            if not self._accept(item.row, token, logprob, loaded):
+                joining.append((item.row, layers))
+            elif batch.prefixes.budget_bytes:
+                batch.prefixes.store(item.row.job.request.key, item.row.cached, layers)
+        if joining:
+            batch.add(joining)
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def step_all(self, serving: LoadedModel | None) -> None:
+        """One decode step of every batch; then forget batches of a replaced model once they are empty."""
+        for batch in list(self.batches):
+            self._step(batch)
+        self.batches = [b for b in self.batches if b.rows or b.loaded is serving]
+
+    def _step(self, batch: KVBatch) -> None:
+        """Drop rows that must stop, then advance every other row by one token."""
+        import torch
+
+        now = time.monotonic()
+        keep = []
+        for i, row in enumerate(batch.rows):
+            if row.job.cancelled:
+                self._finish_row(row, "cancelled", batch.loaded)
+                self._remember(batch, i)
+            elif now > row.job.deadline:
+                self._finish_row(row, "timeout", batch.loaded)
+                self._remember(batch, i)
+            else:
+                keep.append(i)
+        batch.keep(keep)
+        if not batch.rows:
+            return
+        device = batch.loaded.device
+        input_ids = torch.tensor([[row.next_token] for row in batch.rows], device=device)
+        positions = torch.tensor([[row.position] for row in batch.rows], device=device)
+        mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=device)], 1)
+        logits, batch.cache = forward(
+            batch.loaded.model, batch.cache, input_ids=input_ids, attention_mask=mask, position_ids=positions
+        )
+        batch.mask = mask
+        self.steps += 1
+        for row in batch.rows:
+            row.cached.append(row.next_token)
+            row.position += 1
+        tokens, logprobs = _choose(logits[:, -1, :], batch.rows)
+        keep = []
+        for i, row in enumerate(batch.rows):
+            if self._accept(row, tokens[i], logprobs[i], batch.loaded):
+                self._remember(batch, i)
+            else:
+                keep.append(i)
+        batch.keep(keep)
+
+    def _remember(self, batch: KVBatch, index: int) -> None:
+        """Keep a finished row's keys and values for the conversation's next turn."""
+        if batch.prefixes.budget_bytes:
+            row = batch.rows[index]
+            batch.prefixes.store(row.job.request.key, row.cached, batch.row_layers(index))
+
+    def _accept(self, row: Row, token: int, logprob: float, loaded: LoadedModel) -> bool:
+        """Take the row's next token; True when the row is finished (and has been told so)."""
+        if math.isfinite(logprob):
+            row.logprob_sum += logprob
+            row.logprob_n += 1
+        if token == loaded.tokenizer.eos_token_id:
+            self._finish_row(row, "stop", loaded)
+            return True
+        row.count += 1
+        if row.first_at is None:
+            row.first_at = time.monotonic()
+        delta = row.reply.push(token)
+        if delta:
+            row.job.emit(TokenDelta(delta))
+        if row.reply.stopped:
+            self._finish_row(row, "stop", loaded)
+            return True
+        if row.count >= row.max_new:
+            self._finish_row(row, "length", loaded)
+            return True
+        row.next_token = token
+        return False
+
+    # --- ending replies ------------------------------------------------------------------------
+
+    def _finish_row(self, row: Row, reason: str, loaded: LoadedModel) -> None:
+        self.finish_job(
+            row.job,
+            reason,
+            reply=row.reply,
+            loaded=loaded,
+            count=row.count,
+            mean_logprob=_mean(row.logprob_sum, row.logprob_n),
+            first_at=row.first_at,
+        )
+
+    def finish_job(
+        self,
+        job: Job,
+        reason: str,
+        *,
+        reply: ReplyText | None,
+        loaded: LoadedModel | None,
+        error: str = "",
+        count: int = 0,
+        mean_logprob: float | None = None,
+        first_at: float | None = None,
+    ) -> None:
+        """Send the held-back tail and the final event; free the key first, so the next turn may start."""
+        if reply is not None and not reply.stopped:
+            tail = reply.flush()
+            if tail:
+                job.emit(TokenDelta(tail))
+        with self.scheduler.cond:
+            self.scheduler.release(job)
+        end = time.monotonic()
+        job.emit(
+            GenerationDone(
+                text=reply.text if reply is not None else "",
+                finish_reason=reason,
+                token_count=count,
+                mean_logprob=mean_logprob,
+                model_label=loaded.label if loaded is not None else "",
+                first_token_ms=int((first_at - job.submitted) * 1000) if first_at else None,
+                latency_ms=int((end - job.submitted) * 1000),
+                error=error,
+            )
+        )
+
+    def fail_all(self, error: str) -> None:
+        """A batch step failed: every running row ends with an error; the engine starts afresh."""
+        for batch in self.batches:
+            for row in batch.rows:
+                self.finish_job(
+                    row.job,
+                    "error",
+                    reply=row.reply,
+                    loaded=batch.loaded,
+                    error=error,
+                    count=row.count,
+                    mean_logprob=_mean(row.logprob_sum, row.logprob_n),
+                    first_at=row.first_at,
+                )
+        self.batches = []
+
+
+def _mean(total: float, count: int) -> float | None:
+    return total / count if count else None
+
+
+def _choose(logits, rows: list[Row]) -> tuple[list[int], list[float]]:
+    """Each row's next token (greedy, or sampled with its temperature and top-p) and its log-probability.
+
+    The log-probability is that of the model's own distribution (before temperature),
+    the confidence measure the low-confidence handoff reads.
+    """
+    import torch
+
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = torch.argmax(logits, dim=-1)
+    for i, row in enumerate(rows):
+        params = row.job.request.params
+        if params.temperature > 0:
+            chosen[i] = _sample(logits[i], params)
+    picked = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    return chosen.tolist(), picked.tolist()
+
+
+def _sample(logits, params: GenerationParams) -> int:
+    """One token from ``softmax(logits / temperature)``, restricted to the top-p nucleus."""
+    import torch
+
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1))

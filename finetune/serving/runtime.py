@@ -1,0 +1,307 @@
+"""The process's inference engine, serving the active model version (Django glue).
+
+The only module of ``finetune.serving`` that reads settings and the database; the
+engines it runs are plain Python.
+
+- ``get_engine()`` returns this process's engine, loading the active ``ModelVersion``
+  on first use, or None when no version is active (the chat then says so and offers
+  a human). What it returns is wrapped in the safety filter (``finetune.serving.safety``):
+  every delta a consumer streams is already masked; the blocked terms come from the
+  chat app through ``finetune.providers``.
+- ``SUPPORTBOT_ENGINE`` picks the engine: ``batched`` (default, ``BatchedEngine``) or
+  ``naive`` (``NaiveEngine``, one ``generate()`` at a time).
+- Reloads: after a promotion or rollback commits, the fine-tuning side sends
+  ``{"type": "model.changed", "version_id": ..., "label": ...}`` to the channel-layer
+  group ``models``. Each process listens with a task of its own (started by the first
+  ``get_engine()`` on an event loop), loads the now active version in a worker thread,
+  and swaps it in: replies already running finish on the old model, new ones use the
+  new model. ``inference_reload()`` does the same when called directly.
+- Preload: ``preload_start()`` (called by ``supportbot/asgi.py`` when the server starts)
+  loads the active version in a background thread, so the first customer after a
+  restart does not wait for the load. ``engine_status()`` says what this process
+  serves, is loading, or failed to load (shown by ``/healthz``).
+- ``generation_params()``: the reply limits from settings. The chat builds the prompt
+  (``conversations.selectors.prompt_messages``); the engine trims it to the context window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from finetune.providers import chat_data
+from finetune.services.model_versions import MODEL_CHANGED_EVENT, MODEL_EVENTS_GROUP
+
+from .batched import BatchedEngine
+from .interface import Engine, GenerationParams, GenerationRequest
+from .loading import load_for_inference
+from .naive import NaiveEngine
+from .safety import Masker, SafeEngine, reply_maskers
+
+log = logging.getLogger(__name__)
+
+# The promotion services send this event to this group after a promotion or rollback commits.
+MODELS_GROUP = MODEL_EVENTS_GROUP
+MODEL_CHANGED = MODEL_CHANGED_EVENT
+# channels-redis forgets group members after a day (group_expiry); re-joining hourly keeps
+# a long-running process subscribed.
+_GROUP_REFRESH_S = 3600
+
+_engine = None  # BatchedEngine or NaiveEngine, the model's owner
+_safe_engine: SafeEngine | None = None  # what get_engine() hands out
+_engine_version_id: int | None = None
+_engine_label: str | None = None
+_state_lock = threading.Lock()  # guards the four above
+_loading_label: str | None = None  # the version being loaded now, if any
+_load_error: str | None = None  # why the last load failed (cleared by the next success)
+_load_lock = threading.Lock()  # one model load at a time, so the last promotion wins
+
+_listener: asyncio.Task | None = None
+_listener_ready: asyncio.Future | None = None
+
+
+# --- the engine ------------------------------------------------------------------------
+
+
+def _make_engine(loaded):
+    if settings.SUPPORTBOT_ENGINE == "naive":
+        return NaiveEngine(loaded)
+    return BatchedEngine(
+        loaded,
+        max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE,
+        prefix_cache_mb=settings.SUPPORTBOT_PREFIX_CACHE_MB,
+    )
+
+
+def inference_reload() -> str | None:
+    """Serve the active model version: load it if it is not the one served, and swap it in.
+
+    Blocking (loading takes seconds): call it from a thread, never on the event loop
+    (``areload()`` does). Returns the label served, or None when no version is active;
+    then new requests get no engine while replies already running finish. A failed load
+    raises, leaves whatever was served in place, and is reported by ``engine_status()``.
+    """
+    global _engine, _safe_engine, _engine_version_id, _engine_label, _loading_label, _load_error
+    from finetune.selectors import model_version_active
+
+    with _load_lock:
+        # Read inside the lock: when two promotions race, the load that runs last reads
+        # the version that is active last.
+        version = model_version_active()
+        if version is None:
+            with _state_lock:
+                old, _engine, _safe_engine = _engine, None, None
+                _engine_version_id = _engine_label = _load_error = None
+            if old is not None:
+                old.close(timeout=0)  # finishes what runs, then its thread ends
+            return None
+        with _state_lock:
+            if _engine is not None and _engine_version_id == version.pk:
+                return version.label
+        path = version.merged_path or version.adapter_path
+        log.info("Loading model %s from %s", version.label, path)
+        _loading_label = version.label
+        try:
+            loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
+        except Exception as exc:
+            _load_error = f"{version.label}: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            _loading_label = None
+        with _state_lock:
+            if _engine is None:
+                _engine = _make_engine(loaded)
+                _safe_engine = SafeEngine(_engine, _reply_maskers)
+            else:
+                _engine.swap(loaded)
+            _engine_version_id, _engine_label, _load_error = version.pk, version.label, None
+        log.info("Serving model %s", version.label)
+        return version.label
+
+
+def _reload_in_worker() -> str | None:
+    from django.db import connections
+
+    try:
+        return inference_reload()
+    finally:
+        connections.close_all()  # this worker thread's own connections only
+
+
+def preload_start() -> threading.Thread:
+    """Load the active version in a daemon thread now (server start), not on the first reply.
+
+    A failure is logged and left in ``engine_status()``; the first reply then tries again.
+    """
+
+    def preload() -> None:
+        try:
+            label = _reload_in_worker()
+        except Exception:
+            log.exception("Preloading the active model version failed; the first reply will try again")
+            return
+        if label is None:
+            log.info("No model version is active; nothing to preload")
+
+    thread = threading.Thread(target=preload, name="supportbot-model-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def engine_status() -> dict:
+    """What this process serves: ``{"serving": label|None, "loading": label|None, "error": str|None}``."""
+    with _state_lock:
+        serving = _engine_label if _engine is not None else None
+    return {"serving": serving, "loading": _loading_label, "error": _load_error}
+
+
+async def areload() -> str | None:
+    """``inference_reload()`` in a worker thread (loading a model must not block the event loop)."""
+    return await sync_to_async(_reload_in_worker, thread_sensitive=False)()
+
+
+async def get_engine() -> Engine | None:
+    """This process's engine (safety-filtered), or None when no model version is active."""
+    try:
+        started = await model_listener_start()
+    except Exception:  # the chat still works; only promotions wait for a restart (or the next try)
+        log.exception("Could not listen for model changes on the channel layer")
+        started = False
+    if _safe_engine is None:
+        await areload()
+    elif started:
+        # Just started listening: a promotion made before (after the preload, say) sent
+        # its event to nobody here, so check the active version once now. If that version
+        # cannot be loaded, the one already loaded goes on serving (engine_status says why).
+        try:
+            await areload()
+        except Exception:
+            log.exception("Loading the newly active model version failed; still serving %s", _engine_label)
+    return _safe_engine
+
+
+def engine_reset() -> None:
+    """Forget the engine, so the next ``get_engine()`` loads the active version afresh.
+
+    Replies already running on the old engine still finish; its thread then ends.
+    """
+    global _engine, _safe_engine, _engine_version_id, _engine_label, _load_error
+    with _state_lock:
+        old, _engine, _safe_engine, _engine_version_id, _engine_label = _engine, None, None, None, None
+        _load_error = None
+    if old is not None:
+        old.close(timeout=0)
+
+
+def served_engine():
+    """The unwrapped engine (``BatchedEngine`` or ``NaiveEngine``) or None; for tests and admin pages."""
+    return _engine
+
+
+# --- listening for promotions and rollbacks -------------------------------------------
+
+
+async def model_listener_start() -> bool:
+    """Start, once per event loop, the task that reloads on ``model.changed``; returns once it listens.
+
+    True when this call started it (so events sent before were missed).
+    """
+    global _listener, _listener_ready
+    loop = asyncio.get_running_loop()
+    started = False
+    if _listener is None or _listener.done() or _listener.get_loop() is not loop:
+        _listener_ready = loop.create_future()
+        _listener = loop.create_task(_listen(_listener_ready), name="supportbot-model-listener")
+        started = True
+    await asyncio.shield(_listener_ready)
+    return started
+
+
+async def model_listener_stop() -> None:
+    """Stop this loop's listener (tests; a server simply exits)."""
+    global _listener
+    task, _listener = _listener, None
+    if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+        # The flag as well as the cancel: redis-py may turn a cancellation inside a read
+        # into an error of its own, which the listener would otherwise retry.
+        task.stop_requested = True
+        task.cancel()
+        await asyncio.wait({task}, timeout=10)
+
+
+async def _listen(ready: asyncio.Future) -> None:
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        log.warning("No channel layer: model promotions will not reach this process until it restarts.")
+        ready.set_result(None)
+        return
+    try:
+        channel = await layer.new_channel()
+        await layer.group_add(MODELS_GROUP, channel)
+    except Exception as exc:
+        if not ready.done():
+            ready.set_exception(exc)
+        raise
+    ready.set_result(None)
+    refresher = asyncio.get_running_loop().create_task(_keep_membership(layer, channel))
+    try:
+        while True:
+            try:
+                message = await layer.receive(channel)
+            except Exception:
+                # redis-py can turn a cancellation into its own TimeoutError: stop when asked to.
+                current = asyncio.current_task()
+                if current.cancelling() or getattr(current, "stop_requested", False):
+                    raise asyncio.CancelledError from None
+                log.exception("Receiving model changes failed; listening again in 1 s")
+                await asyncio.sleep(1)
+                continue
+            if message.get("type") != MODEL_CHANGED:
+                continue
+            log.info("Model changed to %s: reloading", message.get("label") or message.get("version_id"))
+            try:
+                await areload()
+            except Exception:  # a failed load keeps the old model serving; the next event retries
+                log.exception("Reloading the model after %s failed", message)
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(Exception):
+            await layer.group_discard(MODELS_GROUP, channel)
+
+
+async def _keep_membership(layer, channel: str) -> None:
+    while True:
+        await asyncio.sleep(_GROUP_REFRESH_S)
+        try:
+            await layer.group_add(MODELS_GROUP, channel)
+        except Exception:  # Redis briefly away: try again at the next refresh
+            log.exception("Could not renew the %s group membership", MODELS_GROUP)
+
+
+# --- safety filter inputs ------------------------------------------------------------------
+
+
+async def _reply_maskers(request: GenerationRequest) -> list[Masker]:
+    """The maskers of one reply: personal data, and the chat's blocked terms (read fresh for each reply)."""
+    from channels.db import database_sync_to_async
+
+    return reply_maskers(await database_sync_to_async(chat_data().blocked_terms)())
+
+
+# --- building a reply request --------------------------------------------------------------
+
+
+def generation_params() -> GenerationParams:
+    """Generation limits from settings (read at call time, so tests can override them)."""
+    return GenerationParams(
+        max_new_tokens=settings.SUPPORTBOT_MAX_NEW_TOKENS,
+        stop=tuple(settings.SUPPORTBOT_STOP_SEQUENCES),
+        timeout_s=settings.SUPPORTBOT_GENERATION_TIMEOUT_S,
+    )

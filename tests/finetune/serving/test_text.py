@@ -1,0 +1,61 @@
+"""Fitting a conversation into the context window: whole turns dropped oldest first, both engines alike."""
+
+from __future__ import annotations
+
+from finetune.ml.prompting import render_prompt
+from finetune.serving.text import prompt_ids_for, token_budget, trim_messages
+from tests.finetune.serving.engine_models import (
+    SYSTEM,
+    assert_same_reply,
+    collect,
+    conversation,
+    naive_replies,
+    request,
+)
+
+
+def test_token_budget_leaves_room_for_the_reply():
+    assert token_budget(1024, 160) == (864, 160)
+    assert token_budget(128, 500) == (16, 112)  # an absurd max_new_tokens still leaves a prompt
+
+
+def test_trim_drops_whole_turns_oldest_first_and_keeps_the_system_prompt(gpt2):
+    tokenizer = gpt2.tokenizer
+    history = []
+    for i in range(30):
+        history.append(f"Question number {i}: where is my parcel with the blue box?")
+        history.append(f"Answer number {i}: it ships tomorrow morning from the warehouse.")
+    messages = conversation("Latest question about my refund?", *history)
+    full = len(tokenizer(render_prompt(messages, tokenizer))["input_ids"])
+    trimmed = trim_messages(messages, tokenizer, 300)
+    assert full > 300
+    assert len(tokenizer(render_prompt(trimmed, tokenizer))["input_ids"]) <= 300
+    assert trimmed[0] == SYSTEM
+    assert trimmed[-1] == messages[-1]
+    assert trimmed[1]["role"] == "customer"  # no orphan agent reply at the start
+    kept = trimmed[1:]
+    assert kept == messages[len(messages) - len(kept) :]  # the newest turns, whole and in order
+    # As many turns as fit: one more customer/agent pair would not.
+    assert len(tokenizer(render_prompt([SYSTEM, *messages[-len(kept) - 2 :]], tokenizer))["input_ids"]) > 300
+    assert trim_messages(messages, tokenizer, 10_000) == messages
+
+
+def test_trim_cuts_a_single_overlong_turn_from_its_start(gpt2):
+    tokenizer = gpt2.tokenizer
+    long_question = " ".join(f"word{i}" for i in range(400)) + " so where is my order?"
+    trimmed = trim_messages(conversation(long_question), tokenizer, 120)
+    assert trimmed[0] == SYSTEM
+    assert trimmed[-1]["content"].endswith("so where is my order?")
+    assert len(tokenizer(render_prompt(trimmed, tokenizer))["input_ids"]) <= 120
+
+
+async def test_both_engines_trim_an_overlong_conversation_the_same_way(engine, gpt2):
+    history = [f"Turn {i} talks about order {i} and its delivery to the shop." for i in range(80)]
+    messages = conversation("So where is it?", *history)
+    max_prompt, _ = token_budget(512, 40)
+    ids = prompt_ids_for(gpt2, messages, max_prompt)
+    assert len(ids) <= max_prompt
+    assert gpt2.tokenizer.decode(ids).startswith("System: You are the support assistant of Acme.")
+    (want,) = await naive_replies(gpt2, [messages], max_new_tokens=40)
+    _, got = await collect(engine, request("long", messages, max_new_tokens=40))
+    assert_same_reply(got, want)
