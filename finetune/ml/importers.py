@@ -17,6 +17,10 @@ CSV rows, ``customer_message`` and ``agent_reply``. A file without ids gets
 ``row-<n>`` (its n-th record), so importing the same file again finds the same ids.
 
     python -m finetune.ml.importers path/to/tickets.jsonl jsonl
+
+Why one module of ~600 lines: the three formats share the line reader (encoding and
+length problems per line) and the value parsers, which is where a file's mistakes
+become the reasons a person reads; each format's own part is short.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,25 +74,6 @@ FIELD_LIMITS = {
 MAX_TAGS = 32
 MAX_IDENTIFIERS = 50
 
-# Fields a --map may name, for CSV files of one customer message and one reply per row.
-CSV_FIELDS = (
-    "external_id",
-    "customer_message",
-    "agent_reply",
-    "subject",
-    "category",
-    "intent",
-    "tags",
-    "language",
-    "customer_segment",
-    "customer_name",
-    "customer_email",
-    "customer_phone",
-    "customer_address",
-    "customer_identifiers",
-    "created_at",
-    "resolved_at",
-)
 CSV_REQUIRED = ("customer_message", "agent_reply")
 BITEXT_REQUIRED = ("instruction", "response", "intent", "category")
 BITEXT_ENTITY_IDENTIFIERS = {"order_id": "order", "invoice_id": "invoice"}
@@ -136,6 +121,13 @@ class ParsedTicket:
         data = asdict(self)
         data.pop("line")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# The Ticket fields a record carries, in ParsedTicket's order: the one list the CSV field
+# map, the JSONL reader and the import service (finetune.services.tickets) derive theirs from.
+TICKET_FIELDS = tuple(f.name for f in fields(ParsedTicket) if f.name not in {"line", "messages"})
+# Fields a --map may name, for CSV files of one customer message and one reply per row.
+CSV_FIELDS = ("external_id", "customer_message", "agent_reply", *(f for f in TICKET_FIELDS[1:] if f != "metadata"))
 
 
 @dataclass(frozen=True)
@@ -303,6 +295,28 @@ def _identifiers(value: Any) -> list[Any]:
     return out
 
 
+def _field_values(get: Callable[[str], Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The Ticket fields ``names`` of one record, each parsed by its kind; ``get(name)`` gives the raw value."""
+    values: dict[str, Any] = {}
+    for name in names:  # in TICKET_FIELDS' order, so a record's first bad field is the one reported
+        raw = get(name)
+        if name == "tags":
+            values[name] = _tags(raw)
+        elif name == "customer_identifiers":
+            values[name] = _identifiers(raw)
+        elif name in {"created_at", "resolved_at"}:
+            values[name] = _datetime(raw, name)
+        else:
+            values[name] = _text(raw, name)
+    if "language" in values:
+        values["language"] = values["language"] or "en"
+    return values
+
+
+# The fields of a record read by ``_field_values`` (the id, the thread and the metadata are read apart).
+_RECORD_FIELDS = tuple(f for f in TICKET_FIELDS if f not in {"external_id", "metadata"})
+
+
 def _check_thread(messages: list[ParsedMessage]) -> None:
     if not messages:
         raise _RowProblem("missing_reply", "the ticket has no messages")
@@ -448,43 +462,14 @@ def _mapped_ticket(line: int, index: int, row: dict[str, str], field_map: dict[s
         line=line,
         external_id=external_id,
         messages=[ParsedMessage(ROLE_CUSTOMER, question), ParsedMessage(ROLE_AGENT, answer)],
-        subject=_text(get("subject"), "subject"),
-        category=_text(get("category"), "category"),
-        intent=_text(get("intent"), "intent"),
-        language=_text(get("language"), "language") or "en",
-        tags=_tags(get("tags")),
-        customer_segment=_text(get("customer_segment"), "customer_segment"),
-        customer_name=_text(get("customer_name"), "customer_name"),
-        customer_email=_text(get("customer_email"), "customer_email"),
-        customer_phone=_text(get("customer_phone"), "customer_phone"),
-        customer_address=_text(get("customer_address"), "customer_address"),
-        customer_identifiers=_identifiers(get("customer_identifiers")),
-        created_at=_datetime(get("created_at"), "created_at"),
-        resolved_at=_datetime(get("resolved_at"), "resolved_at"),
+        **_field_values(get, _RECORD_FIELDS),
     )
 
 
 # --- JSONL ---------------------------------------------------------------------------------
 
-_JSONL_KNOWN = {
-    "external_id",
-    "id",
-    "messages",
-    "subject",
-    "category",
-    "intent",
-    "tags",
-    "language",
-    "customer_segment",
-    "customer_name",
-    "customer_email",
-    "customer_phone",
-    "customer_address",
-    "customer_identifiers",
-    "created_at",
-    "resolved_at",
-    "metadata",
-}
+# What a JSONL record may hold besides the Ticket fields; anything else is kept in its metadata.
+_JSONL_KNOWN = {"id", "messages", *TICKET_FIELDS}
 
 
 def _jsonl_ticket(line: int, index: int, record: dict[str, Any]) -> ParsedTicket:
@@ -519,20 +504,8 @@ def _jsonl_ticket(line: int, index: int, record: dict[str, Any]) -> ParsedTicket
         line=line,
         external_id=_text(ident, "external_id") or f"row-{index}",
         messages=messages,
-        subject=_text(record.get("subject"), "subject"),
-        category=_text(record.get("category"), "category"),
-        intent=_text(record.get("intent"), "intent"),
-        language=_text(record.get("language"), "language") or "en",
-        tags=_tags(record.get("tags")),
-        customer_segment=_text(record.get("customer_segment"), "customer_segment"),
-        customer_name=_text(record.get("customer_name"), "customer_name"),
-        customer_email=_text(record.get("customer_email"), "customer_email"),
-        customer_phone=_text(record.get("customer_phone"), "customer_phone"),
-        customer_address=_text(record.get("customer_address"), "customer_address"),
-        customer_identifiers=_identifiers(record.get("customer_identifiers")),
         metadata=metadata,
-        created_at=_datetime(record.get("created_at"), "created_at"),
-        resolved_at=_datetime(record.get("resolved_at"), "resolved_at"),
+        **_field_values(record.get, _RECORD_FIELDS),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from django.db import reset_queries, transaction
 from django.utils import timezone
 
-from finetune.ml.importers import FORMATS, FormatError, ParsedTicket, RowError, read_tickets
+from finetune.ml.importers import FORMATS, TICKET_FIELDS, FormatError, ParsedTicket, RowError, read_tickets
 from finetune.models import Ticket, TicketMessage
 from supportbot.errors import ApplicationError
 
@@ -29,20 +29,8 @@ IMPORT_BATCH_SIZE = 500
 # Problems kept in the summary; all of them go to ``on_problem`` as they happen.
 MAX_PROBLEMS_KEPT = 100
 
-_TICKET_FIELDS = (
-    "subject",
-    "category",
-    "intent",
-    "language",
-    "tags",
-    "customer_segment",
-    "customer_name",
-    "customer_email",
-    "customer_phone",
-    "customer_address",
-    "customer_identifiers",
-    "metadata",
-)
+# The fields an import writes as they are (the id identifies the row; the dates may be absent).
+_TICKET_FIELDS = tuple(name for name in TICKET_FIELDS if name not in {"external_id", "created_at", "resolved_at"})
 
 
 @dataclass
