@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import http.server
 import threading
-import time
 
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from conversations.models import Message
 from finetune.models import ModelVersion
 from tests.conversations.conftest import LOW_CONFIDENCE_OFF
 from tests.factories import ModelVersionFactory
@@ -122,10 +122,23 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
     no = reply.find_element(By.XPATH, ".//button[text()='No']")
     no.click()
     wait.until(lambda d: (no.get_attribute("aria-pressed"), yes.get_attribute("aria-pressed")) == ("true", "false"))
+    # Every drawing of the buttons sets aria-pressed, even to the value it had: count them.
+    driver.execute_script(
+        """
+        window.__yesDrawn = 0;
+        new MutationObserver((records) => { window.__yesDrawn += records.length; })
+          .observe(arguments[0], {attributes: true, attributeFilter: ['aria-pressed']});
+        """,
+        yes,
+    )
     yes.click()
-    wait.until(lambda d: (yes.get_attribute("aria-pressed"), no.get_attribute("aria-pressed")) == ("true", "false"))
-    time.sleep(0.5)  # the server's echo of the answer arrives and is drawn
-    assert yes.get_attribute("aria-pressed") == "true"
+    # Drawn on the click, then again when the server's echo of the answer arrives (and any
+    # late echo of "No" before it): wait for that, in the state the last echo leaves.
+    wait.until(
+        lambda d: d.execute_script("return window.__yesDrawn") >= 2 and yes.get_attribute("aria-pressed") == "true"
+    )
+    assert Message.objects.get(pk=int(reply.get_attribute("data-id"))).helpful is True
+    assert no.get_attribute("aria-pressed") == "false"
     assert driver.switch_to.active_element == yes
 
     # Reload the shop page: the cross-site iframe has no cookie, its stored token brings the history back.
@@ -144,7 +157,7 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
 
     # Phone width: the open panel fits the screen.
     driver.set_window_size(390, 844)
-    time.sleep(0.3)
+    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return window.innerWidth") <= 390)
     bubble_of(driver).click()
     panel = driver.find_element(By.CSS_SELECTOR, "[data-supportbot-widget]").shadow_root.find_element(
         By.CSS_SELECTOR, ".panel"

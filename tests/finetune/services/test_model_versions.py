@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.models import ModelVersion, ModelVersionEvent
-from finetune.services.model_versions import model_version_promote, model_version_rollback
+from finetune.services.model_versions import model_version_promote, model_version_restorable, model_version_rollback
 from supportbot.errors import ApplicationError
 from tests.factories import ModelVersionFactory, UserFactory
 from tests.finetune.fixtures import version_with_files
@@ -60,3 +60,20 @@ def test_rollback_to_a_chosen_earlier_version(tmp_path):
     event = ModelVersionEvent.objects.filter(action="rolled_back").get()
     assert event.reason == "v3 and v2 misbehave"
     assert event.previous == versions[2]
+
+
+def test_only_a_version_that_served_and_does_not_now_can_be_restored(tmp_path):
+    """The admin offers "Restore" exactly where model_version_rollback would accept it."""
+    measured = {"eval_loss": 1.0, "validation_fingerprint": "same-set"}
+    v1 = version_with_files(tmp_path, metrics=measured)
+    v2 = version_with_files(tmp_path, metrics=measured)
+    candidate = version_with_files(tmp_path)
+    model_version_promote(version=v1)
+    model_version_promote(version=v2)
+    v1.refresh_from_db()
+    v2.refresh_from_db()
+    assert [model_version_restorable(v) for v in (v1, v2, candidate)] == [True, False, False]
+    for version in (v2, candidate):
+        with pytest.raises(ApplicationError):
+            model_version_rollback(to_version=version)
+    assert model_version_rollback(to_version=v1) == v1

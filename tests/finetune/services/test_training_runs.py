@@ -163,21 +163,22 @@ def test_cancel_stops_a_running_run_at_the_next_step(transactional_db, model_sto
     assert not (model_store / "runs" / str(run.pk)).exists()
 
 
-def test_soft_time_limit_fails_the_run(transactional_db, model_store, dataset_dir, fast_heartbeat):
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"soft_time_limit": 1, "time_limit": 60}, "soft time limit of 1 s"),  # the training loop stops
+        ({"soft_time_limit": 600, "time_limit": 1}, "hard time limit of 1 s"),  # the watchdog stops it
+    ],
+    ids=["soft", "hard"],
+)
+def test_a_time_limit_fails_the_run_and_removes_its_files(
+    transactional_db, model_store, dataset_dir, fast_heartbeat, limits, message
+):
     dataset_version_create(dataset_dir)
     run = training_run_request(hyperparameters={**FAST, "epochs": 100}, enqueue=False)
-    finished = training_run_execute(run_id=run.pk, soft_time_limit=1, time_limit=60)
+    finished = training_run_execute(run_id=run.pk, **limits)
     assert finished.status == TrainingRun.Status.FAILED
-    assert "soft time limit of 1 s" in finished.error
-    assert not ModelVersion.objects.exists()
-
-
-def test_hard_time_limit_fails_the_run_from_the_watchdog(transactional_db, model_store, dataset_dir, fast_heartbeat):
-    dataset_version_create(dataset_dir)
-    run = training_run_request(hyperparameters={**FAST, "epochs": 100}, enqueue=False)
-    finished = training_run_execute(run_id=run.pk, soft_time_limit=600, time_limit=1)
-    assert finished.status == TrainingRun.Status.FAILED
-    assert "hard time limit of 1 s" in finished.error
+    assert message in finished.error
     assert not (model_store / "runs" / str(run.pk)).exists()
     assert not ModelVersion.objects.exists()
 
