@@ -1,6 +1,7 @@
 # SupportBot: the commands the README quotes.
 #   make demo   install, migrate, demo logins, sample tickets, quick adapter, serve (Ctrl-C stops)
 #   make test   install and run the whole test suite
+#   make lint   ruff (style) and lint-imports (the layering contracts in pyproject.toml)
 # Nothing here needs a service: with DATABASE_URL / REDIS_URL unset, SQLite, the
 # in-memory channel layer and a file-based Celery broker are used.
 
@@ -43,6 +44,8 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	# PYTHONPATH: analyse this checkout, whichever one the virtualenv was installed from.
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -15,6 +15,11 @@ deduplication). ``BuildOptions.workers`` > 1 prepares examples (redact, render,
 tokenize) in forked worker processes, in input order, so the result is identical.
 
     python -m finetune.ml.dataset_builder tickets.jsonl var/tiny-gpt2 var/datasets/try
+
+Why one module of ~700 lines: one build is one pipeline (prepare each conversation,
+in worker processes or not; accept it into ``_Builder``'s counts, digests and
+lengths; split; write the card), and the card must describe exactly what those
+steps did, so they are read and changed together.
 """
 
 from __future__ import annotations

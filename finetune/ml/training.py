@@ -19,6 +19,11 @@ A failed or cancelled run removes OUTPUT_DIR.
 Run it from a shell (the Django service ``training_run_execute`` calls ``train_lora``)::
 
     python -m finetune.ml.training var/datasets/ds-1 /tmp/run --base /tmp/tiny-gpt2 --epochs 1
+
+Why one module of ~900 lines: it is one run, read top to bottom in its sections
+(config, data, model, the run); the data preparation, the loop and the evaluation
+calls change together whenever a setting is added. Its plain-Python neighbours
+(``evaluation``, ``prompting``) hold what other modules also use.
 """
 
 from __future__ import annotations
