@@ -9,6 +9,7 @@ from __future__ import annotations
 from django import forms
 
 from .models import DatasetVersion
+from .selectors import dataset_versions_recent
 from .services.training_runs import training_settings_requestable
 
 LATEST = "latest"
@@ -40,7 +41,7 @@ class RetrainForm(forms.Form):
                     help_text=setting.help,
                 )
         self.order_fields(["dataset", *FORM_SETTINGS, "auto_promote"])
-        versions = list(DatasetVersion.objects.order_by("-created_at", "-id")[:50])
+        versions = dataset_versions_recent(limit=50)
         choices = []
         if versions:
             choices.append((LATEST, f"Newest dataset ({versions[0].name})"))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db.models import Q
+
 from . import providers
 from .ml.dataset_builder import SourceConversation
 from .ml.redaction import CustomerFields
@@ -35,6 +37,17 @@ def model_version_of_run(run: TrainingRun) -> ModelVersion | None:
 
 def dataset_version_latest() -> DatasetVersion | None:
     return DatasetVersion.objects.order_by("-created_at", "-id").first()
+
+
+def dataset_versions_recent(*, limit: int) -> list[DatasetVersion]:
+    """The newest ``limit`` dataset versions, newest first."""
+    return list(DatasetVersion.objects.order_by("-created_at", "-id")[:limit])
+
+
+def dataset_version_find(name_or_id: str) -> DatasetVersion | None:
+    """The dataset version with this name, or this id when the text is a number."""
+    query = Q(name=name_or_id) | (Q(pk=int(name_or_id)) if name_or_id.isdigit() else Q())
+    return DatasetVersion.objects.filter(query).first()
 
 
 def _tickets(*, since: datetime | None, sources: Sequence[str] | None):

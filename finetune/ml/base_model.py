@@ -128,6 +128,18 @@ def _drop_quantization_config(config_path: Path) -> None:
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _from_hugging_face(name: str, tried: list[str], *, miss: str) -> ResolvedBase | None:
+    """``name`` from the local Hugging Face cache, else from the Hub if it answers; each miss is noted in ``tried``."""
+    cached = _in_hf_cache(name)
+    if cached:
+        return ResolvedBase(name=name, path=cached)
+    tried.append(f"Hugging Face cache for {name!r}: not cached")
+    if _hub_answers(name):
+        return ResolvedBase(name=name, path=name)
+    tried.append(f"Hugging Face Hub for {name!r}: {miss}")
+    return None
+
+
 def resolve_base_model(spec: str, model_store: str | Path) -> ResolvedBase:
     """Turn the ``SUPPORTBOT_BASE_MODEL`` value into a loadable model, or say why not."""
     spec = (spec or AUTO).strip()
@@ -141,26 +153,18 @@ def resolve_base_model(spec: str, model_store: str | Path) -> ResolvedBase:
                 return ResolvedBase(name=str(local.resolve()), path=str(local.resolve()))
             raise BaseModelNotFound(f"{local} is a directory but holds no config.json; it is not a Hugging Face model.")
         tried.append(f"local directory {spec!r}: not found")
-        cached = _in_hf_cache(spec)
-        if cached:
-            return ResolvedBase(name=spec, path=cached)
-        tried.append(f"Hugging Face cache for {spec!r}: not cached")
-        if _hub_answers(spec):
-            return ResolvedBase(name=spec, path=spec)
-        tried.append(f"Hugging Face Hub for {spec!r}: unreachable or unknown")
+        found = _from_hugging_face(spec, tried, miss="unreachable or unknown")
+        if found is not None:
+            return found
         raise BaseModelNotFound(
             f"Base model {spec!r} could not be found. Tried: {'; '.join(tried)}. Set SUPPORTBOT_BASE_MODEL "
             f"to a local model directory, to 'smollm2' for the bundled offline model, or to 'auto'."
         )
 
     if spec == AUTO:
-        cached = _in_hf_cache(DEFAULT_HUB_MODEL)
-        if cached:
-            return ResolvedBase(name=DEFAULT_HUB_MODEL, path=cached)
-        tried.append(f"Hugging Face cache for {DEFAULT_HUB_MODEL!r}: not cached")
-        if _hub_answers(DEFAULT_HUB_MODEL):
-            return ResolvedBase(name=DEFAULT_HUB_MODEL, path=DEFAULT_HUB_MODEL)
-        tried.append(f"Hugging Face Hub for {DEFAULT_HUB_MODEL!r}: unreachable")
+        found = _from_hugging_face(DEFAULT_HUB_MODEL, tried, miss="unreachable")
+        if found is not None:
+            return found
     try:
         path = convert_bundled(model_store)
     except BaseModelNotFound as exc:

@@ -92,3 +92,9 @@ def test_redis_down_lets_frames_through_with_a_warning(settings, caplog):
 
     assert asyncio.run(hit()) == (None, None)
     assert "Rate limit not applied" in caplog.text
+
+
+def test_frames_other_than_messages_share_a_larger_budget(settings):
+    settings.SUPPORTBOT_RATE_LIMIT = 10
+    assert ratelimit.rate_limit_for("msg") == 10
+    assert ratelimit.rate_limit_for("other") == 10 * ratelimit.OTHER_FRAMES_LIMIT_FACTOR

@@ -17,11 +17,10 @@ import logging
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db.models import Q
 
 from finetune.management.errors import command_error
 from finetune.models import DatasetVersion, TrainingRun
-from finetune.selectors import model_version_active, model_version_of_run
+from finetune.selectors import dataset_version_find, dataset_version_latest, model_version_active, model_version_of_run
 from finetune.services.training_runs import (
     training_run_execute,
     training_run_request,
@@ -80,7 +79,7 @@ class Command(BaseCommand):
             if options.get(setting.name) is not None
         }
         dataset = self._dataset(options["dataset"])
-        have_dataset = dataset is not None or DatasetVersion.objects.exists()
+        have_dataset = dataset is not None or dataset_version_latest() is not None
         build_fresh = options["build_fresh"] or (options["build_fresh_if_missing"] and not have_dataset)
         if not have_dataset and not build_fresh:
             raise CommandError(
@@ -113,8 +112,7 @@ class Command(BaseCommand):
     def _dataset(self, value: str | None) -> DatasetVersion | None:
         if not value:
             return None
-        query = Q(name=value) | (Q(pk=int(value)) if value.isdigit() else Q())
-        dataset = DatasetVersion.objects.filter(query).first()
+        dataset = dataset_version_find(value)
         if dataset is None:
             raise CommandError(f"No dataset version named or numbered {value!r}.", returncode=NO_DATASET_EXIT)
         return dataset
