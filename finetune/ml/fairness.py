@@ -1,0 +1,651 @@
+"""Statistics for bias monitoring: intervals, segment-against-rest tests, the alert rule.
+
+Plain Python over numpy, pandas, scipy and fairlearn; no Django. The monitoring
+dashboard (and the counterfactual probes, ``ml/probes.py``) feed it one row per
+rated bot reply and present what it returns.
+
+What it computes, and why these methods (docs/bias-monitoring.md says more):
+
+- **Intervals** (95% by default). Rates get the Wilson score interval
+  (:func:`wilson_interval`): unlike the normal "p ± 1.96·se" it stays inside
+  [0, 1] and keeps close to its nominal coverage for small n and rates near 0 or
+  1, which is where a segment's bad-rating rate lives. Means (scores, reply
+  length, latency) get a seeded percentile bootstrap (:func:`bootstrap_mean_interval`):
+  no normality assumption for skewed latencies or 1-5 scores.
+- **Segment against the rest**: for a rate, a G-test (log-likelihood ratio) on
+  the 2x2 table segment/rest x outcome (:func:`rate_test`); for a mean, Welch's
+  t-test (:func:`mean_test`), which does not assume equal variances.
+- **Many tests at once**: every segment x metric test of one report is one
+  family, corrected with Benjamini-Hochberg (:func:`benjamini_hochberg`), which
+  controls the false discovery rate: with 10 segments and 10 metrics, 100
+  uncorrected tests at 5% would raise about 5 false alerts every time.
+- **Intent as a control** (:func:`within_intent_comparison`): a segment that
+  asks harder questions gets worse ratings without being served worse. The
+  segment is compared with the rest *within each intent*, and the per-intent
+  gaps are averaged with the segment's own intent mix as weights (indirect
+  standardisation; in causal terms the effect on the segment, the ATT): the
+  "expected" value is what the segment would get if each of its questions were
+  answered as well as the rest's questions of the same intent. Its test is the
+  Cochran-Mantel-Haenszel test for rates and a stratified z-test for means.
+- **The alert rule** (:func:`alert_decision`): a segment is flagged only when
+  it has enough data (``n >= min_n``), its corrected test is significant, the
+  gap is material (relative gap above ``min_relative_gap``, or the
+  four-fifths ratio outside ``[ratio_low, ratio_high]``), and the gap is in the
+  metric's bad direction. Significance alone flags trivial gaps on big data;
+  a big gap alone flags noise on small data.
+- **Disaggregation** (:func:`disaggregate`): fairlearn's ``MetricFrame``
+  gives the overall value, the value by group, and the largest difference and
+  smallest ratio between groups and to the overall value.
+
+The entry point the dashboard calls is :func:`segment_report`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+RATE = "rate"
+MEAN = "mean"
+HIGHER = "higher"
+LOWER = "lower"
+
+Kind = Literal["rate", "mean"]
+Better = Literal["higher", "lower"] | None
+
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_RESAMPLES = 2000  # percentile-interval ends move by < 0.01 se between seeds at 2,000
+# Above this many values a mean's interval is the t interval (see bootstrap_mean_interval).
+BOOTSTRAP_MAX_N = 5000
+RESAMPLE_CHUNK = 2_000_000  # indices drawn at once: bounds the bootstrap's memory to ~16 MB
+
+
+# --- intervals -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    method: str  # "wilson", "bootstrap", "normal" or "none" (no data)
+
+
+def wilson_interval(successes: int, n: int, *, confidence: float = DEFAULT_CONFIDENCE) -> Interval:
+    """Wilson score interval for the rate ``successes / n``; (nan, nan) when n is 0."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return Interval(math.nan, math.nan, "none")
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return Interval(max(0.0, centre - half), min(1.0, centre + half), "wilson")
+
+
+def bootstrap_mean_interval(
+    values: Sequence[float] | np.ndarray,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    max_n: int | None = None,
+) -> Interval:
+    """Percentile bootstrap interval of the mean, reproducible for a given ``seed``.
+
+    Costs ``n_resamples x len(values)`` random draws, drawn in chunks so memory stays
+    bounded; one value gives a zero-width interval, none gives (nan, nan). Above
+    ``max_n`` values the t interval is returned instead (``method="normal"``): there
+    the mean's sampling distribution is normal to within what a bootstrap resolves,
+    and resampling 100,000 latencies 2,000 times would cost seconds per cell.
+    """
+    data = np.asarray(values, dtype=float)
+    n = data.size
+    if n == 0:
+        return Interval(math.nan, math.nan, "none")
+    if n == 1 or np.all(data == data[0]):
+        return Interval(float(data[0]), float(data[0]), "bootstrap")
+    if max_n is not None and n > max_n:
+        half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * data.std(ddof=1) / math.sqrt(n)
+        return Interval(float(data.mean() - half), float(data.mean() + half), "normal")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    per_chunk = max(1, RESAMPLE_CHUNK // n)
+    for start in range(0, n_resamples, per_chunk):
+        stop = min(n_resamples, start + per_chunk)
+        means[start:stop] = data[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    alpha = 1 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return Interval(float(low), float(high), "bootstrap")
+
+
+# --- tests -----------------------------------------------------------------------------
+
+
+def rate_test(successes: int, n: int, successes_rest: int, n_rest: int) -> float:
+    """G-test p-value that a segment's rate equals the rest's (2x2 table, no continuity correction).
+
+    1.0 when either side is empty or the outcome never (or always) happens: no evidence.
+    """
+    table = np.array([[successes, n - successes], [successes_rest, n_rest - successes_rest]], dtype=float)
+    if n == 0 or n_rest == 0 or table[:, 0].sum() == 0 or table[:, 1].sum() == 0:
+        return 1.0
+    _, p_value, _, _ = stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")
+    return float(p_value)
+
+
+def mean_test(values: Sequence[float] | np.ndarray, rest: Sequence[float] | np.ndarray) -> float:
+    """Welch's t-test p-value that two means are equal (no equal-variance assumption).
+
+    With fewer than two values on a side there is no variance to test with: 1.0. Two
+    constant samples are different for certain when their values differ (0.0).
+    """
+    a = np.asarray(values, dtype=float)
+    b = np.asarray(rest, dtype=float)
+    if a.size < 2 or b.size < 2:
+        return 1.0
+    if a.var() == 0 and b.var() == 0:
+        return 1.0 if a[0] == b[0] else 0.0
+    with warnings.catch_warnings():  # scipy warns of precision loss when one side is constant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (compare each with the false discovery rate)."""
+    if len(p_values) == 0:
+        return []
+    return [float(p) for p in stats.false_discovery_control(np.asarray(p_values, dtype=float), method="bh")]
+
+
+# --- the alert rule --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlertThresholds:
+    """When a gap becomes an alert. Phase B reads these from settings; the defaults are the issue's."""
+
+    min_n: int = 20  # fewer replies than this in a segment: greyed out, never alerted
+    alpha: float = 0.05  # Benjamini-Hochberg false discovery rate across one report's tests
+    min_relative_gap: float = 0.05  # |segment - rest| / |rest| above this is material
+    ratio_low: float = 0.8  # the four-fifths rule, on the favourable outcome's rate...
+    ratio_high: float = 1.25  # ...and its reciprocal
+
+
+def relative_gap(value: float, reference: float) -> float:
+    """|value - reference| / |reference|; inf when the reference is 0 and the value is not."""
+    if reference == 0:
+        return 0.0 if value == 0 else math.inf
+    return abs(value - reference) / abs(reference)
+
+
+def favourable_ratio(value: float, reference: float, *, kind: Kind, better: Better) -> float:
+    """The four-fifths ratio: segment over rest, on the outcome that is good for the customer.
+
+    For a rate where lower is better (bad-rating rate) that is the good-rating rate,
+    ``(1 - value) / (1 - reference)``; otherwise the values themselves.
+    """
+    if kind == RATE and better == LOWER:
+        value, reference = 1 - value, 1 - reference
+    if reference == 0:
+        return 1.0 if value == 0 else math.inf
+    return value / reference
+
+
+def direction(value: float, reference: float, better: Better) -> str:
+    """ "worse", "better" or "different" (a metric with no good direction), or "same"."""
+    if value == reference or any(math.isnan(x) for x in (value, reference)):
+        return "same"
+    if better is None:
+        return "different"
+    return "worse" if (value < reference) == (better == HIGHER) else "better"
+
+
+def is_material(value: float, reference: float, *, kind: Kind, better: Better, thresholds: AlertThresholds) -> bool:
+    ratio = favourable_ratio(value, reference, kind=kind, better=better)
+    return relative_gap(value, reference) > thresholds.min_relative_gap or not (
+        thresholds.ratio_low <= ratio <= thresholds.ratio_high
+    )
+
+
+@dataclass(frozen=True)
+class AlertDecision:
+    enough_data: bool
+    significant: bool
+    material: bool
+    direction: str
+    alert: bool
+    reason: str  # why it did or did not fire, for the page's tooltip
+
+
+def alert_decision(
+    *,
+    n: int,
+    p_adjusted: float,
+    value: float,
+    reference: float,
+    kind: Kind,
+    better: Better,
+    thresholds: AlertThresholds = AlertThresholds(),  # noqa: B008 (frozen, so a shared default is safe)
+) -> AlertDecision:
+    """The alert rule: enough data AND significant after correction AND material AND in the bad direction."""
+    enough = n >= thresholds.min_n
+    significant = p_adjusted < thresholds.alpha
+    material = is_material(value, reference, kind=kind, better=better, thresholds=thresholds)
+    way = direction(value, reference, better)
+    harmful = way in ("worse", "different")
+    alert = enough and significant and material and harmful
+    if not enough:
+        reason = f"n={n} is below the minimum of {thresholds.min_n}"
+    elif not significant:
+        reason = f"not significant after correction (p={p_adjusted:.3g}, alpha={thresholds.alpha})"
+    elif not material:
+        reason = "significant but not material (gap within the thresholds)"
+    elif not harmful:
+        reason = "significant and material, but in the customer's favour"
+    else:
+        reason = "significant and material gap against this segment"
+    return AlertDecision(enough, significant, material, way, alert, reason)
+
+
+# --- intent as a control ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WithinIntent:
+    """The segment against the rest within each intent, weighted by the segment's intent mix.
+
+    ``observed`` is the segment's value over the intents both sides have; ``expected``
+    is what the rest gets on the same intents, weighted like the segment's questions.
+    ``coverage`` is the share of the segment's rows in such intents.
+    """
+
+    observed: float
+    expected: float
+    difference: float
+    interval: Interval  # of the difference (normal approximation)
+    p_value: float
+    test: str  # "cmh" or "stratified-z"
+    strata: int
+    coverage: float
+
+
+def within_intent_comparison(
+    values: Sequence[float] | np.ndarray,
+    in_segment: Sequence[bool] | np.ndarray,
+    intents: Sequence[str] | np.ndarray,
+    *,
+    kind: Kind,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> WithinIntent | None:
+    """Compare a segment with the rest within intent (indirect standardisation); None when no
+    intent has rows on both sides.
+
+    Per intent k with ``n_k`` segment rows: the gap ``d_k = mean_segment_k - mean_rest_k``;
+    the summary ``D = sum_k w_k d_k`` with ``w_k = n_k / sum n_k`` (the segment's own
+    intent mix), so an intent the segment rarely asks about counts little however
+    the rest fares there. ``Var(D) = sum_k w_k^2 (s2_seg_k / n_seg_k + s2_rest_k / n_rest_k)``.
+
+    The p-value: for rates the Cochran-Mantel-Haenszel test (with continuity
+    correction), the standard test of "no association within any stratum" that
+    copes with small strata; for means a z-test of ``D / se(D)``, where a stratum's
+    variance on a side with one row is the metric's pooled variance.
+    """
+    frame = pd.DataFrame(
+        {"value": np.asarray(values, dtype=float), "seg": np.asarray(in_segment, dtype=bool), "intent": intents}
+    ).dropna(subset=["value"])
+    grouped = frame.groupby(["intent", "seg"])["value"].agg(["count", "mean", "var", "sum"]).unstack("seg")
+    if True not in grouped.columns.get_level_values("seg") or False not in grouped.columns.get_level_values("seg"):
+        return None
+    grouped = grouped.dropna(subset=[("count", True), ("count", False)])
+    if grouped.empty:
+        return None
+    n_seg = grouped[("count", True)].to_numpy(float)
+    n_rest = grouped[("count", False)].to_numpy(float)
+    mean_seg = grouped[("mean", True)].to_numpy(float)
+    mean_rest = grouped[("mean", False)].to_numpy(float)
+    weights = n_seg / n_seg.sum()
+    observed = float(weights @ mean_seg)
+    expected = float(weights @ mean_rest)
+    difference = observed - expected
+    if kind == RATE:
+        # Half a success and half a failure added per cell, so a stratum at 0% or 100%
+        # still carries variance in the interval (the CMH p-value needs no such help).
+        p_seg = (grouped[("sum", True)].to_numpy(float) + 0.5) / (n_seg + 1)
+        p_rest = (grouped[("sum", False)].to_numpy(float) + 0.5) / (n_rest + 1)
+        var_seg, var_rest = p_seg * (1 - p_seg), p_rest * (1 - p_rest)
+        x_seg, x_rest = grouped[("sum", True)].to_numpy(float), grouped[("sum", False)].to_numpy(float)
+        p_value = _cmh_p_value(x_seg, n_seg, x_rest, n_rest)
+        test = "cmh"
+    else:
+        pooled = float(frame["value"].var(ddof=1)) if len(frame) > 1 else 0.0
+        var_seg = np.where(n_seg > 1, grouped[("var", True)].fillna(pooled).to_numpy(float), pooled)
+        var_rest = np.where(n_rest > 1, grouped[("var", False)].fillna(pooled).to_numpy(float), pooled)
+        test = "stratified-z"
+    se = math.sqrt(float(np.sum(weights**2 * (var_seg / n_seg + var_rest / n_rest))))
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    if kind != RATE:
+        if se > 0:
+            p_value = float(2 * stats.norm.sf(abs(difference) / se))
+        else:
+            p_value = 1.0 if difference == 0 else 0.0
+    total_segment = int(frame["seg"].sum())
+    return WithinIntent(
+        observed=observed,
+        expected=expected,
+        difference=difference,
+        interval=Interval(difference - z * se, difference + z * se, "normal"),
+        p_value=p_value,
+        test=test,
+        strata=len(grouped),
+        coverage=float(n_seg.sum() / total_segment) if total_segment else 0.0,
+    )
+
+
+def _cmh_p_value(x_seg: np.ndarray, n_seg: np.ndarray, x_rest: np.ndarray, n_rest: np.ndarray) -> float:
+    """Cochran-Mantel-Haenszel test over 2x2 tables [[x_seg, n_seg - x_seg], [x_rest, n_rest - x_rest]]."""
+    total = n_seg + n_rest
+    successes = x_seg + x_rest
+    usable = total > 1
+    expected = n_seg * successes / total
+    variance = np.zeros_like(total)
+    variance[usable] = (n_seg[usable] * n_rest[usable] * successes[usable] * (total[usable] - successes[usable])) / (
+        total[usable] ** 2 * (total[usable] - 1)
+    )
+    if variance.sum() <= 0:
+        return 1.0
+    statistic = (max(abs(float(np.sum(x_seg[usable] - expected[usable]))) - 0.5, 0.0)) ** 2 / float(variance.sum())
+    return float(stats.chi2.sf(statistic, df=1))
+
+
+# --- disaggregation (fairlearn) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Disaggregation:
+    """A metric overall and by group (fairlearn MetricFrame), with differences and ratios."""
+
+    metric: str
+    overall: float
+    by_group: dict[str, float]
+    counts: dict[str, int]
+    difference_between_groups: float  # largest group value minus smallest
+    ratio_between_groups: float  # smallest over largest
+    difference_to_overall: float  # largest |group - overall|
+    ratio_to_overall: float  # smallest of group/overall and overall/group
+    by_control: dict[str, dict[str, float]] = field(default_factory=dict)  # control level -> group -> value
+
+
+def _mean_metric(y_true, y_pred) -> float:  # MetricFrame's signature; y_pred repeats y_true
+    return float(np.mean(y_true)) if len(y_true) else math.nan
+
+
+def _count_metric(y_true, y_pred) -> int:
+    return len(y_true)
+
+
+def disaggregate(
+    values: Sequence[float] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    *,
+    metric: str = "value",
+    control: Sequence[str] | np.ndarray | None = None,
+) -> Disaggregation:
+    """Disaggregate a per-row metric (0/1 for a rate) by group with fairlearn's MetricFrame.
+
+    The metric is an observed outcome, not a prediction, so MetricFrame gets it as both
+    ``y_true`` and ``y_pred`` and the metric function reads ``y_true``. With ``control``
+    (the intent), ``by_control`` holds the value by group within each control level.
+    Rows whose value is missing are left out.
+    """
+    from fairlearn.metrics import MetricFrame
+
+    data = pd.DataFrame({"value": np.asarray(values, dtype=float), "group": np.asarray(groups, dtype=object)})
+    if control is not None:
+        data["control"] = np.asarray(control, dtype=object)
+    data = data.dropna(subset=["value"])
+    if data.empty:
+        raise ValueError(f"disaggregate: no values for metric {metric!r}")
+    frame = MetricFrame(
+        metrics={"value": _mean_metric, "n": _count_metric},
+        y_true=data["value"].to_numpy(),
+        y_pred=data["value"].to_numpy(),
+        sensitive_features=data["group"].astype(str).rename("group"),
+    )
+    by_group = frame.by_group
+    result = Disaggregation(
+        metric=metric,
+        overall=float(frame.overall["value"]),
+        by_group={str(k): float(v) for k, v in by_group["value"].items()},
+        counts={str(k): int(v) for k, v in by_group["n"].items()},
+        difference_between_groups=float(frame.difference(method="between_groups")["value"]),
+        ratio_between_groups=float(frame.ratio(method="between_groups")["value"]),
+        difference_to_overall=float(frame.difference(method="to_overall")["value"]),
+        ratio_to_overall=float(frame.ratio(method="to_overall")["value"]),
+    )
+    if control is not None:
+        with warnings.catch_warnings():  # a group absent from one intent is NaN there, which is the point
+            warnings.simplefilter("ignore", RuntimeWarning)
+            controlled = MetricFrame(
+                metrics=_mean_metric,
+                y_true=data["value"].to_numpy(),
+                y_pred=data["value"].to_numpy(),
+                sensitive_features=data["group"].astype(str).rename("group"),
+                control_features=data["control"].astype(str).rename("control"),
+            ).by_group
+        by_control: dict[str, dict[str, float]] = {}
+        for (level, group), value in controlled.items():
+            if not pd.isna(value):
+                by_control.setdefault(str(level), {})[str(group)] = float(value)
+        result = Disaggregation(**{**asdict(result), "by_control": by_control})
+    return result
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-reply outcome: a 0/1 ``rate`` (bad rating, handoff) or a ``mean`` (score, latency)."""
+
+    name: str  # the row field that holds it; a missing value (None/NaN) leaves the row out
+    kind: Kind
+    better: Better  # HIGHER, LOWER, or None when neither way is good for the customer
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in (RATE, MEAN):
+            raise ValueError(f"Metric {self.name!r}: kind must be 'rate' or 'mean', not {self.kind!r}")
+        if self.better not in (HIGHER, LOWER, None):
+            raise ValueError(f"Metric {self.name!r}: better must be 'higher', 'lower' or None, not {self.better!r}")
+
+
+@dataclass(frozen=True)
+class SegmentTest:
+    """One segment against the rest on one metric, with the alert decision."""
+
+    field: str  # the segment dimension: "register", "language", "page_segment", ...
+    segment: str
+    metric: str
+    kind: str
+    better: str | None
+    n: int
+    n_rest: int
+    value: float
+    value_rest: float
+    interval: Interval
+    interval_rest: Interval
+    difference: float  # value - value_rest
+    relative_gap: float
+    ratio: float  # the four-fifths ratio (favourable outcome, segment over rest)
+    test: str  # "g-test" or "welch"
+    p_value: float
+    within_intent: WithinIntent | None
+    # What the decision uses: the within-intent comparison when there is one, else the raw one.
+    decision_basis: str  # "within-intent" or "raw"
+    p_adjusted: float
+    decision: AlertDecision
+
+    @property
+    def alert(self) -> bool:
+        return self.decision.alert
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    tests: list[SegmentTest]
+    thresholds: AlertThresholds
+    rows: int
+
+    @property
+    def alerts(self) -> list[SegmentTest]:
+        return [test for test in self.tests if test.alert]
+
+    def to_dict(self) -> dict:
+        """JSON-ready (nan and inf become None)."""
+        return _json_safe(
+            {
+                "rows": self.rows,
+                "thresholds": asdict(self.thresholds),
+                "tests": [{**asdict(t), "alert": t.alert} for t in self.tests],
+            }
+        )
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _memberships(column: pd.Series) -> dict[str, np.ndarray]:
+    """Segment -> boolean mask; a cell may hold one label or a list of labels (registers)."""
+    labels: dict[str, list[bool]] = {}
+    cells = column.tolist()
+    sets = [
+        set()
+        if cell is None or (isinstance(cell, float) and math.isnan(cell))
+        else {str(x) for x in cell}
+        if isinstance(cell, list | tuple | set | frozenset)
+        else {str(cell)}
+        for cell in cells
+    ]
+    for label in sorted(set().union(*sets)) if sets else []:
+        labels[label] = [label in s for s in sets]
+    return {label: np.asarray(mask, dtype=bool) for label, mask in labels.items()}
+
+
+def segment_report(
+    rows: pd.DataFrame | Iterable[Mapping],
+    *,
+    segment_fields: Sequence[str],
+    metrics: Sequence[Metric],
+    intent_field: str | None = "intent",
+    thresholds: AlertThresholds = AlertThresholds(),  # noqa: B008 (frozen)
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> SegmentReport:
+    """Every segment of every ``segment_fields`` column against the rest, on every metric.
+
+    ``rows``: one per rated reply, with the segment columns (a label, or a list of
+    labels for multi-label fields such as registers), the intent column and one
+    column per metric. Each (segment, metric) gets intervals, a raw test, the
+    within-intent comparison when ``intent_field`` is given, and the alert decision;
+    Benjamini-Hochberg runs once over all decision p-values of the report.
+    """
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    missing = [name for name in [*segment_fields, *(m.name for m in metrics)] if name not in frame.columns]
+    if intent_field is not None and intent_field not in frame.columns:
+        missing.append(intent_field)
+    if missing:
+        raise ValueError(f"segment_report: the rows have no column(s) {', '.join(missing)}")
+    drafts = []
+    for field_name in segment_fields:
+        for segment, mask in _memberships(frame[field_name]).items():
+            for metric in metrics:
+                raw = pd.to_numeric(frame[metric.name], errors="coerce").to_numpy(float)
+                present = ~np.isnan(raw)
+                seg_values, rest_values = raw[mask & present], raw[~mask & present]
+                if seg_values.size == 0 or rest_values.size == 0:
+                    continue
+                drafts.append(
+                    _draft(field_name, segment, metric, seg_values, rest_values, confidence, n_resamples, seed)
+                )
+                if intent_field is not None:
+                    drafts[-1]["within_intent"] = within_intent_comparison(
+                        raw[present], mask[present], frame[intent_field].to_numpy()[present], kind=metric.kind
+                    )
+    decision_p = [d["within_intent"].p_value if d.get("within_intent") else d["p_value"] for d in drafts]
+    adjusted = benjamini_hochberg(decision_p)
+    tests = []
+    for draft, p_adjusted in zip(drafts, adjusted, strict=True):
+        within = draft.pop("within_intent", None)
+        metric = draft.pop("_metric")
+        value, reference = (within.observed, within.expected) if within else (draft["value"], draft["value_rest"])
+        decision = alert_decision(
+            n=draft["n"],
+            p_adjusted=p_adjusted,
+            value=value,
+            reference=reference,
+            kind=metric.kind,
+            better=metric.better,
+            thresholds=thresholds,
+        )
+        tests.append(
+            SegmentTest(
+                **draft,
+                within_intent=within,
+                decision_basis="within-intent" if within else "raw",
+                p_adjusted=p_adjusted,
+                decision=decision,
+            )
+        )
+    return SegmentReport(tests=tests, thresholds=thresholds, rows=len(frame))
+
+
+def _draft(field_name, segment, metric, seg_values, rest_values, confidence, n_resamples, seed) -> dict:
+    value, value_rest = float(seg_values.mean()), float(rest_values.mean())
+    if metric.kind == RATE:
+        if not np.isin(np.concatenate([seg_values, rest_values]), (0.0, 1.0)).all():
+            raise ValueError(f"Metric {metric.name!r} is a rate: its values must be 0 or 1")
+        k, k_rest = int(seg_values.sum()), int(rest_values.sum())
+        interval = wilson_interval(k, seg_values.size, confidence=confidence)
+        interval_rest = wilson_interval(k_rest, rest_values.size, confidence=confidence)
+        p_value, test = rate_test(k, seg_values.size, k_rest, rest_values.size), "g-test"
+    else:
+        options = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "max_n": BOOTSTRAP_MAX_N}
+        interval = bootstrap_mean_interval(seg_values, **options)
+        interval_rest = bootstrap_mean_interval(rest_values, **options)
+        p_value, test = mean_test(seg_values, rest_values), "welch"
+    return {
+        "_metric": metric,
+        "field": field_name,
+        "segment": segment,
+        "metric": metric.name,
+        "kind": metric.kind,
+        "better": metric.better,
+        "n": int(seg_values.size),
+        "n_rest": int(rest_values.size),
+        "value": value,
+        "value_rest": value_rest,
+        "interval": interval,
+        "interval_rest": interval_rest,
+        "difference": value - value_rest,
+        "relative_gap": relative_gap(value, value_rest),
+        "ratio": favourable_ratio(value, value_rest, kind=metric.kind, better=metric.better),
+        "test": test,
+        "p_value": p_value,
+    }
