@@ -299,19 +299,36 @@ def within_intent_comparison(
     copes with small strata; for means a z-test of ``D / se(D)``, where a stratum's
     variance on a side with one row is the metric's pooled variance.
     """
-    frame = pd.DataFrame(
-        {"value": np.asarray(values, dtype=float), "seg": np.asarray(in_segment, dtype=bool), "intent": intents}
-    ).dropna(subset=["value"])
-    grouped = frame.groupby(["intent", "seg"])["value"].agg(["count", "mean", "var", "sum"]).unstack("seg")
-    if True not in grouped.columns.get_level_values("seg") or False not in grouped.columns.get_level_values("seg"):
+    data = np.asarray(values, dtype=float)
+    all_codes, uniques = pd.factorize(np.asarray(intents, dtype=object))
+    usable = ~np.isnan(data) & (all_codes >= 0)  # rows with a value and an intent
+    return _within_intent(
+        data[usable], np.asarray(in_segment, dtype=bool)[usable], all_codes[usable], len(uniques), kind, confidence
+    )
+
+
+def _within_intent(
+    data: np.ndarray, mask: np.ndarray, codes: np.ndarray, n_codes: int, kind: Kind, confidence: float
+) -> WithinIntent | None:
+    """within_intent_comparison on factorised intents (no missing values): counts and sums
+    per intent and side by ``np.bincount``, so a report over 100,000 rows stays fast."""
+    if n_codes == 0:
         return None
-    grouped = grouped.dropna(subset=[("count", True), ("count", False)])
-    if grouped.empty:
+
+    def per_intent(side: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = np.bincount(codes[side], minlength=n_codes).astype(float)
+        total = np.bincount(codes[side], weights=data[side], minlength=n_codes)
+        squares = np.bincount(codes[side], weights=data[side] ** 2, minlength=n_codes)
+        return count, total, squares
+
+    n_seg_all, x_seg_all, sq_seg_all = per_intent(mask)
+    n_rest_all, x_rest_all, sq_rest_all = per_intent(~mask)
+    shared = (n_seg_all > 0) & (n_rest_all > 0)
+    if not shared.any():
         return None
-    n_seg = grouped[("count", True)].to_numpy(float)
-    n_rest = grouped[("count", False)].to_numpy(float)
-    mean_seg = grouped[("mean", True)].to_numpy(float)
-    mean_rest = grouped[("mean", False)].to_numpy(float)
+    n_seg, x_seg, sq_seg = n_seg_all[shared], x_seg_all[shared], sq_seg_all[shared]
+    n_rest, x_rest, sq_rest = n_rest_all[shared], x_rest_all[shared], sq_rest_all[shared]
+    mean_seg, mean_rest = x_seg / n_seg, x_rest / n_rest
     weights = n_seg / n_seg.sum()
     observed = float(weights @ mean_seg)
     expected = float(weights @ mean_rest)
@@ -319,25 +336,26 @@ def within_intent_comparison(
     if kind == RATE:
         # Half a success and half a failure added per cell, so a stratum at 0% or 100%
         # still carries variance in the interval (the CMH p-value needs no such help).
-        p_seg = (grouped[("sum", True)].to_numpy(float) + 0.5) / (n_seg + 1)
-        p_rest = (grouped[("sum", False)].to_numpy(float) + 0.5) / (n_rest + 1)
+        p_seg = (x_seg + 0.5) / (n_seg + 1)
+        p_rest = (x_rest + 0.5) / (n_rest + 1)
         var_seg, var_rest = p_seg * (1 - p_seg), p_rest * (1 - p_rest)
-        x_seg, x_rest = grouped[("sum", True)].to_numpy(float), grouped[("sum", False)].to_numpy(float)
         p_value = _cmh_p_value(x_seg, n_seg, x_rest, n_rest)
         test = "cmh"
     else:
-        pooled = float(frame["value"].var(ddof=1)) if len(frame) > 1 else 0.0
-        var_seg = np.where(n_seg > 1, grouped[("var", True)].fillna(pooled).to_numpy(float), pooled)
-        var_rest = np.where(n_rest > 1, grouped[("var", False)].fillna(pooled).to_numpy(float), pooled)
+        pooled = float(data.var(ddof=1)) if data.size > 1 else 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var_seg = np.where(n_seg > 1, (sq_seg - n_seg * mean_seg**2) / (n_seg - 1), pooled)
+            var_rest = np.where(n_rest > 1, (sq_rest - n_rest * mean_rest**2) / (n_rest - 1), pooled)
+        var_seg, var_rest = np.maximum(var_seg, 0.0), np.maximum(var_rest, 0.0)  # rounding below zero
         test = "stratified-z"
     se = math.sqrt(float(np.sum(weights**2 * (var_seg / n_seg + var_rest / n_rest))))
-    z = stats.norm.ppf(0.5 + confidence / 2)
     if kind != RATE:
         if se > 0:
             p_value = float(2 * stats.norm.sf(abs(difference) / se))
         else:
             p_value = 1.0 if difference == 0 else 0.0
-    total_segment = int(frame["seg"].sum())
+    z = stats.norm.ppf(0.5 + confidence / 2)
+    total_segment = float(n_seg_all.sum())
     return WithinIntent(
         observed=observed,
         expected=expected,
@@ -345,7 +363,7 @@ def within_intent_comparison(
         interval=Interval(difference - z * se, difference + z * se, "normal"),
         p_value=p_value,
         test=test,
-        strata=len(grouped),
+        strata=int(shared.sum()),
         coverage=float(n_seg.sum() / total_segment) if total_segment else 0.0,
     )
 
@@ -532,19 +550,16 @@ def _json_safe(value):
 
 def _memberships(column: pd.Series) -> dict[str, np.ndarray]:
     """Segment -> boolean mask; a cell may hold one label or a list of labels (registers)."""
-    labels: dict[str, list[bool]] = {}
-    cells = column.tolist()
-    sets = [
-        set()
-        if cell is None or (isinstance(cell, float) and math.isnan(cell))
-        else {str(x) for x in cell}
-        if isinstance(cell, list | tuple | set | frozenset)
-        else {str(cell)}
-        for cell in cells
-    ]
-    for label in sorted(set().union(*sets)) if sets else []:
-        labels[label] = [label in s for s in sets]
-    return {label: np.asarray(mask, dtype=bool) for label, mask in labels.items()}
+    cells = column.reset_index(drop=True)
+    exploded = cells.explode().dropna()  # list-likes become one row per label; plain labels stay
+    codes, labels = pd.factorize(exploded.astype(str))
+    masks = {}
+    positions = exploded.index.to_numpy()
+    for code, label in enumerate(labels):
+        mask = np.zeros(len(cells), dtype=bool)
+        mask[positions[codes == code]] = True
+        masks[str(label)] = mask
+    return dict(sorted(masks.items()))
 
 
 def segment_report(
@@ -572,11 +587,13 @@ def segment_report(
         missing.append(intent_field)
     if missing:
         raise ValueError(f"segment_report: the rows have no column(s) {', '.join(missing)}")
+    columns = {m.name: pd.to_numeric(frame[m.name], errors="coerce").to_numpy(float) for m in metrics}
+    intent_codes = pd.factorize(frame[intent_field].astype(object))[0] if intent_field is not None else None
     drafts = []
     for field_name in segment_fields:
         for segment, mask in _memberships(frame[field_name]).items():
             for metric in metrics:
-                raw = pd.to_numeric(frame[metric.name], errors="coerce").to_numpy(float)
+                raw = columns[metric.name]
                 present = ~np.isnan(raw)
                 seg_values, rest_values = raw[mask & present], raw[~mask & present]
                 if seg_values.size == 0 or rest_values.size == 0:
@@ -584,9 +601,17 @@ def segment_report(
                 drafts.append(
                     _draft(field_name, segment, metric, seg_values, rest_values, confidence, n_resamples, seed)
                 )
-                if intent_field is not None:
-                    drafts[-1]["within_intent"] = within_intent_comparison(
-                        raw[present], mask[present], frame[intent_field].to_numpy()[present], kind=metric.kind
+                if intent_codes is not None:
+                    # Rows without an intent (code -1) take no part in the within-intent comparison.
+                    usable = present & (intent_codes >= 0)
+                    codes = intent_codes[usable]
+                    drafts[-1]["within_intent"] = _within_intent(
+                        raw[usable],
+                        mask[usable],
+                        codes,
+                        int(codes.max()) + 1 if codes.size else 0,
+                        metric.kind,
+                        confidence,
                     )
     decision_p = [d["within_intent"].p_value if d.get("within_intent") else d["p_value"] for d in drafts]
     adjusted = benjamini_hochberg(decision_p)
