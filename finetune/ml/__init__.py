@@ -13,4 +13,8 @@ project's apps out of this package.
 - ``evaluation``: validation loss, ROUGE-L and the retrieval baseline.
 - ``base_model``: find the base model to fine-tune and serve, offline if need be.
 - ``tiny``: build a small GPT-2 with its own tokenizer, for tests and benchmarks.
+- ``segments``: a customer message's register and language labels, at write time.
+- ``lexicons``: the word lists bias monitoring keeps (registers, politeness, refusals).
+- ``fairness``: intervals, segment-against-rest tests, the alert rule, intent as a control.
+- ``probe_set``, ``probes``: counterfactual bias probes of a model (registers, names, pronouns).
 """

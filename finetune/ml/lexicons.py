@@ -25,8 +25,8 @@ Where they come from:
   negative. Weights are on a -2..+2 scale chosen by hand: +2 for explicit
   apology or gratitude, +1 for offers of help and greetings, +0.5 for softeners;
   -1 for dismissive words, -2 for blame and profanity. The score is a sum, so a
-  curt "Check the website." scores 0 and a reply that greets, thanks and offers
-  help scores about 3-4.
+  curt "Check the website." scores 0 and a reply that thanks, apologises and
+  offers help ("Thank you... I'm sorry... I can help") scores about 5.
 """
 
 from __future__ import annotations

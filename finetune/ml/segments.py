@@ -6,7 +6,7 @@ loaded; ``bench/bench_segments.py`` measures it), so the monitoring dashboard re
 stored labels and never re-scans text.
 
     >>> message_segments("can u help me cancel my order pls")
-    {'registers': ['colloquial', 'polite'], 'register': 'colloquial', 'language': 'en', 'segmenter_version': 1}
+    {'registers': ['polite', 'colloquial'], 'register': 'colloquial', 'language': 'en', 'segmenter_version': 1}
 
 **Registers** are the ones the Bitext sample tags (its README): ``polite`` (P),
 ``colloquial`` (Q), ``typos`` (Z), ``offensive`` (W) and ``keyword_only`` (K). A
@@ -33,8 +33,8 @@ short sentences keywords.
 
 **Language** comes from py3langid (a maintained fork of langid.py; model shipped
 inside the package, no network), restricted to the languages support traffic
-is likely to be in (``DEFAULT_LANGUAGES``): restricting it roughly halves its
-errors on short messages. Text too short to tell ("ok", "1234") is ``und``.
+is likely to be in (``DEFAULT_LANGUAGES``): on the Bitext messages (all English)
+that cuts its errors from 1.6% to 0.2%. Text too short to tell ("ok", "1234") is ``und``.
 
 Labels carry ``SEGMENTER_VERSION``: a stored label says which rules made it, so a
 change to the rules can re-label old messages instead of mixing two definitions.
@@ -71,8 +71,8 @@ PRIMARY_REGISTER_ORDER = (OFFENSIVE, KEYWORD_ONLY, TYPOS, COLLOQUIAL, POLITE, PL
 
 UNDETERMINED_LANGUAGE = "und"
 # Languages of most European and large-market support traffic; py3langid knows 97,
-# and leaving all of them in mislabels short English messages (e.g. as Latin or
-# Tagalog) about twice as often. Pass ``languages=None`` to use all of them.
+# and leaving all of them in mislabels short English messages (as Latin, Nigerian
+# Pidgin, ...) about eight times as often. Pass ``languages=None`` to use all of them.
 DEFAULT_LANGUAGES = (
     "en", "fr", "de", "es", "it", "pt", "nl", "sv", "da", "no", "fi", "pl", "cs", "sk", "hu", "ro", "el",
     "tr", "ru", "uk", "bg", "ar", "he", "fa", "hi", "bn", "ur", "id", "ms", "vi", "th", "zh", "ja", "ko",
