@@ -111,7 +111,9 @@ def cut_repetition(
         candidates.append((words[index][1], "ngram"))
     if not candidates:
         return RepetitionCut(text=text, cut=False)
-    offset, reason = min(candidates)
+    # The earliest wins; at the same offset a repeated sentence is the plainest name for it.
+    priority = {"sentence": 0, "loop": 1, "ngram": 2}
+    offset, reason = min(candidates, key=lambda c: (c[0], priority[c[1]]))
     kept = text[:offset].rstrip()
     # A cut inside a sentence leaves a dangling clause; end at the last full sentence when
     # there is one, else keep the words and close them.
