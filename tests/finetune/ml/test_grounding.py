@@ -37,7 +37,8 @@ def test_closest_neighbours_of_the_voted_intent_go_into_the_system_turn(tokenize
     assert [h.position for h in prompt.used] == [1, 2]  # the refund answer is left out
     assert prompt.intent == "track_order"
     system = prompt.turns[0]["content"]
-    assert system.startswith(SYSTEM["content"]) and BLOCK_HEADER in system
+    assert system.startswith(SYSTEM["content"])
+    assert BLOCK_HEADER in system
     # The closest is written last, next to the customer's question.
     assert system.index("The courier's link") < system.index("Track it under Orders")
     assert "Refunds are under" not in system
@@ -57,7 +58,8 @@ def test_prompt_stays_within_the_budget_dropping_the_farthest_neighbour_first(to
     assert bare.token_count < one.token_count <= full.token_count - 1
     assert len(tokenizer(one.text, add_special_tokens=False)["input_ids"]) == one.token_count
     none = ground(messages, HITS, tokenizer, config=GroundingConfig(neighbours=2), max_prompt_tokens=bare.token_count)
-    assert none.used == [] and none.token_count == bare.token_count
+    assert none.used == []
+    assert none.token_count == bare.token_count
 
 
 def test_long_history_loses_old_turns_before_the_last_neighbour(tokenizer):
@@ -84,7 +86,8 @@ def test_answers_longer_than_the_limit_are_cut(tokenizer):
 
     prompt = ground(messages, [long], tokenizer, config=GroundingConfig(answer_tokens=30), max_prompt_tokens=5000)
 
-    assert prompt.used and prompt.turns[0]["content"].count("Step one") < 20
+    assert prompt.used
+    assert prompt.turns[0]["content"].count("Step one") < 20
 
 
 def test_training_examples_are_grounded_on_others_and_render_as_serving_does(tokenizer):

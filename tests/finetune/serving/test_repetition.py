@@ -14,7 +14,8 @@ def test_a_repeated_sentence_is_cut_and_marked():
 
     result = cut_repetition(reply)
 
-    assert result.cut and result.reason == "sentence"
+    assert result.cut
+    assert result.reason == "sentence"
     assert result.text == f"I'm sorry to hear that. {REFUND} Please keep the receipt."
 
 
@@ -23,7 +24,8 @@ def test_a_looping_phrase_is_cut_at_its_first_occurrence():
 
     result = cut_repetition(reply)
 
-    assert result.cut and result.reason == "loop"
+    assert result.cut
+    assert result.reason == "loop"
     assert result.text == "Je voudrais changer le nom de l'adresse"
 
 
@@ -31,7 +33,8 @@ def test_a_paragraph_said_twice_is_cut():
     para = "Log in to your account, open the orders page and choose the order you want to change"
     result = cut_repetition(f"Sure. {para} and then press save, {para} again")
 
-    assert result.cut and result.reason == "ngram"
+    assert result.cut
+    assert result.reason == "ngram"
     assert "again" not in result.text
 
 
@@ -60,10 +63,12 @@ def test_streaming_guard_stops_at_the_repeat_and_sends_the_same_text():
             break
     sent += guard.finish()
 
-    assert guard.cut and guard.reason == "sentence"
+    assert guard.cut
+    assert guard.reason == "sentence"
     assert sent == cut_repetition(reply).text == guard.text
     # It stopped as soon as the repeated sentence was complete, not at the end.
-    assert stopped_at is not None and stopped_at < len(reply) - len(REFUND)
+    assert stopped_at is not None
+    assert stopped_at < len(reply) - len(REFUND)
 
 
 def test_streaming_guard_passes_a_clean_reply_through():
@@ -71,4 +76,5 @@ def test_streaming_guard_passes_a_clean_reply_through():
     guard = RepetitionGuard()
     sent = "".join(guard.push(reply[i : i + 4]) for i in range(0, len(reply), 4)) + guard.finish()
 
-    assert sent == reply and not guard.cut
+    assert sent == reply
+    assert not guard.cut
