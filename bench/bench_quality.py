@@ -237,6 +237,27 @@ def served_replies(generated, grounded, facts_values, *, fallback_logprob: float
     return replies, cut, fell_back
 
 
+def first_sentence(text: str) -> str:
+    """The first sentence of an answer (up to its first . ! ? or line break), with the space after it."""
+    match = re.search(r"[.!?](\s|$)|\n", text)
+    return text[: match.end()] if match else text
+
+
+def consensus(candidates: list[str]) -> int:
+    """Index of the candidate most like the others (mean ROUGE-L): minimum-Bayes-risk selection."""
+    from finetune.evaluation import rouge_l
+
+    if len(candidates) < 3:
+        return 0
+    totals = [sum(rouge_l(c, o) for j, o in enumerate(candidates) if j != i) for i, c in enumerate(candidates)]
+    return max(range(len(candidates)), key=lambda i: (totals[i], -i))
+
+
+def same_intent_answers(prompt, hits, k: int) -> list[str]:
+    """The replies of the ``k`` nearest exchanges of the voted intent."""
+    return [h.exchange.reply for h in hits if not prompt.intent or h.exchange.intent == prompt.intent][:k]
+
+
 def evaluate_model(name, model, tokenizer, val_msgs, hits, refs, intents, classifier, facts_values, args):
     from finetune.ml.decoding import DecodingConfig
     from finetune.ml.grounding import GroundingConfig, ground
@@ -250,17 +271,22 @@ def evaluate_model(name, model, tokenizer, val_msgs, hits, refs, intents, classi
             ground(turns, found if args.neighbours > 0 else [], tokenizer, config=config, max_prompt_tokens=budget)
         )
     decoding = DecodingConfig(no_repeat_ngram_size=args.no_repeat_ngram, repetition_penalty=args.repetition_penalty)
+    # Priming: the reply starts with the first sentence of the closest answer, so the model
+    # continues on that answer's track (and its intent) instead of starting a ramble.
+    primes = [first_sentence(g.used[0].exchange.reply) if args.prime and g.used else "" for g in grounded]
     started = time.perf_counter()
     generated = generate(
         model,
         tokenizer,
-        [g.text for g in grounded],
+        [g.text + p for g, p in zip(grounded, primes, strict=True)],
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         decoding=decoding,
     )
     seconds = time.perf_counter() - started
     tokens = sum(g["tokens"] for g in generated)
+    for g, p in zip(generated, primes, strict=True):
+        g["raw"] = (p + g["raw"]).strip() if p else g["raw"]
     results = []
     grid = [None] + list(args.fallback_grid)
     for threshold in grid:
@@ -282,9 +308,30 @@ def evaluate_model(name, model, tokenizer, val_msgs, hits, refs, intents, classi
                 extra={"samples": replies[:3]} if threshold is None else {},
             )
         )
+    # Consensus: the model's reply among the 3 nearest same-intent answers, the one most like the rest.
+    from finetune.serving.placeholders import fill_placeholders
+    from finetune.serving.repetition import cut_repetition
+
+    chosen, picked_model = [], 0
+    for gen, prompt, found, (facts, values) in zip(generated, grounded, hits, facts_values, strict=True):
+        candidates = [cut_repetition(gen["raw"]).text, *same_intent_answers(prompt, found, 3)]
+        best = consensus(candidates)
+        picked_model += best == 0
+        chosen.append(fill_placeholders(candidates[best], facts, values))
+    results.append(
+        score(f"{name}+consensus", chosen, refs, intents, classifier, extra={"model_reply_chosen": picked_model})
+    )
     raw_replies = [g["raw"] for g in generated]
     results[0].extra["raw_repeated"] = sum(has_repetition(r) for r in raw_replies)
     results[0].extra["raw_slots"] = sum(bool(SLOT_RE.search(r)) for r in raw_replies)
+    results[0].extra["generated"] = [
+        {
+            "raw": g["raw"],
+            "mean_logprob": round(g["mean_logprob"], 4),
+            "top_score": round(p.used[0].score, 4) if p.used else None,
+        }
+        for g, p in zip(generated, grounded, strict=True)
+    ]
     results[0].extra["mean_logprob"] = round(sum(g["mean_logprob"] for g in generated) / len(generated), 4)
     return results
 
@@ -340,10 +387,12 @@ def train_quick(args, dataset: Path, train: Split, index, out_dir: Path) -> tupl
         seed=args.seed,
     )
     deadline = time.monotonic() + args.quick_seconds
+    steps_started = [0]
 
-    def check_stop():
+    def check_stop():  # called before every optimizer step
         if time.monotonic() > deadline:
             raise TimeoutError
+        steps_started[0] += 1
 
     started = time.perf_counter()
     stats = None
@@ -364,6 +413,14 @@ def train_quick(args, dataset: Path, train: Split, index, out_dir: Path) -> tupl
         "prepare_seconds": round(prepare_seconds, 1),
         "train_seconds": round(seconds, 1),
         "stopped_at_time_limit": stopped_early,
+        "steps_done": steps_started[0],
+        "approx_tokens_per_second": round(
+            min(steps_started[0] * args.quick_batch, len(examples))
+            * sum(len(e.input_ids) for e in examples)
+            / max(1, len(examples))
+            / max(seconds, 1e-9),
+            1,
+        ),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if stats is not None:
@@ -399,6 +456,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-repeat-ngram", type=int, default=6)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--prime", action="store_true", help="start the reply with the closest answer's first sentence")
     parser.add_argument("--fallback-grid", type=float, nargs="*", default=[], help="mean log-prob thresholds to try")
     parser.add_argument("--fallback-score", type=float, default=0.3, help="min similarity of the retrieved answer")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -462,6 +520,15 @@ def main(argv=None) -> int:
     words = [fill_placeholders(r, f, v) for r, (f, v) in zip(words, facts_values, strict=True)]
     results.append(score("retrieval-words", words, refs, val.intents, classifier))
     results.append(score("reference", refs, refs, val.intents, classifier))
+    # The same consensus over retrieval alone (3 nearest same-intent answers): what a model must add to.
+    from finetune.ml.grounding import GroundingConfig, select_neighbours
+
+    consensus_replies = []
+    for found, (f, v) in zip(hits, facts_values, strict=True):
+        _, intent, _ = select_neighbours(found, GroundingConfig())
+        answers = [h.exchange.reply for h in found if not intent or h.exchange.intent == intent][:3]
+        consensus_replies.append(fill_placeholders(answers[consensus(answers)], f, v))
+    results.append(score("retrieval-consensus3", consensus_replies, refs, val.intents, classifier))
     print(json.dumps([asdict(r) for r in results]), file=sys.stderr)  # noqa: T201
 
     quick_info = None
