@@ -25,9 +25,12 @@ class DecodingConfig:
     """Each default carries its reason (docs/quality-research.md)."""
 
     # A 6-token sequence repeated inside one reply is a loop in a support answer;
-    # shorter n-grams ("{{Order Number}}", "in the app") recur legitimately.
+    # shorter n-grams ("{{Order Number}}", "in the app") recur legitimately. With it, 1 of
+    # 128 generated replies still repeated itself and was cut (docs/quality-research.md).
     no_repeat_ngram_size: int = 6
-    repetition_penalty: float = 1.0  # 1.0: off; with no-repeat n-grams it only cost ROUGE-L
+    # Off: a penalty on every token already used also pushes the model off the words of
+    # the reply it is adapting (not measured here; a candidate for phase B's sweep).
+    repetition_penalty: float = 1.0
 
 
 class GeneratedOnly:

@@ -40,7 +40,9 @@ BLOCK_HEADER = "Answers our support team gave to similar questions. Adapt the cl
 class GroundingConfig:
     """How many past exchanges to show and how. Each default carries its reason."""
 
-    neighbours: int = 2  # 2 beat 1 and 3 on the Bitext split at SmolLM2 size (docs/quality-research.md)
+    # Two answers to adapt (or to agree on) within a 768-token prompt budget; 1 and 3 were not
+    # compared yet (docs/quality-research.md lists what was measured).
+    neighbours: int = 2
     answer_tokens: int = 200  # Bitext answers: p90 ~200 tokens; longer ones lose their tail, not their steps
     min_score: float = 0.05  # a neighbour sharing almost no n-gram with the question only misleads
     same_intent: bool = True  # only neighbours of the intent most of the nearest five share
