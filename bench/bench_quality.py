@@ -237,12 +237,6 @@ def served_replies(generated, grounded, facts_values, *, fallback_logprob: float
     return replies, cut, fell_back
 
 
-def first_sentence(text: str) -> str:
-    """The first sentence of an answer (up to its first . ! ? or line break), with the space after it."""
-    match = re.search(r"[.!?](\s|$)|\n", text)
-    return text[: match.end()] if match else text
-
-
 def consensus(candidates: list[str]) -> int:
     """Index of the candidate most like the others (mean ROUGE-L): minimum-Bayes-risk selection."""
     from finetune.evaluation import rouge_l
@@ -260,7 +254,7 @@ def same_intent_answers(prompt, hits, k: int) -> list[str]:
 
 def evaluate_model(name, model, tokenizer, val_msgs, hits, refs, intents, classifier, facts_values, args):
     from finetune.ml.decoding import DecodingConfig
-    from finetune.ml.grounding import GroundingConfig, ground
+    from finetune.ml.grounding import GroundingConfig, ground, reply_prime
     from finetune.serving.repetition import has_repetition
 
     config = GroundingConfig(neighbours=args.neighbours, same_intent=not args.any_intent)
@@ -273,7 +267,7 @@ def evaluate_model(name, model, tokenizer, val_msgs, hits, refs, intents, classi
     decoding = DecodingConfig(no_repeat_ngram_size=args.no_repeat_ngram, repetition_penalty=args.repetition_penalty)
     # Priming: the reply starts with the first sentence of the closest answer, so the model
     # continues on that answer's track (and its intent) instead of starting a ramble.
-    primes = [first_sentence(g.used[0].exchange.reply) if args.prime and g.used else "" for g in grounded]
+    primes = [reply_prime(g) if args.prime else "" for g in grounded]
     started = time.perf_counter()
     generated = generate(
         model,

@@ -26,6 +26,7 @@ neighbour keeps its newest turns (the oldest are dropped, as the engine does).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -117,6 +118,24 @@ def ground(
             if n == 1 and start != starts[-1]:
                 break  # not even one neighbour fits: drop old turns before dropping the last neighbour
     raise AssertionError("unreachable: the last attempt always returns")
+
+
+def reply_prime(prompt: GroundedPrompt) -> str:
+    """How the reply starts: the first sentence of the closest answer shown ("" without one).
+
+    Generation continues from it (the engine appends it to ``prompt.text`` and streams it
+    first). It puts a small model on the track of the right answer: with it SmolLM2's own
+    replies had the customer's intent 97% of the time on the Bitext split, without it 50-64%
+    (docs/quality-research.md, E4).
+    """
+    if not prompt.used:
+        return ""
+    answer = prompt.used[0].exchange.reply.strip()
+    match = _SENTENCE_END_RE.search(answer)
+    return answer[: match.end()] if match else answer
+
+
+_SENTENCE_END_RE = re.compile(r"[.!?](?:\s|$)|\n")
 
 
 def _cut_tokens(text: str, tokenizer, limit: int) -> str:

@@ -115,3 +115,15 @@ def test_training_examples_are_grounded_on_others_and_render_as_serving_does(tok
     served = ground(conversations[0][:-1], hits, tokenizer, max_prompt_tokens=512 - 40)
     assert first.prompt == served.text
     assert render_example([*served.turns, conversations[0][-1]], tokenizer).prompt == served.text
+
+
+def test_reply_starts_with_the_closest_answers_first_sentence(tokenizer):
+    from finetune.ml.grounding import reply_prime
+
+    messages = [SYSTEM, {"role": "customer", "content": "my parcel still isn't here"}]
+    hits = [hit("parcel late", "I'm sorry it is late. Track it under Orders.", "track_order", 0.9, 7)]
+
+    prompt = ground(messages, hits, tokenizer, max_prompt_tokens=2000)
+
+    assert reply_prime(prompt) == "I'm sorry it is late. "
+    assert reply_prime(ground(messages, [], tokenizer, max_prompt_tokens=2000)) == ""
