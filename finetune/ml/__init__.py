@@ -17,4 +17,13 @@ project's apps out of this package.
 - ``lexicons``: the word lists bias monitoring keeps (registers, politeness, refusals).
 - ``fairness``: intervals, segment-against-rest tests, the alert rule, intent as a control.
 - ``probe_set``, ``probes``: counterfactual bias probes of a model (registers, names, pronouns).
+- ``retrieval``: a lexical index of past exchanges (customer message, reply, intent),
+  saved beside a dataset; the nearest exchanges ground every reply.
+- ``intent``: the classifier that tells which intent a reply answers (the quality gate's
+  intent accuracy).
+- ``grounding``: the one prompt builder that puts retrieved exchanges into the prompt,
+  used alike by training, evaluation and serving.
+- ``grounded_data``: grounded training examples (neighbours of each example, never itself).
+- ``decoding``: repetition controls for generation (transformers' logits processors,
+  applied to the generated tokens only).
 """

@@ -12,4 +12,7 @@ Plain Python, no Django (an import-linter contract in pyproject.toml holds it), 
 - ``batched``: ``BatchedEngine``, dynamic batching (scheduler and runner).
 - ``safety``: the filter every reply passes (personal data, blocked terms).
 - ``runtime``: this process's engine, serving the active ``ModelVersion`` (Django glue).
+- ``repetition``: find where a reply starts repeating itself and cut it there, also while streaming.
+- ``placeholders``: fill template slots (``{{Order Number}}``, ``[address]``) from the company's
+  facts and the customer's own values, incrementally, so no customer ever sees a slot.
 """

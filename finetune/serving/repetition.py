@@ -1,0 +1,190 @@
+"""Find where a reply starts repeating itself, and cut it there.
+
+Decoding controls (``finetune.ml.decoding``) make loops rare; this is the net under
+them. A reply is cut at:
+
+- the first sentence that repeats an earlier one (same words, ignoring case, spacing
+  and punctuation; sentences of fewer than ``min_sentence_words`` words, such as list
+  numbers, never count), or
+- the first word run that loops: the same block of 1-8 words three times in a row
+  ("de l'adresse de l'adresse de l'adresse"), or
+- the second occurrence of any ``ngram``-word run (a paragraph said twice).
+
+On the Bitext agents' own 3,651 replies this fires once, on a broken row that glues
+two replies together (with 10-word runs it fired on three; docs/quality-research.md),
+so a cut is a model fault, not a style. ``cut_repetition`` works on a whole reply;
+``RepetitionGuard`` on a stream, telling the engine to stop as soon as a loop shows.
+
+    >>> cut_repetition("Sorry for the wait. I can help you with that. I can help you with that.").text
+    'Sorry for the wait. I can help you with that.'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MIN_SENTENCE_WORDS = 4
+NGRAM = 12  # words; Bitext answers repeat phrases ("on our website"), and two of them a 10-word run
+LOOP_REPEATS = 3
+LOOP_MAX_BLOCK = 8
+
+# A sentence ends at . ! ? (and CJK 。！？) followed by space, or at a line break.
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+|\n+")
+_WORD_RE = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class RepetitionCut:
+    text: str  # the reply up to the repetition (the whole reply when nothing repeats)
+    cut: bool
+    reason: str = ""  # "sentence", "loop" or "ngram" when cut
+
+
+def _words(text: str) -> list[tuple[str, int, int]]:
+    return [(m.group().lower(), m.start(), m.end()) for m in _WORD_RE.finditer(text)]
+
+
+def _sentence_cut(text: str, min_words: int) -> int | None:
+    """Offset where the first repeated sentence starts, or None."""
+    seen: set[tuple[str, ...]] = set()
+    start = 0
+    for match in [*_SENTENCE_END_RE.finditer(text), None]:
+        end = match.start() if match else len(text)
+        words = tuple(w for w, _, _ in _words(text[start:end]))
+        if len(words) >= min_words:
+            if words in seen:
+                return start
+            seen.add(words)
+        if match is None:
+            break
+        start = match.end()
+    return None
+
+
+def _loop_cut(words: list[tuple[str, int, int]], repeats: int, max_block: int) -> int | None:
+    """Word index where a block of words starts repeating ``repeats`` times in a row, or None."""
+    n = len(words)
+    for i in range(n):
+        for size in range(1, max_block + 1):
+            if i + size * repeats > n:
+                break
+            block = [w for w, _, _ in words[i : i + size]]
+            if all(
+                [w for w, _, _ in words[i + size * r : i + size * (r + 1)]] == block for r in range(1, repeats)
+            ) and (size > 1 or repeats >= 4 or len(block[0]) > 1):
+                # Keep the first occurrence; the repeats go.
+                return i + size
+    return None
+
+
+def _ngram_cut(words: list[tuple[str, int, int]], size: int) -> int | None:
+    """Word index where an earlier ``size``-word run occurs again, or None."""
+    seen: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - size + 1):
+        gram = tuple(w for w, _, _ in words[i : i + size])
+        first = seen.get(gram)
+        if first is not None and i >= first + size:  # non-overlapping: overlap is a loop, found above
+            return i
+        seen.setdefault(gram, i)
+    return None
+
+
+def cut_repetition(
+    text: str,
+    *,
+    min_sentence_words: int = MIN_SENTENCE_WORDS,
+    ngram: int = NGRAM,
+    loop_repeats: int = LOOP_REPEATS,
+) -> RepetitionCut:
+    """The reply up to its first repetition (see the module docstring)."""
+    candidates: list[tuple[int, str]] = []
+    at = _sentence_cut(text, min_sentence_words)
+    if at is not None:
+        candidates.append((at, "sentence"))
+    words = _words(text)
+    index = _loop_cut(words, loop_repeats, LOOP_MAX_BLOCK)
+    if index is not None:
+        candidates.append((words[index][1], "loop"))
+    index = _ngram_cut(words, ngram)
+    if index is not None:
+        candidates.append((words[index][1], "ngram"))
+    if not candidates:
+        return RepetitionCut(text=text, cut=False)
+    # The earliest wins; at the same offset a repeated sentence is the plainest name for it.
+    priority = {"sentence": 0, "loop": 1, "ngram": 2}
+    offset, reason = min(candidates, key=lambda c: (c[0], priority[c[1]]))
+    kept = text[:offset].rstrip()
+    # A cut inside a sentence leaves a dangling clause; end at the last full sentence when
+    # there is one, else keep the words and close them.
+    if reason != "sentence":
+        ends = [m.start() for m in _SENTENCE_END_RE.finditer(kept)]
+        if ends:
+            kept = kept[: ends[-1]].rstrip()
+        kept = kept.rstrip(" ,;:-")
+    return RepetitionCut(text=kept, cut=True, reason=reason)
+
+
+def has_repetition(text: str) -> bool:
+    """Whether the reply repeats a sentence, loops or says a word run twice (the quality measure)."""
+    return cut_repetition(text).cut
+
+
+class RepetitionGuard:
+    """Streams a reply through ``cut_repetition``: text is released once it can no longer be cut.
+
+    ``push(delta)`` returns the text that is final; when a repetition shows, ``cut``
+    turns True and the engine should stop generating. ``finish()`` returns the rest.
+    Text is held back from the start of the current sentence (a sentence is judged
+    when it ends) and from the last ``ngram`` words (a repeat of them may be starting).
+    """
+
+    def __init__(self, *, min_sentence_words: int = MIN_SENTENCE_WORDS, ngram: int = NGRAM):
+        self.min_sentence_words = min_sentence_words
+        self.ngram = ngram
+        self.raw = ""
+        self.sent = 0  # characters of raw released
+        self.cut = False
+        self.reason = ""
+
+    def push(self, delta: str) -> str:
+        if self.cut:
+            return ""
+        self.raw += delta
+        result = cut_repetition(self.raw, min_sentence_words=self.min_sentence_words, ngram=self.ngram)
+        if result.cut:
+            self.cut, self.reason = True, result.reason
+            return self._release(len(result.text), final=result.text)
+        return self._release(self._safe_end())
+
+    def finish(self) -> str:
+        """The rest of the reply (cut if it repeats); call once when generation ended."""
+        if self.cut:
+            return ""
+        result = cut_repetition(self.raw, min_sentence_words=self.min_sentence_words, ngram=self.ngram)
+        self.cut, self.reason = result.cut, result.reason
+        return self._release(len(result.text), final=result.text)
+
+    @property
+    def text(self) -> str:
+        return self.raw[: self.sent]
+
+    def _safe_end(self) -> int:
+        # Up to the start of the sentence still being written...
+        ends = [m.end() for m in _SENTENCE_END_RE.finditer(self.raw)]
+        end = ends[-1] if ends else 0
+        # ...and before the last ngram words, which a later repeat could still start with.
+        words = _words(self.raw[:end])
+        if len(words) >= self.ngram:
+            end = min(end, words[-self.ngram + 1][1]) if self.ngram > 1 else end
+        else:
+            end = 0
+        return max(end, self.sent)
+
+    def _release(self, end: int, final: str | None = None) -> str:
+        source = final if final is not None else self.raw
+        if end <= self.sent:
+            return ""
+        out = source[self.sent : end]
+        self.sent = end
+        return out
