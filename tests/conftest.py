@@ -123,6 +123,8 @@ def chromium(chromium_paths):
         "--window-size=1280,900",
     ):
         options.add_argument(flag)
+    # Console messages of every frame, for tests that check the page logs no warnings.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
     try:
@@ -197,12 +199,13 @@ def daphne_factory(transactional_db, tmp_path) -> Iterator:
     """Start real daphne processes on the test database: ``start(**env) -> base URL``.
 
     Each call starts one more process (with extra environment variables, e.g.
-    settings); all are stopped after the test. With REDIS_URL set they share the
+    settings; ``application=`` serves another ASGI app); all are stopped after the
+    test. ``start.processes[base]`` is the process serving ``base``. With REDIS_URL set they share the
     Redis channel layer, as several production processes do.
     """
     processes: list[subprocess.Popen] = []
 
-    def start(**env: str) -> str:
+    def start(application: str = "supportbot.asgi:application", **env: str) -> str:
         port = free_port()
         log = tmp_path / f"daphne-{port}.log"
         process = subprocess.Popen(
@@ -216,7 +219,7 @@ def daphne_factory(transactional_db, tmp_path) -> Iterator:
                 str(port),
                 "--websocket-max-message-size",
                 "65536",
-                "supportbot.asgi:application",
+                application,
             ],
             cwd=ROOT,
             env=child_process_env(**env),
@@ -226,8 +229,11 @@ def daphne_factory(transactional_db, tmp_path) -> Iterator:
         processes.append(process)
         process.log_path = log  # type: ignore[attr-defined]
         wait_for_port(port, process, log)
-        return f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}"
+        start.processes[base] = process
+        return base
 
+    start.processes = {}  # base URL -> its Popen (log at .log_path), to signal or read a server
     try:
         yield start
     finally:
