@@ -1,7 +1,9 @@
 """The customer's chat socket: parse a frame, call one service, answer (docs/protocol.md).
 
-``/ws/chat/`` opens the customer's open conversation (creating one), and
-``/ws/chat/<uuid>/`` a given one, which must be theirs (else close code 4403). The
+``/ws/chat/`` opens the customer's open conversation, or none yet: a conversation
+starts at the customer's first message (or "Talk to a human"), and the customer's other
+sockets hear of it through their customer group. ``/ws/chat/<uuid>/`` opens a given
+conversation, which must be theirs (else close code 4403). The
 customer is identified by a signed chat token (``?token=``, from ``POST
 /chat/session/``) or the session cookie, and by the signed-in user if any; no
 identity closes with 4401. ``AllowedHostsOriginValidator`` (``asgi.py``) has
@@ -50,8 +52,10 @@ def _short(value: Any, limit: int) -> str:
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    conversation = None
+    conversation = None  # None until the customer's first message starts one
+    opened = False  # accepted with an identity (a refused socket is accepted only to say why)
     closed = False
+    customer_group = None  # joined while the socket has no conversation
 
     # --- connection ------------------------------------------------------------
 
@@ -76,26 +80,57 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user = self.scope.get("user")
         self.rate_key = f"u{self.user.pk}" if self.user is not None and self.user.is_authenticated else self.session_key
         headers = dict(self.scope.get("headers") or [])
+        # Kept on the conversation if this socket starts one.
+        self.opening = {
+            "segment": _short((query.get("segment") or [""])[0], 64),
+            "metadata": {
+                "page": _short((query.get("page") or [""])[0], 500),
+                "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:300],
+                "locale": headers.get(b"accept-language", b"").decode("latin-1")[:100],
+            },
+        }
         try:
-            self.conversation = await database_sync_to_async(services.conversation_open_for_session)(
+            conversation = await database_sync_to_async(services.conversation_open_for_session)(
                 session_key=self.session_key,
                 user=self.user,
                 conversation_id=self.scope["url_route"]["kwargs"].get("conversation_id"),
-                segment=_short((query.get("segment") or [""])[0], 64),
-                metadata={
-                    "page": _short((query.get("page") or [""])[0], 500),
-                    "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:300],
-                    "locale": headers.get(b"accept-language", b"").decode("latin-1")[:100],
-                },
+                create=False,
             )
         except ApplicationError as exc:
             code = CLOSE_FORBIDDEN if exc.code == "forbidden" else CLOSE_NO_SESSION
             await self._refuse(code, exc.code, exc.message)
             return
-        await self.channel_layer.group_add(self.conversation.group_name, self.channel_name)
+        if conversation is not None:
+            await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+            self.conversation = conversation
+        else:
+            self.customer_group = services.customer_group_name(session_key=self.session_key, user=self.user)
+            await self.channel_layer.group_add(self.customer_group, self.channel_name)
         await self.accept()
+        self.opened = True
+        await self._send_conversation()
+
+    async def _send_conversation(self) -> None:
         bot_available = await database_sync_to_async(model_version_active)() is not None
         await self.send_json(frames.conversation_frame(self.conversation, bot_available=bot_available))
+
+    async def _join(self, conversation: Conversation) -> None:
+        """This socket's conversation has started: follow it, and tell the client (which then resumes)."""
+        await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+        self.conversation = conversation
+        if self.customer_group is not None:
+            await self.channel_layer.group_discard(self.customer_group, self.channel_name)
+            self.customer_group = None
+        await self._send_conversation()
+
+    async def _started_conversation(self) -> Conversation:
+        """The socket's conversation, started now if the customer has none open."""
+        if self.conversation is None:
+            conversation = await database_sync_to_async(services.conversation_open_for_session)(
+                session_key=self.session_key, user=self.user, create=True, **self.opening
+            )
+            await self._join(conversation)
+        return self.conversation
 
     async def _refuse(self, code: int, error_code: str, message: str) -> None:
         # Accept first: a close before accepting reaches the client as a bare HTTP 403,
@@ -111,11 +146,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             task.cancel()
         if self.conversation is not None:
             await self.channel_layer.group_discard(self.conversation.group_name, self.channel_name)
+        if self.customer_group is not None:
+            await self.channel_layer.group_discard(self.customer_group, self.channel_name)
 
     # --- frames from the client ------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
-        if self.conversation is None or self.closed:
+        if not self.opened or self.closed:
             return
         if text_data is None:
             await self._error("bad_frame", "Frames must be JSON text, not binary.")
@@ -149,7 +186,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except ApplicationError as exc:
             await self._error(exc.code, exc.message, **exc.extra)
         except Exception:
-            log.exception("Chat frame %s failed in conversation %s", content["type"], self.conversation.pk)
+            log.exception(
+                "Chat frame %s failed in conversation %s", content["type"], getattr(self.conversation, "pk", None)
+            )
             await self._error(
                 "server_error",
                 "Something went wrong on our side. A message the chat showed as sent is saved; try again shortly.",
@@ -178,6 +217,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if await self._rate_limited("msg", settings.SUPPORTBOT_RATE_LIMIT, client_id):
             return
+        if self.conversation is None:
+            # The first message starts the conversation, unless it would be refused anyway;
+            # the socket joins the conversation's group before the message is saved, so it
+            # hears what saving it sets off (a handoff, say).
+            services.message_check(client_id=client_id, text=content["text"])
+            await self._started_conversation()
         message, _created = await database_sync_to_async(services.message_create_customer)(
             conversation=self.conversation, client_id=client_id, text=content["text"]
         )
@@ -208,10 +253,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(
             {"type": "resumed", "count": len(messages), "last_id": messages[-1].pk if messages else after}
         )
-        await self.send_json(frames.handoff_frame(self.conversation))
-        self._request_reply()
+        if self.conversation is not None:
+            await self.send_json(frames.handoff_frame(self.conversation))
+            self._request_reply()
 
     async def _on_typing(self, content: dict[str, Any]) -> None:
+        if self.conversation is None:
+            return  # nobody else watches a conversation that has not started
         now = time.monotonic()
         if now - self._last_typing < TYPING_MIN_INTERVAL_S:
             return
@@ -224,8 +272,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _on_request_human(self, content: dict[str, Any]) -> None:
         if await self._rate_limited("other", settings.SUPPORTBOT_RATE_LIMIT * OTHER_FRAMES_LIMIT_FACTOR):
             return
-        await database_sync_to_async(services.conversation_request_human)(conversation=self.conversation)
-        await self._send_direct(frames.handoff_frame(self.conversation))
+        conversation = await self._started_conversation()
+        await database_sync_to_async(services.conversation_request_human)(conversation=conversation)
+        await self._send_direct(frames.handoff_frame(conversation))
 
     async def _on_csat(self, content: dict[str, Any]) -> None:
         if await self._rate_limited("other", settings.SUPPORTBOT_RATE_LIMIT * OTHER_FRAMES_LIMIT_FACTOR):
@@ -236,7 +285,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._send_direct(frames.message_frame(message))
 
     def _request_reply(self) -> None:
-        if self.conversation.status == Conversation.Status.BOT:
+        if self.conversation is not None and self.conversation.status == Conversation.Status.BOT:
             replies.reply_request(
                 conversation_id=str(self.conversation.pk), send=self._send_direct, origin=self.channel_name
             )
@@ -289,6 +338,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         for frame in event["frames"]:
             await self._relay({"frame": frame})
+
+    async def chat_conversation_started(self, event: dict[str, Any]) -> None:
+        """Another socket of this customer started their conversation (customer group): follow it."""
+        if self.closed or self.conversation is not None:
+            return
+        try:
+            conversation = await database_sync_to_async(services.conversation_open_for_session)(
+                session_key=self.session_key, user=self.user, conversation_id=event["conversation"], create=False
+            )
+        except ApplicationError:
+            return  # not this customer's after all (a stale membership): ignore
+        await self._join(conversation)
 
     # Channel-layer events of the conversation group (``chat.message`` -> ``chat_message``).
     # They carry ready frames, so no handler touches the ORM.

@@ -56,13 +56,16 @@ def handoff_frame(conversation: Conversation) -> dict[str, Any]:
     return {"type": "handoff", "status": conversation.status, "reason": conversation.handoff_reason}
 
 
-def conversation_frame(conversation: Conversation, *, bot_available: bool) -> dict[str, Any]:
-    """Sent once when a socket opens: which conversation it is and who answers it."""
+def conversation_frame(conversation: Conversation | None, *, bot_available: bool) -> dict[str, Any]:
+    """Sent when a socket opens, and again when its conversation starts: which one it is, who answers.
+
+    ``id`` is null until the customer's first message starts a conversation.
+    """
     return {
         "type": "conversation",
-        "id": str(conversation.pk),
-        "status": conversation.status,
-        "handoff_reason": conversation.handoff_reason,
+        "id": str(conversation.pk) if conversation is not None else None,
+        "status": conversation.status if conversation is not None else Conversation.Status.BOT,
+        "handoff_reason": conversation.handoff_reason if conversation is not None else "",
         "bot_available": bot_available,
     }
 

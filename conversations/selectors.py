@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models.functions import Substr
 
 from finetune.models import ModelVersion
 from finetune.prompting import ROLE_AGENT, ROLE_CUSTOMER, ROLE_SYSTEM, system_prompt_text
 
 from .models import BotProfile, Conversation, Message
+
+# Characters of the first customer message shown in the agents' list of conversations.
+PREVIEW_CHARS = 100
 
 # Turns of history sent to the model. A small model's context (1-2k tokens) holds
 # about this many support-sized turns; the engine trims further by tokens.
@@ -18,6 +22,16 @@ _PROMPT_ROLES = {
     Message.Role.BOT: ROLE_AGENT,
     Message.Role.AGENT: ROLE_AGENT,
 }
+
+
+def conversations_with_preview(queryset: QuerySet[Conversation]) -> QuerySet[Conversation]:
+    """``queryset`` annotated with ``preview``: the start of its first customer message (None if none)."""
+    first = (
+        Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.CUSTOMER)
+        .order_by("pk")
+        .values("body")[:1]
+    )
+    return queryset.annotate(preview=Substr(Subquery(first), 1, PREVIEW_CHARS))
 
 
 def messages_after(*, conversation: Conversation, after_id: int) -> QuerySet[Message]:

@@ -16,6 +16,7 @@ stop and marks it ``failed``: never half-written without a flag.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Collection
@@ -68,6 +69,17 @@ def conversation_is_owner(*, conversation: Conversation, session_key: str, user=
     return bool(session_key) and conversation.session_key == session_key
 
 
+def customer_group_name(*, session_key: str, user=None) -> str:
+    """Channel-layer group of every socket of one customer (signed-in user, else session).
+
+    Sockets opened before the customer's first message have no conversation yet; this
+    group tells them when one starts (``chat.conversation_started``). The key is hashed:
+    a session key is a secret, and group names end up in Redis keys and logs.
+    """
+    who = f"user:{user.pk}" if user is not None and user.is_authenticated else f"session:{session_key}"
+    return "customer." + hashlib.sha256(who.encode()).hexdigest()[:40]
+
+
 def conversation_open_for_session(
     *,
     session_key: str,
@@ -75,8 +87,14 @@ def conversation_open_for_session(
     conversation_id: uuid.UUID | str | None = None,
     segment: str = "",
     metadata: dict[str, Any] | None = None,
-) -> Conversation:
-    """The conversation a socket opens: the one asked for, or the customer's open one (created if none).
+    create: bool = True,
+) -> Conversation | None:
+    """The conversation a socket opens: the one asked for, or the customer's open one.
+
+    Without an open one, a new one is created, or, with ``create=False`` (a socket
+    opening: a conversation starts at the customer's first message, so agents never
+    see empty ones), None is returned. A new conversation is announced to the
+    customer's other sockets (``customer_group_name``) after commit.
 
     Raises ``ApplicationError`` with code ``no_session`` without an identity, and
     ``forbidden`` for a conversation that is not the customer's (or does not exist:
@@ -100,17 +118,22 @@ def conversation_open_for_session(
     else:
         open_ones = open_ones.filter(session_key=session_key, customer__isnull=True)
     conversation = open_ones.order_by("-started_at").first()
-    if conversation is not None:
+    if conversation is not None or not create:
         return conversation
     try:
         # A savepoint: losing the race must not break a surrounding transaction.
         with transaction.atomic():
-            return Conversation.objects.create(
+            conversation = Conversation.objects.create(
                 session_key=session_key or "",
                 customer=user if signed_in else None,
                 segment=(segment or "")[:64],
                 metadata=metadata or {},
             )
+            group_send_on_commit(
+                customer_group_name(session_key=session_key, user=user),
+                {"type": "chat.conversation_started", "conversation": str(conversation.pk)},
+            )
+            return conversation
     except IntegrityError:
         # Another socket of the same customer created it a moment ago: join that one.
         conversation = open_ones.order_by("-started_at").first()
@@ -171,14 +194,7 @@ def conversation_request_human(*, conversation: Conversation) -> bool:
 # --- customer messages ----------------------------------------------------------------
 
 
-def message_create_customer(*, conversation: Conversation, client_id: str, text: str) -> tuple[Message, bool]:
-    """Save a customer's message before anything else happens to it.
-
-    Idempotent on ``client_id``: a resend (same id, e.g. after a reconnect) returns
-    the saved message and ``created=False``, and is not answered again. A new
-    message with a handoff keyword also hands the conversation to a human
-    (``conversation.status`` shows it).
-    """
+def _client_id_check(client_id: Any, text: Any) -> None:
     if not isinstance(client_id, str) or not client_id.strip() or len(client_id) > CLIENT_ID_MAX:
         raise ApplicationError(
             f"client_id must be a non-empty string of at most {CLIENT_ID_MAX} characters, unique per message "
@@ -187,9 +203,10 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
         )
     if not isinstance(text, str):
         raise ApplicationError("text must be a string.", code="bad_frame", extra={"client_id": client_id})
-    existing = conversation.messages.filter(client_id=client_id).first()
-    if existing is not None:
-        return existing, False
+
+
+def _message_body(*, client_id: str, text: str) -> str:
+    """The text to save, or ``ApplicationError`` (``empty``, ``too_long``)."""
     body = text.strip()
     limit = settings.SUPPORTBOT_MAX_MESSAGE_CHARS
     if not body:
@@ -200,6 +217,32 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
             code="too_long",
             extra={"client_id": client_id, "limit": limit},
         )
+    return body
+
+
+def message_check(*, client_id: Any, text: Any) -> None:
+    """Refuse a customer message ``message_create_customer`` would refuse whatever the conversation.
+
+    A socket with no conversation yet asks this before starting one, so a refused first
+    message starts nothing.
+    """
+    _client_id_check(client_id, text)
+    _message_body(client_id=client_id, text=text)
+
+
+def message_create_customer(*, conversation: Conversation, client_id: str, text: str) -> tuple[Message, bool]:
+    """Save a customer's message before anything else happens to it.
+
+    Idempotent on ``client_id``: a resend (same id, e.g. after a reconnect) returns
+    the saved message and ``created=False``, and is not answered again. A new
+    message with a handoff keyword also hands the conversation to a human
+    (``conversation.status`` shows it).
+    """
+    _client_id_check(client_id, text)
+    existing = conversation.messages.filter(client_id=client_id).first()
+    if existing is not None:
+        return existing, False
+    body = _message_body(client_id=client_id, text=text)
     if conversation.status == Conversation.Status.CLOSED:
         raise ApplicationError(
             "This conversation is closed. Reload the page to start a new one.",
@@ -233,7 +276,7 @@ def conversation_notice_no_model(*, conversation: Conversation) -> Message | Non
 
 
 @transaction.atomic
-def csat_record(*, conversation: Conversation, message_id: int, helpful: bool) -> Message:
+def csat_record(*, conversation: Conversation | None, message_id: int, helpful: bool) -> Message:
     """The customer's answer to "Was this helpful?" on a bot reply (a later answer replaces it)."""
     if not isinstance(helpful, bool):
         raise ApplicationError("helpful must be true or false.", code="bad_frame")
@@ -241,7 +284,7 @@ def csat_record(*, conversation: Conversation, message_id: int, helpful: bool) -
         conversation.messages.select_for_update()
         .filter(pk=message_id, role=Message.Role.BOT, status=Message.Status.COMPLETE)
         .first()
-        if isinstance(message_id, int)
+        if isinstance(message_id, int) and conversation is not None
         else None
     )
     if message is None:
@@ -432,7 +475,7 @@ def reply_stale_deadline(message: Message) -> timedelta:
 
 
 def conversation_resume(
-    *, conversation: Conversation, after_id: int, owner: str, live_ids: Collection[int]
+    *, conversation: Conversation | None, after_id: int, owner: str, live_ids: Collection[int]
 ) -> list[Message]:
     """Every message after ``after_id``, oldest first, once dead replies are flagged ``failed``.
 
@@ -442,6 +485,8 @@ def conversation_resume(
         raise ApplicationError(
             "resume needs 'after': the id of the last message the client has (0 for all).", code="bad_frame"
         )
+    if conversation is None:  # no conversation started yet: nothing to replay
+        return []
     bot_replies_recover(conversation=conversation, owner=owner, live_ids=live_ids)
     conversation.refresh_from_db(fields=["status", "handoff_reason"])
     return list(messages_after(conversation=conversation, after_id=after_id))

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conversations.models import Message
+from conversations.models import Conversation, Message
 from finetune.models import ModelVersion
 from tests.conversations.conftest import LOW_CONFIDENCE_OFF
 from tests.factories import ConversationFactory, ModelVersionFactory
@@ -48,12 +48,12 @@ def chat_token(base: str, held: str = "") -> str:
         return json.loads(response.read())["token"]
 
 
-def ws_url(base: str, token: str, path: str = "/ws/chat/") -> str:
-    return base.replace("http://", "ws://") + f"{path}?token={token}"
+def ws_url(base: str, token: str, path: str = "/ws/chat/", query: str = "") -> str:
+    return base.replace("http://", "ws://") + f"{path}?token={token}" + (f"&{query}" if query else "")
 
 
-async def open_socket(base: str, token: str, *, path: str = "/ws/chat/", origin: str | None = None):
-    ws = await connect(ws_url(base, token, path), origin=origin or base, proxy=None, open_timeout=15)
+async def open_socket(base: str, token: str, *, path: str = "/ws/chat/", origin: str | None = None, query: str = ""):
+    ws = await connect(ws_url(base, token, path, query), origin=origin or base, proxy=None, open_timeout=15)
     hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
     return ws, hello
 
@@ -120,9 +120,10 @@ async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, serv
     assert hello["type"] == "conversation"
     assert hello["bot_available"] is True
 
-    # Streaming: acknowledged, then tokens, then the saved reply.
+    # Streaming: the conversation starts, the message is acknowledged, then tokens, then the saved reply.
     await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
-    frames = await until(ws, is_done)
+    started, *frames = await until(ws, is_done)
+    assert started["type"] == "conversation"
     assert frames[0]["type"] == "message"
     assert frames[0]["client_id"] == "c-1"
     tokens = [f for f in frames if f["type"] == "token"]
@@ -144,7 +145,7 @@ async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, serv
     # A reload keeps its token (renewed), and so its conversation.
     token = await asyncio.to_thread(chat_token, base, token)
     ws, hello_again = await open_socket(base, token)
-    assert hello_again["id"] == hello["id"]
+    assert hello_again["id"] == started["id"]
     await ws.send(json.dumps({"type": "resume", "after": frames[-1]["id"]}))
     replayed = [f for f in await until(ws, lambda f: f["type"] == "resumed") if f["type"] == "message"]
     assert replayed[0]["id"] == ack["id"]
@@ -229,6 +230,7 @@ async def test_handoff_on_a_real_server(daphne_factory, served_model):
     await ws.send(json.dumps({"type": "request_human"}))
     handoff = (await until(ws, lambda f: f["type"] == "handoff"))[-1]
     assert handoff == {"type": "handoff", "status": "waiting_for_agent", "reason": "customer_request"}
+    await until(ws, lambda f: f.get("role") == "system")  # the notice, from the conversation's group
     await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
     await until(ws, lambda f: f.get("client_id") == "c-1")
     assert await silent(ws, 2.0)  # the bot stopped answering
@@ -239,9 +241,11 @@ async def test_two_processes_share_the_stream_and_the_rate_limit(daphne_factory,
     env = {**SERVER_ENV, "SUPPORTBOT_RATE_LIMIT": "3"}
     first, second = daphne_factory(**env), daphne_factory(**env)
     token = await asyncio.to_thread(chat_token, first)
-    tab_a, hello_a = await open_socket(first, token)
+    tab_a, _ = await open_socket(first, token)
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-0", "text": "Where is my order?"}))
+    started = (await until(tab_a, is_done))[0]
     tab_b, hello_b = await open_socket(second, token)
-    assert hello_a["id"] == hello_b["id"]
+    assert hello_b["id"] == started["id"]
 
     # A question asked in one process streams to the customer's tab in the other.
     await tab_a.send(json.dumps({"type": "message", "client_id": f"c-{uuid.uuid4()}", "text": "Hello there"}))
@@ -249,13 +253,47 @@ async def test_two_processes_share_the_stream_and_the_rate_limit(daphne_factory,
     assert any(f["type"] == "token" for f in seen)
     assert seen[-1]["body"] == (await until(tab_a, is_done))[-1]["body"]
 
-    # The session's budget (3 a minute) is counted across both processes.
+    # The session's budget (3 a minute) is counted across both processes: two messages
+    # went through the first, one through the second, and the fourth is refused.
     await tab_b.send(json.dumps({"type": "message", "client_id": "c-2", "text": "human please"}))
     await until(tab_b, lambda f: f.get("client_id") == "c-2")
-    await tab_a.send(json.dumps({"type": "message", "client_id": "c-3", "text": "agent?"}))
-    await until(tab_a, lambda f: f.get("client_id") == "c-3")
-    await tab_b.send(json.dumps({"type": "message", "client_id": "c-4", "text": "anyone?"}))
-    error = (await until(tab_b, lambda f: f["type"] == "error"))[-1]
-    assert error["code"] == "rate_limited"
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-3", "text": "anyone?"}))
+    error = (await until(tab_a, lambda f: f["type"] == "error"))[-1]
+    assert (error["code"], error["client_id"]) == ("rate_limited", "c-3")
+    await tab_a.close()
+    await tab_b.close()
+
+
+async def test_a_conversation_starts_at_the_first_message(daphne_factory, served_model):
+    """Opening the chat creates nothing; the first message starts the conversation, for every tab."""
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    tab_a, hello_a = await open_socket(base, token, query="segment=pro&page=https://shop.example/cart")
+    tab_b, hello_b = await open_socket(base, token)
+    assert (hello_a["id"], hello_a["status"], hello_a["bot_available"]) == (None, "bot", True)
+    assert hello_b["id"] is None
+    assert not await asyncio.to_thread(Conversation.objects.exists)  # no empty conversation for agents
+
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    started = json.loads(await asyncio.wait_for(tab_a.recv(), 15))
+    assert started["type"] == "conversation"
+    assert started["id"]
+    frames = await until(tab_a, is_done)
+    assert frames[0]["client_id"] == "c-1"
+    assert frames[-1]["status"] == "complete"
+
+    # The other tab hears that the conversation started, and replays it with resume.
+    announced = (await until(tab_b, lambda f: f["type"] == "conversation"))[-1]
+    assert announced["id"] == started["id"]
+    await tab_b.send(json.dumps({"type": "resume", "after": 0}))
+    replayed = {f["id"] for f in await until(tab_b, lambda f: f["type"] == "resumed") if f["type"] == "message"}
+    assert {frames[0]["id"], frames[-1]["id"]} <= replayed  # the question and its reply
+    # ...and follows it live from then on.
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-2", "text": "Thanks"}))
+    assert (await until(tab_b, lambda f: f.get("client_id") == "c-2"))[-1]["body"] == "Thanks"
+
+    conversation = await asyncio.to_thread(Conversation.objects.get)
+    assert str(conversation.pk) == started["id"]
+    assert (conversation.segment, conversation.metadata["page"]) == ("pro", "https://shop.example/cart")
     await tab_a.close()
     await tab_b.close()
