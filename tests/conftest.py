@@ -11,6 +11,7 @@ committed, visible to the other process).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -36,6 +37,61 @@ def need(condition: bool, reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason} (SUPPORTBOT_REQUIRE_SERVICES=1 forbids skipping)")
     pytest.skip(reason)
+
+
+def port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+# The URLs ``make test`` is told to use when the services run on their usual local ports.
+# Redis db 15, the last of the default 16, keeps test keys apart from an app's db 0.
+LOCAL_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/supportbot"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@functools.cache
+def local_services_hint() -> str:
+    """When PostgreSQL or Redis answers on its usual local port but is not configured: how to use it.
+
+    Empty when neither answers (or both are configured). A PostgreSQL that does not
+    let the ``postgres`` user in gets placeholders for its user and password.
+    """
+    found, urls = [], []
+    if not os.environ.get("DATABASE_URL") and port_answers("127.0.0.1", 5432):
+        found.append("PostgreSQL answers on 127.0.0.1:5432")
+        url = LOCAL_DATABASE_URL
+        try:
+            import psycopg
+
+            psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=2).close()
+        except psycopg.Error:
+            url = url.replace("postgres@", "USER:PASSWORD@")
+        urls.append(f"DATABASE_URL={url}")
+    if not os.environ.get("REDIS_URL") and redis_answers(LOCAL_REDIS_URL):
+        found.append("Redis answers on 127.0.0.1:6379")
+        urls.append(f"REDIS_URL={LOCAL_REDIS_URL}")
+    if not found:
+        return ""
+    unused = "they are not used" if len(found) > 1 else "it is not used"
+    return f"; {' and '.join(found)}, but {unused}: run {' '.join(urls)} make test"
+
+
+def need_service(condition: bool, reason: str) -> None:
+    """``need`` for PostgreSQL and Redis: the skip says how to run the test where they answer locally."""
+    need(condition, reason + ("" if condition else local_services_hint()))
 
 
 def free_port() -> int:
@@ -72,24 +128,20 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def postgres() -> None:
-    need(connection.vendor == "postgresql", "PostgreSQL is not configured (set DATABASE_URL=postgres://...)")
-
-
-def _redis_reachable(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    need_service(connection.vendor == "postgresql", "PostgreSQL is not configured (set DATABASE_URL=postgres://...)")
 
 
 @pytest.fixture
 def redis_url() -> str:
     url = settings.REDIS_URL
-    need(bool(url), "Redis is not configured (set REDIS_URL=redis://...)")
-    need(_redis_reachable(url), f"Redis at {url} does not answer")
+    need_service(bool(url), "Redis is not configured (set REDIS_URL=redis://...)")
+    need(redis_answers(url), f"Redis at {url} does not answer")
     return url
+
+
+def pytest_report_header(config) -> str | None:
+    hint = local_services_hint()
+    return "supportbot: PostgreSQL/Redis tests will be skipped" + hint if hint else None
 
 
 @pytest.fixture(scope="session")
