@@ -154,16 +154,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
         if not self.opened or self.closed:
             return
-        if text_data is None:
-            await self._error("bad_frame", "Frames must be JSON text, not binary.")
-            return
         try:
-            content = json.loads(text_data)
-        except ValueError:
-            await self._error("bad_json", 'The frame is not valid JSON. Send an object like {"type": "message"}.')
-            return
-        if not isinstance(content, dict) or not isinstance(content.get("type"), str):
-            await self._error("bad_frame", "A frame must be a JSON object with a string 'type'.")
+            content = frames.client_frame_parse(text_data)
+        except ApplicationError as exc:
+            await self._error(exc.code, exc.message, **exc.extra)
             return
         await self.receive_json(content)
 

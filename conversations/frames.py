@@ -1,14 +1,65 @@
-"""The server frames of the chat protocol (docs/protocol.md), built from model rows.
+"""The frames of the chat protocol (docs/protocol.md): the client's, checked, and the server's, built.
 
-One place turns rows into the JSON the widget reads, so the consumer, the services'
-broadcasts and ``resume`` all send the same shape.
+``client_frame_parse`` is the one place a client's frame is checked before anything
+reads it (its shape; the rules on its content are the services'). The rest turns rows
+into the JSON the widget reads, so the consumer, the services' broadcasts and
+``resume`` all send the same shape.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+from supportbot.errors import ApplicationError
+
 from .models import Conversation, Message
+
+# No frame of the protocol nests deeper than 2; Python's JSON parser recurses once per
+# level and fails past about a thousand, so deeper text is refused before it is parsed.
+MAX_FRAME_DEPTH = 16
+# A JSON string (to its end, or to the end of the text if unterminated) or a bracket.
+# Possessive quantifiers: no backtracking, so hostile text is scanned in linear time.
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets outside JSON strings nest deeper than ``limit`` (linear time, no recursion)."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        char = match.group()[0]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def client_frame_parse(text: str | None) -> dict[str, Any]:
+    """A client's websocket text as a frame: a JSON object with a string ``type``.
+
+    Raises ``ApplicationError`` (``bad_json``, ``bad_frame``) saying what to send instead.
+    """
+    if text is None:
+        raise ApplicationError("Frames must be JSON text, not binary.", code="bad_frame")
+    if _nesting_exceeds(text, MAX_FRAME_DEPTH):
+        raise ApplicationError(
+            f"The frame is nested more than {MAX_FRAME_DEPTH} levels deep; "
+            'send a flat object like {"type": "message", "client_id": "...", "text": "..."}.',
+            code="bad_frame",
+        )
+    try:
+        content = json.loads(text)
+    except ValueError:
+        raise ApplicationError(
+            'The frame is not valid JSON. Send an object like {"type": "message"}.', code="bad_json"
+        ) from None
+    if not isinstance(content, dict) or not isinstance(content.get("type"), str):
+        raise ApplicationError("A frame must be a JSON object with a string 'type'.", code="bad_frame")
+    return content
 
 
 def message_frame(message: Message, *, body: str | None = None, seq: int | None = None) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""Client frames are checked in one place before anything reads them (conversations/frames.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conversations.frames import MAX_FRAME_DEPTH, client_frame_parse
+from supportbot.errors import ApplicationError
+
+
+def code_of(text) -> str:
+    with pytest.raises(ApplicationError) as refused:
+        client_frame_parse(text)
+    return refused.value.code
+
+
+def test_a_frame_is_a_json_object_with_a_string_type():
+    assert client_frame_parse('{"type": "resume", "after": 0}') == {"type": "resume", "after": 0}
+    assert code_of(None) == "bad_frame"
+    assert code_of("nope") == "bad_json"
+    assert code_of("[1]") == "bad_frame"
+    assert code_of('{"type": 1}') == "bad_frame"
+
+
+def test_nesting_is_limited_and_brackets_inside_strings_do_not_count():
+    nested = "[" * MAX_FRAME_DEPTH + "]" * MAX_FRAME_DEPTH
+    assert client_frame_parse(json.dumps({"type": "x"})[:-1] + f', "n": {nested[1:-1]}}}')["type"] == "x"
+    assert code_of('{"type": "x", "n": ' + "[" * MAX_FRAME_DEPTH + "]" * MAX_FRAME_DEPTH + "}") == "bad_frame"
+    text = "[[[{{{ \\" + '" ' * 10 + "]]]" * 5000
+    assert client_frame_parse(json.dumps({"type": "message", "text": text}))["text"] == text
+    # Unbalanced quotes and backslashes (text that tries to make the scan backtrack) are just bad JSON.
+    assert code_of('"\\' * 30_000) == "bad_json"
