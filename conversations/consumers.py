@@ -47,8 +47,10 @@ TYPING_MIN_INTERVAL_S = 2.0  # relay a customer's "typing" at most this often
 OTHER_FRAMES_LIMIT_FACTOR = 3
 
 
-def _short(value: Any, limit: int) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+def _header_text(headers: dict[bytes, bytes], name: bytes, limit: int) -> str:
+    """A request header as text to keep (control characters, NUL included, dropped)."""
+    text = headers.get(name, b"").decode("latin-1")[:limit]
+    return "".join(char for char in text if char >= " " and char != "\x7f")
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -80,13 +82,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user = self.scope.get("user")
         self.rate_key = f"u{self.user.pk}" if self.user is not None and self.user.is_authenticated else self.session_key
         headers = dict(self.scope.get("headers") or [])
+        segment, segment_problem = frames.client_parameter(query, "segment", 64)
+        page, page_problem = frames.client_parameter(query, "page", 500)
         # Kept on the conversation if this socket starts one.
         self.opening = {
-            "segment": _short((query.get("segment") or [""])[0], 64),
+            "segment": segment,
             "metadata": {
-                "page": _short((query.get("page") or [""])[0], 500),
-                "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:300],
-                "locale": headers.get(b"accept-language", b"").decode("latin-1")[:100],
+                "page": page,
+                "user_agent": _header_text(headers, b"user-agent", 300),
+                "locale": _header_text(headers, b"accept-language", 100),
             },
         }
         try:
@@ -109,6 +113,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         self.opened = True
         await self._send_conversation()
+        for field, problem in (("segment", segment_problem), ("page", page_problem)):
+            if problem is not None:
+                await self._error("bad_parameter", problem, field=field)
 
     async def _send_conversation(self) -> None:
         bot_available = await database_sync_to_async(model_version_active)() is not None

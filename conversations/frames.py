@@ -38,10 +38,26 @@ def _nesting_exceeds(text: str, limit: int) -> bool:
     return False
 
 
+# What no stored text may hold: NUL (PostgreSQL refuses it in text and JSON) and UTF-16
+# surrogates, which in a decoded string are always unpaired ones (JSON's "\ud800"
+# alone; a valid pair decodes to one character) and cannot be encoded as UTF-8.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_character(value: str) -> str | None:
+    """What in ``value`` cannot be stored ("a NUL character", "an unpaired surrogate"), or None."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return None
+    return "a NUL character" if found.group() == "\x00" else f"an unpaired surrogate (U+{ord(found.group()):04X})"
+
+
 def client_frame_parse(text: str | None) -> dict[str, Any]:
     """A client's websocket text as a frame: a JSON object with a string ``type``.
 
-    Raises ``ApplicationError`` (``bad_json``, ``bad_frame``) saying what to send instead.
+    Its top-level strings hold nothing that cannot be stored (``unstorable_character``).
+    Raises ``ApplicationError`` (``bad_json``, ``bad_frame``, the latter with ``field``
+    where one field is at fault) saying what to send instead.
     """
     if text is None:
         raise ApplicationError("Frames must be JSON text, not binary.", code="bad_frame")
@@ -59,7 +75,27 @@ def client_frame_parse(text: str | None) -> dict[str, Any]:
         ) from None
     if not isinstance(content, dict) or not isinstance(content.get("type"), str):
         raise ApplicationError("A frame must be a JSON object with a string 'type'.", code="bad_frame")
+    for field, value in content.items():
+        problem = unstorable_character(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise ApplicationError(
+                f"The frame's '{field[:40]}' contains {problem}; send text without it.",
+                code="bad_frame",
+                extra={"field": field[:40]},
+            )
     return content
+
+
+def client_parameter(query: dict[str, list[str]], name: str, limit: int) -> tuple[str, str | None]:
+    """A socket URL's query parameter, cut to ``limit``: ``(value, problem)``.
+
+    A value that cannot be stored is ignored (``""``) and ``problem`` says why.
+    """
+    value = (query.get(name) or [""])[0][:limit]
+    problem = unstorable_character(value)
+    if problem is not None:
+        return "", f"The '{name}' parameter contains {problem}; it was ignored."
+    return value, None
 
 
 def message_frame(message: Message, *, body: str | None = None, seq: int | None = None) -> dict[str, Any]:

@@ -32,3 +32,22 @@ def test_nesting_is_limited_and_brackets_inside_strings_do_not_count():
     assert client_frame_parse(json.dumps({"type": "message", "text": text}))["text"] == text
     # Unbalanced quotes and backslashes (text that tries to make the scan backtrack) are just bad JSON.
     assert code_of('"\\' * 30_000) == "bad_json"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('{"type": "message", "client_id": "c", "text": "a\\u0000b"}', "text"),
+        ('{"type": "message", "client_id": "c", "text": "\\ud83d"}', "text"),
+        ('{"type": "message", "client_id": "\\udfff", "text": "hi"}', "client_id"),
+        ('{"type": "typ\\u0000e"}', "type"),
+    ],
+)
+def test_text_that_cannot_be_stored_is_refused_by_field(raw, field):
+    with pytest.raises(ApplicationError) as refused:
+        client_frame_parse(raw)
+    assert (refused.value.code, refused.value.extra) == ("bad_frame", {"field": field})
+
+
+def test_a_surrogate_pair_is_one_ordinary_character():
+    assert client_frame_parse('{"type": "message", "text": "\\ud83d\\ude00"}')["text"] == "\N{GRINNING FACE}"

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conversations.models import Message
+from conversations.models import Conversation, Message
 from tests.conversations.test_real_server import SERVER_ENV, chat_token, open_socket, until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -48,5 +48,37 @@ async def test_deeply_nested_json_is_refused_and_the_socket_stays_open(daphne_fa
         assert "nested" in error["message"]
     assert not await asyncio.to_thread(Message.objects.exists)
     await still_works(ws)
+    await ws.close()
+    assert "Traceback" not in server_log(daphne_factory, base)
+
+
+async def test_nul_and_unpaired_surrogates_are_refused_by_field(daphne_factory):
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    ws, _ = await open_socket(base, token)
+    for field, frame in (
+        ("text", '{"type": "message", "client_id": "c-nul", "text": "hi\\u0000there"}'),
+        ("text", '{"type": "message", "client_id": "c-hi", "text": "hi \\ud800"}'),
+        ("text", '{"type": "message", "client_id": "c-lo", "text": "\\udc00 hi"}'),
+        ("client_id", '{"type": "message", "client_id": "c\\u0000", "text": "hi"}'),
+        ("client_id", '{"type": "message", "client_id": "c\\udc00", "text": "hi"}'),
+    ):
+        error = await refused(ws, frame)
+        assert (error["code"], error["field"]) == ("bad_frame", field), error
+        assert f"'{field}'" in error["message"]
+    assert not await asyncio.to_thread(Message.objects.exists)
+    assert not await asyncio.to_thread(Conversation.objects.exists)
+    await still_works(ws)
+    await ws.close()
+
+    # A NUL in a query parameter: the socket opens, the parameter is refused by name and
+    # ignored, and the conversation starts without it.
+    ws, hello = await open_socket(base, token, query="segment=pro%00&page=https://shop.example/%00")
+    assert hello["type"] == "conversation"
+    errors = [json.loads(await asyncio.wait_for(ws.recv(), 15)) for _ in range(2)]
+    assert {(e["code"], e["field"]) for e in errors} == {("bad_parameter", "segment"), ("bad_parameter", "page")}
+    await still_works(ws, "ok-2")
+    conversation = await asyncio.to_thread(Conversation.objects.get)
+    assert (conversation.segment, conversation.metadata["page"]) == ("", "")
     await ws.close()
     assert "Traceback" not in server_log(daphne_factory, base)
