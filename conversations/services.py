@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
@@ -205,11 +206,41 @@ def _client_id_check(client_id: Any, text: Any) -> None:
         raise ApplicationError("text must be a string.", code="bad_frame", extra={"client_id": client_id})
 
 
+# Characters that show nothing on their own: controls, format characters (zero-width
+# space and joiners, byte-order mark, bidi controls, soft hyphen, tags), separators, and
+# these blank-looking letters and marks (Unicode's Default_Ignorable_Code_Point, which
+# unicodedata does not expose, plus the Braille blank).
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+_INVISIBLE_CHARS = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
+def _invisible(char: str) -> bool:
+    return char in _INVISIBLE_CHARS or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+
+
+def message_text_normalize(text: str) -> str:
+    """The form a message is saved in: NFC (one code point per accented letter), without invisible edges.
+
+    Invisible characters inside the text stay (the joiners of an emoji sequence).
+    """
+    text = unicodedata.normalize("NFC", text)
+    start, end = 0, len(text)
+    while start < end and _invisible(text[start]):
+        start += 1
+    while end > start and _invisible(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
 def _message_body(*, client_id: str, text: str) -> str:
-    """The text to save, or ``ApplicationError`` (``empty``, ``too_long``)."""
-    body = text.strip()
+    """The text to save, or ``ApplicationError`` (``empty``: nothing visible; ``too_long``)."""
+    body = message_text_normalize(text)
     limit = settings.SUPPORTBOT_MAX_MESSAGE_CHARS
-    if not body:
+    if not body:  # its edges are trimmed, so nothing visible is left
         raise ApplicationError("The message is empty; type a question.", code="empty", extra={"client_id": client_id})
     if len(body) > limit:
         raise ApplicationError(

@@ -10,6 +10,7 @@ import asyncio
 import json
 
 import pytest
+from channels.db import database_sync_to_async
 
 from conversations.models import Conversation, Message
 from tests.conversations.test_real_server import SERVER_ENV, chat_token, open_socket, until
@@ -46,7 +47,7 @@ async def test_deeply_nested_json_is_refused_and_the_socket_stays_open(daphne_fa
         error = await refused(ws, raw)
         assert error["code"] == "bad_frame"
         assert "nested" in error["message"]
-    assert not await asyncio.to_thread(Message.objects.exists)
+    assert not await database_sync_to_async(Message.objects.exists)()
     await still_works(ws)
     await ws.close()
     assert "Traceback" not in server_log(daphne_factory, base)
@@ -66,8 +67,8 @@ async def test_nul_and_unpaired_surrogates_are_refused_by_field(daphne_factory):
         error = await refused(ws, frame)
         assert (error["code"], error["field"]) == ("bad_frame", field), error
         assert f"'{field}'" in error["message"]
-    assert not await asyncio.to_thread(Message.objects.exists)
-    assert not await asyncio.to_thread(Conversation.objects.exists)
+    assert not await database_sync_to_async(Message.objects.exists)()
+    assert not await database_sync_to_async(Conversation.objects.exists)()
     await still_works(ws)
     await ws.close()
 
@@ -78,7 +79,31 @@ async def test_nul_and_unpaired_surrogates_are_refused_by_field(daphne_factory):
     errors = [json.loads(await asyncio.wait_for(ws.recv(), 15)) for _ in range(2)]
     assert {(e["code"], e["field"]) for e in errors} == {("bad_parameter", "segment"), ("bad_parameter", "page")}
     await still_works(ws, "ok-2")
-    conversation = await asyncio.to_thread(Conversation.objects.get)
+    conversation = await database_sync_to_async(Conversation.objects.get)()
     assert (conversation.segment, conversation.metadata["page"]) == ("", "")
     await ws.close()
     assert "Traceback" not in server_log(daphne_factory, base)
+
+
+async def test_text_of_invisible_characters_is_refused_as_empty(daphne_factory, served_model):
+    base = daphne_factory(**SERVER_ENV)
+    ws, _ = await open_socket(base, await asyncio.to_thread(chat_token, base))
+    for n, text in enumerate(
+        (
+            "\u200b\u200c\u200d\ufeff",  # zero-width space, non-joiner, joiner, byte-order mark
+            "\u2060\u00ad\u034f\ufe0f",  # word joiner, soft hyphen, grapheme joiner, variation selector
+            " \u3164\u2800\u115f\t\u180e ",  # Hangul filler, Braille blank, Hangul choseong filler, tab
+            "\u202e\u2066\u2069\U000e0041",  # bidi controls, a tag character
+        )
+    ):
+        error = await refused(ws, json.dumps({"type": "message", "client_id": f"e-{n}", "text": text}))
+        assert (error["code"], error["client_id"]) == ("empty", f"e-{n}"), error
+    assert not await database_sync_to_async(Message.objects.exists)()
+
+    # Text is kept in NFC form, trimmed of invisible edges; joiners inside an emoji stay.
+    text = "\u200b Cafe\u0301 \U0001f469\u200d\U0001f4bb\u200b"
+    await ws.send(json.dumps({"type": "message", "client_id": "nfc", "text": text}))
+    ack = (await until(ws, lambda f: f.get("client_id") == "nfc"))[-1]
+    assert ack["body"] == "Caf\u00e9 \U0001f469\u200d\U0001f4bb"
+    await until(ws, lambda f: f["type"] == "reply_done")
+    await ws.close()

@@ -15,25 +15,17 @@ import urllib.request
 import uuid
 
 import pytest
+from channels.db import database_sync_to_async
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conversations.models import Conversation, Message
-from finetune.models import ModelVersion
 from tests.conversations.conftest import LOW_CONFIDENCE_OFF
-from tests.factories import ConversationFactory, ModelVersionFactory
+from tests.factories import ConversationFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SERVER_ENV = {"SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD": str(LOW_CONFIDENCE_OFF), "SUPPORTBOT_RATE_LIMIT": "50"}
-
-
-@pytest.fixture
-def served_model(tiny_model_dir, transactional_db) -> ModelVersion:
-    # Committed, so the daphne process loads it as its active version.
-    return ModelVersionFactory(
-        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
-    )
 
 
 def chat_token(base: str, held: str = "") -> str:
@@ -208,7 +200,7 @@ async def test_abuse_is_refused_on_a_real_server(daphne_factory, served_model):
     await ws.send(json.dumps({"type": "message", "client_id": "c3", "text": "one more"}))
     error = (await until(ws, lambda f: f["type"] == "error"))[-1]
     assert (error["code"], error["client_id"]) == ("rate_limited", "c3")
-    assert not await asyncio.to_thread(Message.objects.filter(client_id="c3").exists)
+    assert not await database_sync_to_async(Message.objects.filter(client_id="c3").exists)()
 
     # A frame over daphne's --websocket-max-message-size drops the connection.
     await ws.send("x" * 70000)
@@ -216,7 +208,7 @@ async def test_abuse_is_refused_on_a_real_server(daphne_factory, served_model):
         await drain(ws)
 
     # Someone else's conversation: accepted, told why, closed with 4403.
-    theirs = await asyncio.to_thread(ConversationFactory, session_key="y" * 32)
+    theirs = await database_sync_to_async(ConversationFactory)(session_key="y" * 32)
     ws, error = await open_socket(base, token, path=f"/ws/chat/{theirs.pk}/")
     assert error["code"] == "forbidden"
     with pytest.raises(ConnectionClosed) as closed:
@@ -272,7 +264,7 @@ async def test_a_conversation_starts_at_the_first_message(daphne_factory, served
     tab_b, hello_b = await open_socket(base, token)
     assert (hello_a["id"], hello_a["status"], hello_a["bot_available"]) == (None, "bot", True)
     assert hello_b["id"] is None
-    assert not await asyncio.to_thread(Conversation.objects.exists)  # no empty conversation for agents
+    assert not await database_sync_to_async(Conversation.objects.exists)()  # no empty conversation for agents
 
     await tab_a.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
     started = json.loads(await asyncio.wait_for(tab_a.recv(), 15))
@@ -292,7 +284,7 @@ async def test_a_conversation_starts_at_the_first_message(daphne_factory, served
     await tab_a.send(json.dumps({"type": "message", "client_id": "c-2", "text": "Thanks"}))
     assert (await until(tab_b, lambda f: f.get("client_id") == "c-2"))[-1]["body"] == "Thanks"
 
-    conversation = await asyncio.to_thread(Conversation.objects.get)
+    conversation = await database_sync_to_async(Conversation.objects.get)()
     assert str(conversation.pk) == started["id"]
     assert (conversation.segment, conversation.metadata["page"]) == ("pro", "https://shop.example/cart")
     await tab_a.close()

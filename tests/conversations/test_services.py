@@ -151,6 +151,8 @@ def test_a_resent_message_is_acknowledged_with_the_same_id_and_saved_once():
     [
         ("c1", "x" * 4097, "too_long"),
         ("c1", "   ", "empty"),
+        ("c1", "\u200b\u2060\ufeff\u3164", "empty"),
+        ("c1", "x" * 4096 + "\u0301", "too_long"),  # NFC: an accent on its own counts
         ("", "hello", "bad_frame"),
         ("c" * 65, "hello", "bad_frame"),
     ],
@@ -164,6 +166,20 @@ def test_bad_messages_are_refused_with_a_reason_and_not_saved(client_id, text, c
     # The same conversation takes a good message.
     services.message_create_customer(conversation=conversation, client_id="ok", text="x" * 4096)
     assert conversation.messages.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "saved"),
+    [
+        ("Cafe\u0301", "Caf\u00e9"),
+        ("\u200b\u00a0 hi \ufeff\n", "hi"),
+        ("\U0001f469\u200d\U0001f4bb", "\U0001f469\u200d\U0001f4bb"),
+        ("a\u200bb", "a\u200bb"),
+    ],
+)
+def test_message_text_is_saved_in_nfc_without_invisible_edges(text, saved):
+    message, _ = services.message_create_customer(conversation=ConversationFactory(), client_id="c", text=text)
+    assert message.body == saved
 
 
 @pytest.mark.parametrize(
