@@ -274,14 +274,19 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
     if existing is not None:
         return existing, False
     body = _message_body(client_id=client_id, text=text)
-    if conversation.status == Conversation.Status.CLOSED:
-        raise ApplicationError(
-            "This conversation is closed. Reload the page to start a new one.",
-            code="conversation_closed",
-            extra={"client_id": client_id},
-        )
     try:
         with transaction.atomic():
+            # The row's status, not the caller's copy: an agent may have closed it since
+            # the socket opened. The lock keeps a close from slipping in before the insert.
+            status = Conversation.objects.select_for_update().values_list("status", flat=True).get(pk=conversation.pk)
+            conversation.status = status
+            if status == Conversation.Status.CLOSED:
+                raise ApplicationError(
+                    "This conversation has been closed, so your message was not sent. Reload the page to start "
+                    "a new conversation, and send it there.",
+                    code="conversation_closed",
+                    extra={"client_id": client_id},
+                )
             message = Message.objects.create(
                 conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id
             )

@@ -244,6 +244,7 @@
       showAlert(frame.message);
       return;
     }
+    if (frame.code === "conversation_closed") setStatus("closed"); // closed by an agent meanwhile
     if (item && ["too_long", "empty", "bad_frame", "conversation_closed"].indexOf(frame.code) !== -1) {
       // Refused for good: keep the text visible, drop it from the outbox.
       outbox = outbox.filter(function (o) { return o.client_id !== frame.client_id; });

@@ -289,3 +289,31 @@ async def test_a_conversation_starts_at_the_first_message(daphne_factory, served
     assert (conversation.segment, conversation.metadata["page"]) == ("pro", "https://shop.example/cart")
     await tab_a.close()
     await tab_b.close()
+
+
+async def test_a_message_to_a_conversation_closed_meanwhile_is_refused(daphne_factory, served_model):
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    ws, _ = await open_socket(base, token)
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    started = (await until(ws, is_done))[0]
+    # An agent closes the conversation while the customer's socket stays open.
+    await database_sync_to_async(Conversation.objects.filter(pk=started["id"]).update)(status="closed")
+
+    await ws.send(json.dumps({"type": "message", "client_id": "c-2", "text": "One more thing"}))
+    error = (await until(ws, lambda f: f["type"] == "error"))[-1]
+    assert (error["code"], error["client_id"]) == ("conversation_closed", "c-2")
+    assert "closed" in error["message"]
+    assert "start a new conversation" in error["message"]
+    assert not await database_sync_to_async(Message.objects.filter(client_id="c-2").exists)()
+    assert await silent(ws, 1.0)  # no reply either
+
+    # What the message says to do: reload, and the next message starts a new conversation.
+    await ws.close()
+    ws, hello = await open_socket(base, token)
+    assert hello["id"] is None
+    await ws.send(json.dumps({"type": "message", "client_id": "c-2", "text": "One more thing"}))
+    again = (await until(ws, lambda f: f["type"] == "conversation"))[-1]
+    assert again["id"] != started["id"]
+    await until(ws, is_done)
+    await ws.close()

@@ -168,6 +168,16 @@ def test_bad_messages_are_refused_with_a_reason_and_not_saved(client_id, text, c
     assert conversation.messages.count() == 1
 
 
+def test_a_message_to_a_conversation_closed_since_it_was_loaded_is_refused():
+    conversation = ConversationFactory()
+    Conversation.objects.filter(pk=conversation.pk).update(status=Conversation.Status.CLOSED)  # an agent, meanwhile
+    with pytest.raises(ApplicationError) as refused:
+        services.message_create_customer(conversation=conversation, client_id="c", text="hello")
+    assert (refused.value.code, refused.value.extra) == ("conversation_closed", {"client_id": "c"})
+    assert not conversation.messages.exists()
+    assert conversation.status == Conversation.Status.CLOSED
+
+
 @pytest.mark.parametrize(
     ("text", "saved"),
     [
