@@ -185,7 +185,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             await handler(content)
         except ApplicationError as exc:
-            await self._error(exc.code, exc.message, **exc.extra)
+            await self._error(exc.code, exc.message, **{**frames.client_echo(content), **exc.extra})
         except Exception:
             log.exception(
                 "Chat frame %s failed in conversation %s", content["type"], getattr(self.conversation, "pk", None)
@@ -193,6 +193,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._error(
                 "server_error",
                 "Something went wrong on our side. A message the chat showed as sent is saved; try again shortly.",
+                **frames.client_echo(content),
             )
 
     async def _rate_limited(self, bucket: str, limit: int, client_id: Any = None) -> bool:
@@ -213,9 +214,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _on_message(self, content: dict[str, Any]) -> None:
         client_id = content.get("client_id")
         if not isinstance(content.get("text"), str) or not isinstance(client_id, str):
-            extra = {"client_id": client_id} if isinstance(client_id, str) else {}
-            await self._error("bad_frame", "A message frame needs 'client_id' and 'text' strings.", **extra)
-            return
+            raise ApplicationError("A message frame needs 'client_id' and 'text' strings.", code="bad_frame")
         if await self._rate_limited("msg", settings.SUPPORTBOT_RATE_LIMIT, client_id):
             return
         if self.conversation is None:

@@ -81,9 +81,15 @@ def client_frame_parse(text: str | None) -> dict[str, Any]:
             raise ApplicationError(
                 f"The frame's '{field[:40]}' contains {problem}; send text without it.",
                 code="bad_frame",
-                extra={"field": field[:40]},
+                extra={"field": field[:40], **client_echo(content)},
             )
     return content
+
+
+def client_echo(content: dict[str, Any]) -> dict[str, Any]:
+    """What an error about ``content`` repeats of it: its ``client_id``, so the client knows which message."""
+    client_id = content.get("client_id")
+    return {"client_id": client_id} if isinstance(client_id, str) else {}
 
 
 def client_parameter(query: dict[str, list[str]], name: str, limit: int) -> tuple[str, str | None]:
@@ -161,5 +167,11 @@ def typing_frame(*, role: str) -> dict[str, Any]:
     return {"type": "typing", "role": role}
 
 
+# An echoed client_id is cut to the longest a valid one can be (an invalid one may be huge).
+ECHO_CLIENT_ID_MAX = 64
+
+
 def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    if isinstance(extra.get("client_id"), str):
+        extra["client_id"] = extra["client_id"][:ECHO_CLIENT_ID_MAX]
     return {"type": "error", "code": code, "message": message, **extra}

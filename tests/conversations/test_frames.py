@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conversations.frames import MAX_FRAME_DEPTH, client_frame_parse
+from conversations.frames import MAX_FRAME_DEPTH, client_echo, client_frame_parse, error_frame
 from supportbot.errors import ApplicationError
 
 
@@ -46,8 +46,15 @@ def test_nesting_is_limited_and_brackets_inside_strings_do_not_count():
 def test_text_that_cannot_be_stored_is_refused_by_field(raw, field):
     with pytest.raises(ApplicationError) as refused:
         client_frame_parse(raw)
-    assert (refused.value.code, refused.value.extra) == ("bad_frame", {"field": field})
+    assert refused.value.code == "bad_frame"
+    assert refused.value.extra["field"] == field
 
 
 def test_a_surrogate_pair_is_one_ordinary_character():
     assert client_frame_parse('{"type": "message", "text": "\\ud83d\\ude00"}')["text"] == "\N{GRINNING FACE}"
+
+
+def test_an_error_echoes_the_client_id_cut_to_the_longest_valid_one():
+    assert client_echo({"type": "message", "client_id": "c-1"}) == {"client_id": "c-1"}
+    assert client_echo({"type": "message", "client_id": 5}) == {}
+    assert error_frame("bad_frame", "why", client_id="x" * 1000)["client_id"] == "x" * 64

@@ -107,3 +107,21 @@ async def test_text_of_invisible_characters_is_refused_as_empty(daphne_factory, 
     assert ack["body"] == "Caf\u00e9 \U0001f469\u200d\U0001f4bb"
     await until(ws, lambda f: f["type"] == "reply_done")
     await ws.close()
+
+
+async def test_errors_on_a_message_echo_its_client_id(daphne_factory):
+    base = daphne_factory(**SERVER_ENV)
+    ws, _ = await open_socket(base, await asyncio.to_thread(chat_token, base))
+    long_id = "x" * 100
+    for frame, code, echoed in (
+        ({"type": "message", "client_id": "   ", "text": "hi"}, "bad_frame", "   "),
+        ({"type": "message", "client_id": long_id, "text": "hi"}, "bad_frame", long_id[:64]),
+        ({"type": "message", "client_id": "c-1", "text": 5}, "bad_frame", "c-1"),
+        ({"type": "message", "client_id": "c-2", "text": "hi\x00"}, "bad_frame", "c-2"),
+        ({"type": "message", "client_id": "c-3", "text": ""}, "empty", "c-3"),
+    ):
+        error = await refused(ws, json.dumps(frame))
+        assert (error["code"], error.get("client_id")) == (code, echoed), error
+    assert not await database_sync_to_async(Message.objects.exists)()
+    await still_works(ws)
+    await ws.close()
