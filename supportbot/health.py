@@ -37,7 +37,13 @@ def database_check() -> dict:
 
 
 async def channel_layer_check() -> dict:
-    """Send a message to a fresh channel and read it back."""
+    """Send a message to a fresh channel of the probe's own and read it back.
+
+    Not a ``new_channel()``: those are process-local channels ("...!..."), which the Redis
+    layer reads through one shared reader per process, held in turn by every open chat
+    socket and the model listener for up to 5 s each, so a probe among them waited past
+    its timeout. A plain channel name is read directly, by the probe alone.
+    """
     layer = get_channel_layer()
     backend = settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(".", 1)[-1]
     if layer is None:
@@ -45,7 +51,7 @@ async def channel_layer_check() -> dict:
     start = time.monotonic()
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            channel = await layer.new_channel("healthz.")
+            channel = f"healthz.{uuid.uuid4().hex}"
             token = uuid.uuid4().hex
             await layer.send(channel, {"type": "healthz.ping", "token": token})
             message = await layer.receive(channel)

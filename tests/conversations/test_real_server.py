@@ -317,3 +317,18 @@ async def test_a_message_to_a_conversation_closed_meanwhile_is_refused(daphne_fa
     assert again["id"] != started["id"]
     await until(ws, is_done)
     await ws.close()
+
+
+async def test_healthz_stays_green_while_chat_sockets_read_the_layer(daphne_factory, served_model, redis_url):
+    """/healthz's channel-layer probe has a channel of its own: open sockets and the model
+    listener, reading the layer in the same process, are no obstacle to it."""
+    base = daphne_factory(**SERVER_ENV)
+    ws, _ = await open_socket(base, await asyncio.to_thread(chat_token, base))
+    before = await asyncio.to_thread(health, base)
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    await until(ws, is_done)
+    after = [await asyncio.to_thread(health, base) for _ in range(3)]
+    for report in (before, *after):
+        assert report["checks"]["channel_layer"]["ok"], report
+        assert report["status"] == "ok", report
+    await ws.close()
