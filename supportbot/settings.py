@@ -322,6 +322,9 @@ SUPPORTBOT_DATASET_DIR = Path(os.environ.get("SUPPORTBOT_DATASET_DIR", VAR_DIR /
 SUPPORTBOT_MODEL_STORE = Path(os.environ.get("SUPPORTBOT_MODEL_STORE", VAR_DIR / "models"))
 # "auto": gpt2 when cached or reachable, else the bundled SmolLM2-135M-Instruct.
 SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
+# /healthz tells everyone what is down, but why (error texts naming hosts, ports, paths)
+# only to staff; on: to everyone (a health checker on a private network).
+SUPPORTBOT_HEALTHZ_DETAILS = env_bool("SUPPORTBOT_HEALTHZ_DETAILS", False)
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
 

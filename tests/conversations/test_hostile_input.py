@@ -11,9 +11,12 @@ import json
 
 import pytest
 from channels.db import database_sync_to_async
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from conversations.models import Conversation, Message
-from tests.conversations.test_real_server import SERVER_ENV, chat_token, open_socket, until
+from tests.conftest import free_port
+from tests.conversations.test_real_server import SERVER_ENV, chat_token, health, open_socket, until, ws_url
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -125,3 +128,29 @@ async def test_errors_on_a_message_echo_its_client_id(daphne_factory):
     assert not await database_sync_to_async(Message.objects.exists)()
     await still_works(ws)
     await ws.close()
+
+
+async def test_a_websocket_to_an_unknown_path_is_refused_plainly(daphne_factory):
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    for path in ("/ws/chat/not-a-uuid/", "/ws/nope/", "/"):
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(ws_url(base, token, path), origin=base, proxy=None, open_timeout=15)
+        assert refused.value.response.status_code == 403, path
+    ws, hello = await open_socket(base, token)  # the server is fine
+    assert hello["type"] == "conversation"
+    await ws.close()
+    log = server_log(daphne_factory, base)
+    assert "Traceback" not in log
+    assert "No route found" not in log
+
+
+def test_healthz_during_a_redis_outage_names_no_host_to_anonymous_callers(daphne_factory):
+    port = free_port()  # nothing listens there: Redis is down
+    down = {**SERVER_ENV, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    report = health(daphne_factory(**down))
+    assert report["status"] == "unavailable"
+    assert report["checks"]["channel_layer"]["ok"] is False
+    assert str(port) not in json.dumps(report)
+    detailed = health(daphne_factory(**down, SUPPORTBOT_HEALTHZ_DETAILS="1"))
+    assert f"127.0.0.1:{port}" in json.dumps(detailed)
