@@ -61,7 +61,16 @@ def _redis_script():
     loop = asyncio.get_running_loop()
     script = _scripts.get(loop)
     if script is None:
-        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        # A bounded pool that waits for a free connection: a burst of frames from many
+        # sockets queues up instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL,
+            max_connections=settings.SUPPORTBOT_REDIS_POOL_SIZE,
+            timeout=2,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
+        client = aioredis.Redis(connection_pool=pool)
         script = client.register_script(_SLIDING_WINDOW_LUA)
         _scripts[loop] = script
     return script

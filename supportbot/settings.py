@@ -183,10 +183,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channel layer and Celery ------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# Redis connections per process for the channel layer (and as many for the rate limit):
+# a command waits for a free one rather than failing when all are busy.
+SUPPORTBOT_REDIS_POOL_SIZE = env_int("SUPPORTBOT_REDIS_POOL_SIZE", 64)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # channels-redis with bounded, waiting connection pools (supportbot/channel_layer.py).
+            "BACKEND": "supportbot.channel_layer.RedisChannelLayer",
             "CONFIG": {
                 # redis-py 8 reads with a 5 s socket timeout by default, the same as
                 # channels-redis's 5 s blocking BZPOPMIN: an idle socket's consumer then
@@ -196,6 +200,8 @@ if REDIS_URL:
                 # drops frames for a busy conversation group.
                 "capacity": env_int("SUPPORTBOT_CHANNEL_CAPACITY", 1500),
                 "expiry": 60,
+                "pool_size": SUPPORTBOT_REDIS_POOL_SIZE,
+                "pool_timeout": 10,  # seconds a command waits for a free connection
             },
         }
     }
