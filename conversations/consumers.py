@@ -264,10 +264,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if now - self._last_typing < TYPING_MIN_INTERVAL_S:
             return
         self._last_typing = now
-        await self.channel_layer.group_send(
-            self.conversation.group_name,
-            {"type": "chat.typing", "frame": frames.typing_frame(role="customer"), "origin": self.channel_name},
-        )
+        try:
+            await self.channel_layer.group_send(
+                self.conversation.group_name,
+                {"type": "chat.typing", "frame": frames.typing_frame(role="customer"), "origin": self.channel_name},
+            )
+        except Exception as exc:  # noqa: BLE001 - a lost "typing…" is no error to the customer
+            log.info("Typing not relayed in conversation %s: %s", self.conversation.pk, exc)
 
     async def _on_request_human(self, content: dict[str, Any]) -> None:
         if await self._rate_limited("other", settings.SUPPORTBOT_RATE_LIMIT * OTHER_FRAMES_LIMIT_FACTOR):

@@ -84,8 +84,8 @@ async def _hit_redis(key: str, limit: int, window_s: float = WINDOW_S) -> float 
         wait_ms = await _redis_script()(
             keys=[f"{_KEY_PREFIX}:{key}"], args=[int(window_s * 1000), limit, uuid.uuid4().hex]
         )
-    except (redis.RedisError, OSError):
-        log.warning("Rate limit not applied: Redis did not answer", exc_info=True)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("Rate limit not applied: Redis did not answer (%s)", exc)
         return None
     return None if int(wait_ms) < 0 else int(wait_ms) / 1000
 

@@ -216,8 +216,11 @@ class _TokenBroadcast:
         self.hurry = asyncio.Event()  # set by drain: send what is left without waiting
         self.watched = False  # once someone else watches, copies go on to the end
         self.checked_at: float | None = None
+        self.failed = False  # a copy could not be sent: the others get the saved reply instead
 
     def add(self, frame: dict[str, Any]) -> None:
+        if self.failed:
+            return
         self.pending.append(frame)
         # The sender leaves its loop only with nothing pending, and nothing can be added
         # between its last look and its end (no await there), so no frame is stranded.
@@ -233,8 +236,11 @@ class _TokenBroadcast:
                 batch, self.pending = self.pending, []
                 try:
                     await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
-                except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
-                    log.warning("Broadcasting %d token(s) to %s failed", len(batch), self.group, exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - other watchers get the text from reply_done
+                    # Once per reply (say Redis is down): the rest of this reply's copies are dropped.
+                    log.warning("Copying tokens to %s failed (%s); no more copies of this reply", self.group, exc)
+                    self.pending, self.failed = [], True
+                    return
                 pause = self.interval - (loop.time() - started)
             elif self.hurry.is_set():
                 self.pending = []  # the reply is done and nobody else watched it

@@ -195,7 +195,9 @@ if REDIS_URL:
                 # redis-py 8 reads with a 5 s socket timeout by default, the same as
                 # channels-redis's 5 s blocking BZPOPMIN: an idle socket's consumer then
                 # dies with "Timeout reading from redis" after 5 s. Read longer than that.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                # A Redis that does not accept connections is an outage the layer waits out
+                # (supportbot/channel_layer.py); 5 s bounds each attempt to reach it.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
                 # Streaming pushes a frame per token; the default capacity of 100
                 # drops frames for a busy conversation group.
                 "capacity": env_int("SUPPORTBOT_CHANNEL_CAPACITY", 1500),

@@ -144,6 +144,52 @@ def pytest_report_header(config) -> str | None:
     return "supportbot: PostgreSQL/Redis tests will be skipped" + hint if hint else None
 
 
+class RedisServer:
+    """A throwaway ``redis-server`` of a test's own, on a free port, that the test may stop and restart.
+
+    No persistence: a restart loses every key, as a crashed Redis without a snapshot
+    does (group memberships included).
+    """
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.workdir / f"redis-{self.port}.log"
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=log.open("a"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while not redis_answers(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """Stop it the hard way (SIGKILL), as a crash does."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A running throwaway Redis server (never the shared one, which other tests and people use)."""
+    need(shutil.which("redis-server") is not None, "redis-server is not installed (apt install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 @pytest.fixture(scope="session")
 def chromium_paths() -> tuple[str, str] | None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")

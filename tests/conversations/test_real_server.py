@@ -50,7 +50,7 @@ async def open_socket(base: str, token: str, *, path: str = "/ws/chat/", origin:
     return ws, hello
 
 
-async def until(ws, predicate, timeout: float = 30.0) -> list[dict]:
+async def until(ws, predicate, timeout: float = 120.0) -> list[dict]:
     frames = []
     async with asyncio.timeout(timeout):
         while True:
