@@ -32,7 +32,7 @@ from django.conf import settings
 from finetune.selectors import model_version_active
 from supportbot.errors import ApplicationError
 
-from . import frames, replies, services
+from . import frames, lifecycle, replies, services
 from .models import Conversation, Message
 from .ratelimit import rate_limit_hit
 from .tokens import chat_token_read
@@ -65,6 +65,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._recent_direct: collections.deque[str] = collections.deque(maxlen=128)
         self._last_typing = 0.0
         self._rechecks: set[asyncio.Task] = set()
+        if lifecycle.draining:  # the server is stopping: refused, the client retries (another one)
+            await self.close()
+            self.closed = True
+            return
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         if token:

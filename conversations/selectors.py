@@ -70,6 +70,21 @@ def prompt_messages(
     return [{"role": ROLE_SYSTEM, "content": system_prompt_for(bot_profile_get())}, *turns]
 
 
+# finish_reason of a reply cut off because its server shut down (conversations.replies).
+SHUTDOWN_FINISH_REASON = "shutdown"
+
+
+def replies_to(message: Message) -> QuerySet[Message]:
+    """The bot's replies to ``message`` that answer it: all but those a server shutdown cut off.
+
+    A cut-off reply stays in the conversation (failed, with its text so far), but the
+    question counts as unanswered, so the next server answers it.
+    """
+    return Message.objects.filter(role=Message.Role.BOT, in_reply_to=message).exclude(
+        status=Message.Status.FAILED, generation__finish_reason=SHUTDOWN_FINISH_REASON
+    )
+
+
 def reply_target(*, conversation: Conversation) -> Message | None:
     """The newest customer message: what the bot answers next, if nothing answered it yet."""
     return conversation.messages.filter(role=Message.Role.CUSTOMER).order_by("-pk").first()

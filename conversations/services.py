@@ -20,7 +20,7 @@ import hashlib
 import re
 import unicodedata
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,7 +34,14 @@ from supportbot.errors import ApplicationError
 from . import frames
 from .broadcast import AGENTS_GROUP, group_send_on_commit
 from .models import Conversation, Message
-from .selectors import messages_after, model_version_for_label, prompt_messages, reply_target
+from .selectors import (
+    SHUTDOWN_FINISH_REASON,
+    messages_after,
+    model_version_for_label,
+    prompt_messages,
+    replies_to,
+    reply_target,
+)
 
 # A streaming reply's text and heartbeat are saved this often...
 REPLY_HEARTBEAT_S = 5.0
@@ -346,13 +353,20 @@ def _heartbeat_age_s(message: Message, now: datetime) -> float:
     return (now - beat).total_seconds()
 
 
-def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Collection[int]) -> list[Message]:
+def bot_replies_recover(
+    *,
+    conversation: Conversation,
+    owner: str,
+    live_ids: Collection[int],
+    owner_gone: Callable[[str], bool] | None = None,
+) -> list[Message]:
     """Mark ``failed`` the streaming replies of the conversation that no process is writing any more.
 
     A reply is dead when this process (``owner``) started it but no longer runs it
     (not in ``live_ids``, a live view such as ``replies.live_replies``, and older than
-    ``REPLY_REGISTER_GRACE_S``), or when its heartbeat is older than
-    ``REPLY_STALE_AFTER_S`` (its process crashed).
+    ``REPLY_REGISTER_GRACE_S``); when ``owner_gone`` says its writer's process has
+    ended (``replies.process_gone``); or when its heartbeat is older than
+    ``REPLY_STALE_AFTER_S`` (its process crashed, wherever it ran).
     The text saved so far is kept. The customer's question is then handed to a human.
     """
     now = timezone.now()
@@ -363,10 +377,11 @@ def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Col
         )
         for message in streaming:
             age = _heartbeat_age_s(message, now)
-            if (message.generation or {}).get("owner") == owner:
+            writer = str((message.generation or {}).get("owner") or "")
+            if writer == owner:
                 if message.pk in live_ids or age < REPLY_REGISTER_GRACE_S:
                     continue
-            elif age < REPLY_STALE_AFTER_S:
+            elif age < REPLY_STALE_AFTER_S and not (owner_gone is not None and owner_gone(writer)):
                 continue
             _reply_close(
                 message,
@@ -376,6 +391,22 @@ def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Col
             failed.append(message)
         if failed and conversation.status == Conversation.Status.BOT:
             conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
+    return failed
+
+
+def bot_replies_sweep(*, owner: str, owner_gone: Callable[[str], bool]) -> list[Message]:
+    """At a server's start: mark ``failed`` every streaming reply whose writer is gone, in every conversation.
+
+    Gone: its process has ended (``owner_gone``, which can only tell for processes it
+    can see, e.g. on the same machine) or its heartbeat is stale. Replies of other
+    live processes (several servers share the database) are left alone.
+    """
+    conversations = Conversation.objects.filter(
+        messages__role=Message.Role.BOT, messages__status=Message.Status.STREAMING
+    ).distinct()
+    failed: list[Message] = []
+    for conversation in conversations:
+        failed += bot_replies_recover(conversation=conversation, owner=owner, live_ids=(), owner_gone=owner_gone)
     return failed
 
 
@@ -392,8 +423,9 @@ def bot_reply_start(
 
     Returns None when there is nothing for the bot to do: the conversation is not the
     bot's, the newest customer message already has a reply (finished, failed or
-    being written), or another reply of this conversation is still streaming (its
-    writer answers the newest message when done). One reply at a time per
+    being written; a reply cut off by a server shutdown does not count, so the next
+    server answers again), or another reply of this conversation is still streaming
+    (its writer answers the newest message when done). One reply at a time per
     conversation, across processes: the conversation row is locked.
     """
     locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
@@ -404,8 +436,8 @@ def bot_reply_start(
     target = reply_target(conversation=conversation)
     if target is None:
         return None
-    replies = conversation.messages.filter(role=Message.Role.BOT)
-    if replies.filter(in_reply_to=target).exists() or replies.filter(status=Message.Status.STREAMING).exists():
+    streaming = conversation.messages.filter(role=Message.Role.BOT, status=Message.Status.STREAMING)
+    if replies_to(target).exists() or streaming.exists():
         return None
     message = Message.objects.create(
         conversation=conversation,
@@ -454,8 +486,9 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     """Save the finished reply with what produced it, or mark it failed.
 
     A reply is ``complete`` when the model stopped by itself or at its token limit
-    and said something; an error, timeout, cancel or empty text makes it ``failed``
-    and hands the customer to a human. A complete reply whose mean token
+    and said something; an error, timeout, cancel, shutdown or empty text makes it
+    ``failed``, and all but a cancel or a shutdown (the next server answers again)
+    hand the customer to a human. A complete reply whose mean token
     log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD`` is kept but also
     hands the conversation to a human. Finishing a reply that recovery already
     marked failed (a slow writer, not a dead one) completes it after all.
@@ -480,7 +513,7 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
         mean_logprob=done.mean_logprob,
     )
     conversation = message.conversation
-    if not ok and done.finish_reason != "cancelled":
+    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
     elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)

@@ -27,6 +27,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from conversations.lifecycle import install_server_hooks  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 from finetune.inference import preload_start  # noqa: E402
 
@@ -53,3 +54,5 @@ application = ProtocolTypeRouter(
 
 if settings.SUPPORTBOT_PRELOAD_MODEL:
     preload_start()
+# Under daphne: sweep replies dead processes left streaming at start; drain on SIGTERM.
+install_server_hooks()

@@ -356,6 +356,10 @@ SUPPORTBOT_RATE_LIMIT = env_int("SUPPORTBOT_RATE_LIMIT", 20)
 # How long an anonymous chat token stays valid without the page being loaded again
 # (it is renewed on every page load): the customer's history survives this long.
 SUPPORTBOT_CHAT_TOKEN_MAX_AGE = env_int("SUPPORTBOT_CHAT_TOKEN_MAX_AGE", 30 * 24 * 3600)
+# On SIGTERM a chat server stops accepting, lets running replies finish for this long,
+# cuts off the rest (saved as failed; the next server answers again) and closes every
+# socket with 1012 so widgets reconnect. 8 s fits Docker's default 10 s stop timeout.
+SUPPORTBOT_SHUTDOWN_GRACE_S = env_float("SUPPORTBOT_SHUTDOWN_GRACE_S", 8.0)
 # Pages allowed to frame the widget's chat panel (/chat/embed/), as CSP frame-ancestors
 # sources. "*" lets the widget run on any site, as the embed snippet promises.
 SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS", ["*"])

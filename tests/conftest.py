@@ -320,7 +320,8 @@ def daphne_factory(transactional_db, tmp_path) -> Iterator:
                 application,
             ],
             cwd=ROOT,
-            env=child_process_env(**env),
+            # A short drain on SIGTERM: the test is over, its replies need not finish.
+            env=child_process_env(**{"SUPPORTBOT_SHUTDOWN_GRACE_S": "1", **env}),
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
         )

@@ -147,12 +147,13 @@
         showAlert("This conversation belongs to someone else.");
         return;
       }
-      scheduleReconnect();
+      // 1012: the server is restarting; reconnecting (with resume) picks up where it left off.
+      scheduleReconnect(event.code === 1012 ? "The chat server is restarting. Reconnecting…" : null);
     };
   }
 
-  function scheduleReconnect() {
-    setConn("Connection lost. Reconnecting…");
+  function scheduleReconnect(text) {
+    setConn(text || "Connection lost. Reconnecting…");
     clearTimeout(reconnectTimer);
     var delay = backoff * (0.75 + Math.random() * 0.5); // jitter: clients do not reconnect in lockstep
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);

@@ -283,6 +283,37 @@ def test_a_message_is_answered_once():
     assert start_reply(conversation) is not None
 
 
+def test_a_reply_cut_off_by_a_shutdown_is_kept_and_its_question_answered_again():
+    conversation = ConversationFactory()
+    question, _ = services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")
+    reply, _ = start_reply(conversation)
+    cut = services.bot_reply_finish(message_id=reply.pk, done=done(text="Your ord", reason="shutdown"), seq=2)
+    assert (cut.status, cut.body) == (Message.Status.FAILED, "Your ord")
+    conversation.refresh_from_db()
+    assert conversation.status == Conversation.Status.BOT  # a restart is no reason to call a human
+    again, _ = start_reply(conversation)
+    assert again.in_reply_to_id == question.pk
+    services.bot_reply_fail(message_id=again.pk, error="The model failed.")
+    assert start_reply(conversation) is None  # any other failure does answer it (a human takes over)
+
+
+def test_the_startup_sweep_fails_replies_whose_process_is_gone_or_silent_only():
+    def streaming(owner: str, heartbeat_age_s: float) -> Message:
+        conversation = ConversationFactory()
+        services.message_create_customer(conversation=conversation, client_id="c", text="Where?")
+        reply, _ = services.bot_reply_start(conversation=conversation, model_label="v1", params={}, owner=owner)
+        age_heartbeat(reply, heartbeat_age_s)
+        return reply
+
+    gone = streaming("host:1:a:ns", 1)
+    silent = streaming("elsewhere:2:b:ns2", services.REPLY_STALE_AFTER_S + 1)
+    alive = streaming("elsewhere:3:c:ns2", 1)
+    swept = services.bot_replies_sweep(owner=OWNER, owner_gone=lambda owner: owner == "host:1:a:ns")
+    assert {m.pk for m in swept} == {gone.pk, silent.pk}
+    alive.refresh_from_db()
+    assert alive.status == Message.Status.STREAMING
+
+
 def test_the_bot_does_not_answer_once_handed_off():
     conversation = ConversationFactory()
     services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")
