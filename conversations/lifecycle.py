@@ -7,7 +7,9 @@ over the asyncio loop) it registers:
   is gone is marked ``failed`` (``services.bot_replies_sweep``). Several daphne processes
   may share the database, so a reply is swept only when its process has surely ended
   (same machine and PID namespace, PID free: ``replies.process_gone``) or its heartbeat
-  is stale; replies of live servers are left alone.
+  is stale; replies of live servers are left alone. A predecessor this process cannot
+  see (a restarted container has a new PID namespace) is judged by its heartbeat, so
+  the sweep runs once more when any heartbeat it saw would have gone stale.
 - **at stop** (SIGTERM or SIGINT; a Twisted "before shutdown" trigger, which daphne waits
   for): stop listening for new connections, let running replies finish within
   ``SUPPORTBOT_SHUTDOWN_GRACE_S`` and cut off the rest (saved ``failed`` with their text,
@@ -82,6 +84,12 @@ def _close_websockets(reactor) -> list:
     return closing
 
 
+async def _sweeps() -> None:
+    await replies_sweep()
+    await asyncio.sleep(services.REPLY_STALE_AFTER_S + 5)
+    await replies_sweep()
+
+
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("The startup sweep of dead replies failed", exc_info=task.exception())
@@ -103,7 +111,7 @@ def install_server_hooks() -> bool:
     from twisted.internet import defer, reactor
 
     def on_start() -> None:
-        asyncio.ensure_future(replies_sweep()).add_done_callback(_log_failure)
+        asyncio.ensure_future(_sweeps()).add_done_callback(_log_failure)
 
     def on_stop():
         global draining
