@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 
 from .models import BotProfile, Conversation, Message, Review
+from .selectors import PREVIEW_CHARS, conversations_with_preview
 
 
 @admin.register(BotProfile)
@@ -31,6 +32,7 @@ class MessageInline(admin.TabularInline):
 class ConversationAdmin(admin.ModelAdmin):
     list_display = (
         "short_id",
+        "preview",
         "status",
         "segment",
         "assigned_agent",
@@ -44,9 +46,19 @@ class ConversationAdmin(admin.ModelAdmin):
     readonly_fields = ("id", "session_key", "customer", "started_at", "last_message_at", "ended_at", "metadata")
     inlines = [MessageInline]
 
+    def get_queryset(self, request):
+        return conversations_with_preview(super().get_queryset(request))
+
     @admin.display(description="conversation")
     def short_id(self, obj: Conversation) -> str:
         return str(obj.id)[:8]
+
+    @admin.display(description="first message")
+    def preview(self, obj: Conversation) -> str:
+        text = getattr(obj, "preview", None)
+        if not text:
+            return "—"  # no customer message (a customer who only asked for a human)
+        return text + ("…" if len(text) >= PREVIEW_CHARS else "")
 
 
 @admin.register(Message)

@@ -1,7 +1,9 @@
 """The customer's chat socket: parse a frame, call one service, answer (docs/protocol.md).
 
-``/ws/chat/`` opens the customer's open conversation (creating one), and
-``/ws/chat/<uuid>/`` a given one, which must be theirs (else close code 4403). The
+``/ws/chat/`` opens the customer's open conversation, or none yet: a conversation
+starts at the customer's first message (or "Talk to a human"), and the customer's other
+sockets hear of it through their customer group. ``/ws/chat/<uuid>/`` opens a given
+conversation, which must be theirs (else close code 4403). The
 customer is identified by a signed chat token (``?token=``, from ``POST
 /chat/session/``) or the session cookie, and by the signed-in user if any; no
 identity closes with 4401. ``AllowedHostsOriginValidator`` (``asgi.py``) has
@@ -29,7 +31,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from finetune.selectors import model_version_active
 from supportbot.errors import ApplicationError
 
-from . import frames, replies, services
+from . import frames, lifecycle, replies, services
 from .models import Conversation, Message
 from .ratelimit import rate_limit_for, rate_limit_hit
 from .tokens import chat_token_read
@@ -41,13 +43,17 @@ CLOSE_FORBIDDEN = 4403
 TYPING_MIN_INTERVAL_S = 2.0  # relay a customer's "typing" at most this often
 
 
-def _short(value: Any, limit: int) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+def _header_text(headers: dict[bytes, bytes], name: bytes, limit: int) -> str:
+    """A request header as text to keep (control characters, NUL included, dropped)."""
+    text = headers.get(name, b"").decode("latin-1")[:limit]
+    return "".join(char for char in text if char >= " " and char != "\x7f")
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    conversation = None
+    conversation = None  # None until the customer's first message starts one
+    opened = False  # accepted with an identity (a refused socket is accepted only to say why)
     closed = False
+    customer_group = None  # joined while the socket has no conversation
 
     # --- connection ------------------------------------------------------------
 
@@ -55,6 +61,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._recent_direct: collections.deque[str] = collections.deque(maxlen=128)
         self._last_typing = 0.0
         self._rechecks: set[asyncio.Task] = set()
+        if lifecycle.draining:  # the server is stopping: refused, the client retries (another one)
+            await self.close()
+            self.closed = True
+            return
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         token = (query.get("token") or [""])[0]
         if token:
@@ -72,26 +82,62 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.user = self.scope.get("user")
         self.rate_key = f"u{self.user.pk}" if self.user is not None and self.user.is_authenticated else self.session_key
         headers = dict(self.scope.get("headers") or [])
+        segment, segment_problem = frames.client_parameter(query, "segment", 64)
+        page, page_problem = frames.client_parameter(query, "page", 500)
+        # Kept on the conversation if this socket starts one.
+        self.opening = {
+            "segment": segment,
+            "metadata": {
+                "page": page,
+                "user_agent": _header_text(headers, b"user-agent", 300),
+                "locale": _header_text(headers, b"accept-language", 100),
+            },
+        }
         try:
-            self.conversation = await database_sync_to_async(services.conversation_open_for_session)(
+            conversation = await database_sync_to_async(services.conversation_open_for_session)(
                 session_key=self.session_key,
                 user=self.user,
                 conversation_id=self.scope["url_route"]["kwargs"].get("conversation_id"),
-                segment=_short((query.get("segment") or [""])[0], 64),
-                metadata={
-                    "page": _short((query.get("page") or [""])[0], 500),
-                    "user_agent": headers.get(b"user-agent", b"").decode("latin-1")[:300],
-                    "locale": headers.get(b"accept-language", b"").decode("latin-1")[:100],
-                },
+                create=False,
             )
         except ApplicationError as exc:
             code = CLOSE_FORBIDDEN if exc.code == "forbidden" else CLOSE_NO_SESSION
             await self._refuse(code, exc.code, exc.message)
             return
-        await self.channel_layer.group_add(self.conversation.group_name, self.channel_name)
+        if conversation is not None:
+            await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+            self.conversation = conversation
+        else:
+            self.customer_group = services.customer_group_name(session_key=self.session_key, user=self.user)
+            await self.channel_layer.group_add(self.customer_group, self.channel_name)
         await self.accept()
+        self.opened = True
+        await self._send_conversation()
+        for field, problem in (("segment", segment_problem), ("page", page_problem)):
+            if problem is not None:
+                await self._error("bad_parameter", problem, field=field)
+
+    async def _send_conversation(self) -> None:
         bot_available = await database_sync_to_async(model_version_active)() is not None
         await self.send_json(frames.conversation_frame(self.conversation, bot_available=bot_available))
+
+    async def _join(self, conversation: Conversation) -> None:
+        """This socket's conversation has started: follow it, and tell the client (which then resumes)."""
+        await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+        self.conversation = conversation
+        if self.customer_group is not None:
+            await self.channel_layer.group_discard(self.customer_group, self.channel_name)
+            self.customer_group = None
+        await self._send_conversation()
+
+    async def _started_conversation(self) -> Conversation:
+        """The socket's conversation, started now if the customer has none open."""
+        if self.conversation is None:
+            conversation = await database_sync_to_async(services.conversation_open_for_session)(
+                session_key=self.session_key, user=self.user, create=True, **self.opening
+            )
+            await self._join(conversation)
+        return self.conversation
 
     async def _refuse(self, code: int, error_code: str, message: str) -> None:
         # Accept first: a close before accepting reaches the client as a bare HTTP 403,
@@ -107,22 +153,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             task.cancel()
         if self.conversation is not None:
             await self.channel_layer.group_discard(self.conversation.group_name, self.channel_name)
+        if self.customer_group is not None:
+            await self.channel_layer.group_discard(self.customer_group, self.channel_name)
 
     # --- frames from the client ------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
-        if self.conversation is None or self.closed:
-            return
-        if text_data is None:
-            await self._error("bad_frame", "Frames must be JSON text, not binary.")
+        if not self.opened or self.closed:
             return
         try:
-            content = json.loads(text_data)
-        except ValueError:
-            await self._error("bad_json", 'The frame is not valid JSON. Send an object like {"type": "message"}.')
-            return
-        if not isinstance(content, dict) or not isinstance(content.get("type"), str):
-            await self._error("bad_frame", "A frame must be a JSON object with a string 'type'.")
+            content = frames.client_frame_parse(text_data)
+        except ApplicationError as exc:
+            await self._error(exc.code, exc.message, **exc.extra)
             return
         await self.receive_json(content)
 
@@ -143,12 +185,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             await handler(content)
         except ApplicationError as exc:
-            await self._error(exc.code, exc.message, **exc.extra)
+            await self._error(exc.code, exc.message, **{**frames.client_echo(content), **exc.extra})
         except Exception:
-            log.exception("Chat frame %s failed in conversation %s", content["type"], self.conversation.pk)
+            log.exception(
+                "Chat frame %s failed in conversation %s", content["type"], getattr(self.conversation, "pk", None)
+            )
             await self._error(
                 "server_error",
                 "Something went wrong on our side. A message the chat showed as sent is saved; try again shortly.",
+                **frames.client_echo(content),
             )
 
     async def _rate_limited(self, bucket: str, client_id: Any = None) -> bool:
@@ -170,11 +215,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _on_message(self, content: dict[str, Any]) -> None:
         client_id = content.get("client_id")
         if not isinstance(content.get("text"), str) or not isinstance(client_id, str):
-            extra = {"client_id": client_id} if isinstance(client_id, str) else {}
-            await self._error("bad_frame", "A message frame needs 'client_id' and 'text' strings.", **extra)
-            return
+            raise ApplicationError("A message frame needs 'client_id' and 'text' strings.", code="bad_frame")
         if await self._rate_limited("msg", client_id):
             return
+        if self.conversation is None:
+            # The first message starts the conversation, unless it would be refused anyway;
+            # the socket joins the conversation's group before the message is saved, so it
+            # hears what saving it sets off (a handoff, say).
+            services.message_check(client_id=client_id, text=content["text"])
+            await self._started_conversation()
         message, _created = await database_sync_to_async(services.message_create_customer)(
             conversation=self.conversation, client_id=client_id, text=content["text"]
         )
@@ -205,24 +254,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(
             {"type": "resumed", "count": len(messages), "last_id": messages[-1].pk if messages else after}
         )
-        await self.send_json(frames.handoff_frame(self.conversation))
-        self._request_reply()
+        if self.conversation is not None:
+            await self.send_json(frames.handoff_frame(self.conversation))
+            self._request_reply()
 
     async def _on_typing(self, content: dict[str, Any]) -> None:
+        if self.conversation is None:
+            return  # nobody else watches a conversation that has not started
         now = time.monotonic()
         if now - self._last_typing < TYPING_MIN_INTERVAL_S:
             return
         self._last_typing = now
-        await self.channel_layer.group_send(
-            self.conversation.group_name,
-            {"type": "chat.typing", "frame": frames.typing_frame(role="customer"), "origin": self.channel_name},
-        )
+        try:
+            await self.channel_layer.group_send(
+                self.conversation.group_name,
+                {"type": "chat.typing", "frame": frames.typing_frame(role="customer"), "origin": self.channel_name},
+            )
+        except Exception as exc:  # noqa: BLE001 - a lost "typing…" is no error to the customer
+            log.info("Typing not relayed in conversation %s: %s", self.conversation.pk, exc)
 
     async def _on_request_human(self, content: dict[str, Any]) -> None:
         if await self._rate_limited("other"):
             return
-        await database_sync_to_async(services.conversation_request_human)(conversation=self.conversation)
-        await self._send_direct(frames.handoff_frame(self.conversation))
+        conversation = await self._started_conversation()
+        await database_sync_to_async(services.conversation_request_human)(conversation=conversation)
+        await self._send_direct(frames.handoff_frame(conversation))
 
     async def _on_csat(self, content: dict[str, Any]) -> None:
         if await self._rate_limited("other"):
@@ -233,7 +289,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._send_direct(frames.message_frame(message))
 
     def _request_reply(self) -> None:
-        if self.conversation.status == Conversation.Status.BOT:
+        if self.conversation is not None and self.conversation.status == Conversation.Status.BOT:
             replies.reply_request(
                 conversation_id=str(self.conversation.pk), send=self._send_direct, origin=self.channel_name
             )
@@ -286,6 +342,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         for frame in event["frames"]:
             await self._relay({"frame": frame})
+
+    async def chat_conversation_started(self, event: dict[str, Any]) -> None:
+        """Another socket of this customer started their conversation (customer group): follow it."""
+        if self.closed or self.conversation is not None:
+            return
+        try:
+            conversation = await database_sync_to_async(services.conversation_open_for_session)(
+                session_key=self.session_key, user=self.user, conversation_id=event["conversation"], create=False
+            )
+        except ApplicationError:
+            return  # not this customer's after all (a stale membership): ignore
+        await self._join(conversation)
 
     # Channel-layer events of the conversation group (``chat.message`` -> ``chat_message``).
     # They carry ready frames, so no handler touches the ORM.

@@ -1,14 +1,107 @@
-"""The server frames of the chat protocol (docs/protocol.md), built from model rows.
+"""The frames of the chat protocol (docs/protocol.md): the client's, checked, and the server's, built.
 
-One place turns rows into the JSON the widget reads, so the consumer, the services'
-broadcasts and ``resume`` all send the same shape.
+``client_frame_parse`` is the one place a client's frame is checked before anything
+reads it (its shape; the rules on its content are the services'). The rest turns rows
+into the JSON the widget reads, so the consumer, the services' broadcasts and
+``resume`` all send the same shape.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+from supportbot.errors import ApplicationError
+
 from .models import Conversation, Message
+
+# No frame of the protocol nests deeper than 2; Python's JSON parser recurses once per
+# level and fails past about a thousand, so deeper text is refused before it is parsed.
+MAX_FRAME_DEPTH = 16
+# A JSON string (to its end, or to the end of the text if unterminated) or a bracket.
+# Possessive quantifiers: no backtracking, so hostile text is scanned in linear time.
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether brackets outside JSON strings nest deeper than ``limit`` (linear time, no recursion)."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        char = match.group()[0]
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+# What no stored text may hold: NUL (PostgreSQL refuses it in text and JSON) and UTF-16
+# surrogates, which in a decoded string are always unpaired ones (JSON's "\ud800"
+# alone; a valid pair decodes to one character) and cannot be encoded as UTF-8.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable_character(value: str) -> str | None:
+    """What in ``value`` cannot be stored ("a NUL character", "an unpaired surrogate"), or None."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return None
+    return "a NUL character" if found.group() == "\x00" else f"an unpaired surrogate (U+{ord(found.group()):04X})"
+
+
+def client_frame_parse(text: str | None) -> dict[str, Any]:
+    """A client's websocket text as a frame: a JSON object with a string ``type``.
+
+    Its top-level strings hold nothing that cannot be stored (``unstorable_character``).
+    Raises ``ApplicationError`` (``bad_json``, ``bad_frame``, the latter with ``field``
+    where one field is at fault) saying what to send instead.
+    """
+    if text is None:
+        raise ApplicationError("Frames must be JSON text, not binary.", code="bad_frame")
+    if _nesting_exceeds(text, MAX_FRAME_DEPTH):
+        raise ApplicationError(
+            f"The frame is nested more than {MAX_FRAME_DEPTH} levels deep; "
+            'send a flat object like {"type": "message", "client_id": "...", "text": "..."}.',
+            code="bad_frame",
+        )
+    try:
+        content = json.loads(text)
+    except ValueError:
+        raise ApplicationError(
+            'The frame is not valid JSON. Send an object like {"type": "message"}.', code="bad_json"
+        ) from None
+    if not isinstance(content, dict) or not isinstance(content.get("type"), str):
+        raise ApplicationError("A frame must be a JSON object with a string 'type'.", code="bad_frame")
+    for field, value in content.items():
+        problem = unstorable_character(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise ApplicationError(
+                f"The frame's '{field[:40]}' contains {problem}; send text without it.",
+                code="bad_frame",
+                extra={"field": field[:40], **client_echo(content)},
+            )
+    return content
+
+
+def client_echo(content: dict[str, Any]) -> dict[str, Any]:
+    """What an error about ``content`` repeats of it: its ``client_id``, so the client knows which message."""
+    client_id = content.get("client_id")
+    return {"client_id": client_id} if isinstance(client_id, str) else {}
+
+
+def client_parameter(query: dict[str, list[str]], name: str, limit: int) -> tuple[str, str | None]:
+    """A socket URL's query parameter, cut to ``limit``: ``(value, problem)``.
+
+    A value that cannot be stored is ignored (``""``) and ``problem`` says why.
+    """
+    value = (query.get(name) or [""])[0][:limit]
+    problem = unstorable_character(value)
+    if problem is not None:
+        return "", f"The '{name}' parameter contains {problem}; it was ignored."
+    return value, None
 
 
 def message_frame(message: Message, *, body: str | None = None, seq: int | None = None) -> dict[str, Any]:
@@ -56,13 +149,16 @@ def handoff_frame(conversation: Conversation) -> dict[str, Any]:
     return {"type": "handoff", "status": conversation.status, "reason": conversation.handoff_reason}
 
 
-def conversation_frame(conversation: Conversation, *, bot_available: bool) -> dict[str, Any]:
-    """Sent once when a socket opens: which conversation it is and who answers it."""
+def conversation_frame(conversation: Conversation | None, *, bot_available: bool) -> dict[str, Any]:
+    """Sent when a socket opens, and again when its conversation starts: which one it is, who answers.
+
+    ``id`` is null until the customer's first message starts a conversation.
+    """
     return {
         "type": "conversation",
-        "id": str(conversation.pk),
-        "status": conversation.status,
-        "handoff_reason": conversation.handoff_reason,
+        "id": str(conversation.pk) if conversation is not None else None,
+        "status": conversation.status if conversation is not None else Conversation.Status.BOT,
+        "handoff_reason": conversation.handoff_reason if conversation is not None else "",
         "bot_available": bot_available,
     }
 
@@ -71,5 +167,11 @@ def typing_frame(*, role: str) -> dict[str, Any]:
     return {"type": "typing", "role": role}
 
 
+# An echoed client_id is cut to the longest a valid one can be (an invalid one may be huge).
+ECHO_CLIENT_ID_MAX = 64
+
+
 def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    if isinstance(extra.get("client_id"), str):
+        extra["client_id"] = extra["client_id"][:ECHO_CLIENT_ID_MAX]
     return {"type": "error", "code": code, "message": message, **extra}

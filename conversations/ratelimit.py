@@ -64,7 +64,16 @@ def _redis_script():
     loop = asyncio.get_running_loop()
     script = _scripts.get(loop)
     if script is None:
-        client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        # A bounded pool that waits for a free connection: a burst of frames from many
+        # sockets queues up instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.REDIS_URL,
+            max_connections=settings.SUPPORTBOT_REDIS_POOL_SIZE,
+            timeout=2,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
+        client = aioredis.Redis(connection_pool=pool)
         script = client.register_script(_SLIDING_WINDOW_LUA)
         _scripts[loop] = script
     return script
@@ -78,8 +87,8 @@ async def _hit_redis(key: str, limit: int, window_s: float = WINDOW_S) -> float 
         wait_ms = await _redis_script()(
             keys=[f"{_KEY_PREFIX}:{key}"], args=[int(window_s * 1000), limit, uuid.uuid4().hex]
         )
-    except (redis.RedisError, OSError):
-        log.warning("Rate limit not applied: Redis did not answer", exc_info=True)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("Rate limit not applied: Redis did not answer (%s)", exc)
         return None
     return None if int(wait_ms) < 0 else int(wait_ms) / 1000
 

@@ -19,6 +19,11 @@ when the asking socket closes: the reply is saved, and a reloaded page gets it b
 ``resume``. ``live_replies`` is this process's registry of replies being written,
 which ``resume`` uses to send their text so far and recovery uses to tell a live
 reply from a dead one.
+
+When the server shuts down (``conversations.lifecycle``), ``replies_stop`` lets
+running replies finish within a grace period and cuts off the rest: each is saved
+as ``failed`` with its text so far (finish reason ``shutdown``), and the next server
+answers its question again when the customer's chat resumes.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -44,12 +51,59 @@ from finetune.serving.runtime import get_engine
 from . import frames, services
 from .broadcast import group_has_other_members
 from .models import Conversation, Message
-from .selectors import reply_target
+from .selectors import SHUTDOWN_FINISH_REASON, replies_to, reply_target
 
 log = logging.getLogger(__name__)
 
-# Identifies this process in a streaming reply's row ("who is writing it").
-PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+def _pid_namespace() -> str:
+    """Processes that print the same value see each other's PIDs: one boot of one kernel, one PID namespace.
+
+    (A hostname alone is not enough: two containers may share one.) Empty where the
+    system does not say (not Linux), and then no PID is ever trusted.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}/{namespace}".encode()).hexdigest()[:12]
+
+
+PID_NAMESPACE = _pid_namespace()
+# Identifies this process in a streaming reply's row ("who is writing it"):
+# host:pid:random[:pid-namespace], read back by ``process_gone``.
+PROCESS_ID = ":".join(
+    part for part in (socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:8], PID_NAMESPACE) if part
+)
+
+
+def process_gone(owner: str) -> bool:
+    """Whether the process named by ``owner`` (a ``PROCESS_ID``) has surely ended.
+
+    Only a process in this PID namespace can be checked; for any other (another
+    machine, an older id format) the answer is False, and its reply is judged by its
+    heartbeat instead. A PID taken by a new process also reads as alive: the heartbeat
+    then decides. Safe to call for replies of other live servers sharing the database.
+    """
+    parts = owner.split(":")
+    if owner == PROCESS_ID or len(parts) != 4 or not PID_NAMESPACE or parts[3] != PID_NAMESPACE:
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True  # this PID, but not this process: an earlier one that had it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 # Beyond the engine's own wall-clock limit: how long the runner waits for a stream
 # that has gone silent (queued behind other chats, or a stuck engine) before failing it.
 STREAM_GRACE_S = 30.0
@@ -77,6 +131,7 @@ class LiveReply:
 
 live_replies: dict[int, LiveReply] = {}
 _runners: dict[str, _Runner] = {}
+stopping = False  # the server is shutting down: no new reply starts (the next server answers)
 
 
 def generation_params() -> GenerationParams:
@@ -95,7 +150,7 @@ class _Runner:
 
     async def run(self) -> None:
         try:
-            while self.wanted:
+            while self.wanted and not stopping:
                 self.wanted = False
                 if await self._reply_once():
                     self.wanted = True  # more messages may have arrived while this one streamed
@@ -167,11 +222,15 @@ class _Runner:
             await engine.cancel(request.request_id)
             error = f"The model did not finish within {params.timeout_s + STREAM_GRACE_S:.0f} s."
         except asyncio.CancelledError:
-            # The process is shutting down: record the reply as cut off, then stop.
+            # The process is shutting down: record the reply as cut off, tell the asking
+            # socket (the connection is still open until the server closes it), then stop.
             await engine.cancel(request.request_id)
             heartbeat.cancel()
             copies.abandon()
-            await _save_cut_off(message.pk, live)
+            cut = await _save_cut_off(message.pk, live)
+            if cut is not None:
+                with contextlib.suppress(Exception):
+                    await self.send(frames.reply_done_frame(cut))
             raise
         except Exception as exc:
             log.exception("Streaming reply %s failed", message.pk)
@@ -216,8 +275,11 @@ class _TokenBroadcast:
         self.hurry = asyncio.Event()  # set by drain: send what is left without waiting
         self.watched = False  # once someone else watches, copies go on to the end
         self.checked_at: float | None = None
+        self.failed = False  # a copy could not be sent: the others get the saved reply instead
 
     def add(self, frame: dict[str, Any]) -> None:
+        if self.failed:
+            return
         self.pending.append(frame)
         # The sender leaves its loop only with nothing pending, and nothing can be added
         # between its last look and its end (no await there), so no frame is stranded.
@@ -233,8 +295,11 @@ class _TokenBroadcast:
                 batch, self.pending = self.pending, []
                 try:
                     await layer.group_send(self.group, {"type": "chat.tokens", "frames": batch, "origin": self.origin})
-                except Exception:  # noqa: BLE001 - other watchers get the text from reply_done
-                    log.warning("Broadcasting %d token(s) to %s failed", len(batch), self.group, exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - other watchers get the text from reply_done
+                    # Once per reply (say Redis is down): the rest of this reply's copies are dropped.
+                    log.warning("Copying tokens to %s failed (%s); no more copies of this reply", self.group, exc)
+                    self.pending, self.failed = [], True
+                    return
                 pause = self.interval - (loop.time() - started)
             elif self.hurry.is_set():
                 self.pending = []  # the reply is done and nobody else watched it
@@ -277,7 +342,7 @@ def _conversation_needing_reply(conversation_id: str) -> Conversation | None:
     if conversation is None:
         return None
     target = reply_target(conversation=conversation)
-    if target is None or conversation.messages.filter(role=Message.Role.BOT, in_reply_to=target).exists():
+    if target is None or replies_to(target).exists():
         return None
     return conversation
 
@@ -293,13 +358,13 @@ async def _heartbeat(live: LiveReply) -> None:
             log.warning("Heartbeat of reply %s failed", live.message_id, exc_info=True)
 
 
-async def _save_cut_off(message_id: int, live: LiveReply) -> None:
+async def _save_cut_off(message_id: int, live: LiveReply) -> Message | None:
     try:
-        await database_sync_to_async(services.bot_reply_finish)(
+        return await database_sync_to_async(services.bot_reply_finish)(
             message_id=message_id,
             done=GenerationDone(
                 text=live.text,
-                finish_reason="cancelled",
+                finish_reason=SHUTDOWN_FINISH_REASON,
                 token_count=live.seq,
                 mean_logprob=None,
                 model_label="",
@@ -311,10 +376,14 @@ async def _save_cut_off(message_id: int, live: LiveReply) -> None:
         )
     except Exception:  # noqa: BLE001 - recovery marks it failed from the stopped heartbeat
         log.warning("Could not record reply %s as cut off", message_id, exc_info=True)
+        return None
 
 
-def reply_request(*, conversation_id: str, send: Send, origin: str) -> asyncio.Task:
+def reply_request(*, conversation_id: str, send: Send, origin: str) -> asyncio.Task | None:
     """Make sure this process answers the conversation's unanswered message (if any).
+
+    None while the server shuts down: the message is saved, and the next server
+    answers it when the customer's chat resumes.
 
     ``send`` delivers frames straight to the asking socket; ``origin`` is its channel
     name, so its consumer skips the group's copies of the token frames.
@@ -323,6 +392,8 @@ def reply_request(*, conversation_id: str, send: Send, origin: str) -> asyncio.T
     if runner is not None and runner.task is not None and not runner.task.done():
         runner.wanted = True
         return runner.task
+    if stopping:
+        return None
     runner = _Runner(conversation_id, send, origin)
     _runners[conversation_id] = runner
     runner.task = asyncio.create_task(runner.run(), name=f"reply-{conversation_id}")
@@ -334,3 +405,24 @@ async def replies_wait(timeout: float = 30.0) -> None:
     tasks = [r.task for r in list(_runners.values()) if r.task is not None]
     if tasks:
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
+
+
+async def replies_stop(grace_s: float) -> tuple[int, int]:
+    """Shutdown: start no new reply, let running ones finish within ``grace_s``, cut off the rest.
+
+    A cut-off reply is saved ``failed`` with its text so far (finish reason
+    ``shutdown``) and its ``reply_done`` sent to the asking socket. Returns how many
+    replies finished and how many were cut off.
+    """
+    global stopping
+    stopping = True
+    tasks = [r.task for r in list(_runners.values()) if r.task is not None and not r.task.done()]
+    if not tasks:
+        return 0, 0
+    _done, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for task in pending:
+        task.cancel()
+    if pending:
+        # Each cut-off reply is saved from its own task, which ends once it is.
+        await asyncio.wait(pending, timeout=10)
+    return len(tasks) - len(pending), len(pending)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Substr
 
 from finetune.ml.dataset_builder import SourceConversation
 from finetune.ml.prompting import CHAT_SPEAKER_ROLES, ROLE_AGENT, ROLE_SYSTEM, system_prompt_text
@@ -20,12 +21,25 @@ from finetune.serving.safety import parse_blocked_terms
 
 from .models import BotProfile, Conversation, Message, Review
 
+# Characters of the first customer message shown in the agents' list of conversations.
+PREVIEW_CHARS = 100
+
 # Turns of history sent to the model. A small model's context (1-2k tokens) holds
 # about this many support-sized turns; the engine trims further by tokens.
 PROMPT_MAX_TURNS = 20
 # Turns of a live conversation kept before a reviewed reply in a training example:
 # older ones would be cut by the token limit anyway.
 FEEDBACK_HISTORY_TURNS = 20
+
+
+def conversations_with_preview(queryset: QuerySet[Conversation]) -> QuerySet[Conversation]:
+    """``queryset`` annotated with ``preview``: the start of its first customer message (None if none)."""
+    first = (
+        Message.objects.filter(conversation=OuterRef("pk"), role=Message.Role.CUSTOMER)
+        .order_by("pk")
+        .values("body")[:1]
+    )
+    return queryset.annotate(preview=Substr(Subquery(first), 1, PREVIEW_CHARS))
 
 
 def messages_after(*, conversation: Conversation, after_id: int) -> QuerySet[Message]:
@@ -73,6 +87,21 @@ def prompt_messages(
     )
     turns = [{"role": CHAT_SPEAKER_ROLES[role], "content": body} for role, body in reversed(history)]
     return [{"role": ROLE_SYSTEM, "content": system_prompt_current()}, *turns]
+
+
+# finish_reason of a reply cut off because its server shut down (conversations.replies).
+SHUTDOWN_FINISH_REASON = "shutdown"
+
+
+def replies_to(message: Message) -> QuerySet[Message]:
+    """The bot's replies to ``message`` that answer it: all but those a server shutdown cut off.
+
+    A cut-off reply stays in the conversation (failed, with its text so far), but the
+    question counts as unanswered, so the next server answers it.
+    """
+    return Message.objects.filter(role=Message.Role.BOT, in_reply_to=message).exclude(
+        status=Message.Status.FAILED, generation__finish_reason=SHUTDOWN_FINISH_REASON
+    )
 
 
 def reply_target(*, conversation: Conversation) -> Message | None:

@@ -16,9 +16,11 @@ stop and marks it ``failed``: never half-written without a flag.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,7 +34,14 @@ from supportbot.errors import ApplicationError
 from . import frames
 from .broadcast import AGENTS_GROUP, group_send_on_commit
 from .models import Conversation, Message
-from .selectors import messages_after, model_version_for_label, prompt_messages, reply_target
+from .selectors import (
+    SHUTDOWN_FINISH_REASON,
+    messages_after,
+    model_version_for_label,
+    prompt_messages,
+    replies_to,
+    reply_target,
+)
 
 # A streaming reply's text and heartbeat are saved this often...
 REPLY_HEARTBEAT_S = 5.0
@@ -68,6 +77,17 @@ def conversation_is_owner(*, conversation: Conversation, session_key: str, user=
     return bool(session_key) and conversation.session_key == session_key
 
 
+def customer_group_name(*, session_key: str, user=None) -> str:
+    """Channel-layer group of every socket of one customer (signed-in user, else session).
+
+    Sockets opened before the customer's first message have no conversation yet; this
+    group tells them when one starts (``chat.conversation_started``). The key is hashed:
+    a session key is a secret, and group names end up in Redis keys and logs.
+    """
+    who = f"user:{user.pk}" if user is not None and user.is_authenticated else f"session:{session_key}"
+    return "customer." + hashlib.sha256(who.encode()).hexdigest()[:40]
+
+
 def conversation_open_for_session(
     *,
     session_key: str,
@@ -75,8 +95,14 @@ def conversation_open_for_session(
     conversation_id: uuid.UUID | str | None = None,
     segment: str = "",
     metadata: dict[str, Any] | None = None,
-) -> Conversation:
-    """The conversation a socket opens: the one asked for, or the customer's open one (created if none).
+    create: bool = True,
+) -> Conversation | None:
+    """The conversation a socket opens: the one asked for, or the customer's open one.
+
+    Without an open one, a new one is created, or, with ``create=False`` (a socket
+    opening: a conversation starts at the customer's first message, so agents never
+    see empty ones), None is returned. A new conversation is announced to the
+    customer's other sockets (``customer_group_name``) after commit.
 
     Raises ``ApplicationError`` with code ``no_session`` without an identity, and
     ``forbidden`` for a conversation that is not the customer's (or does not exist:
@@ -100,17 +126,22 @@ def conversation_open_for_session(
     else:
         open_ones = open_ones.filter(session_key=session_key, customer__isnull=True)
     conversation = open_ones.order_by("-started_at").first()
-    if conversation is not None:
+    if conversation is not None or not create:
         return conversation
     try:
         # A savepoint: losing the race must not break a surrounding transaction.
         with transaction.atomic():
-            return Conversation.objects.create(
+            conversation = Conversation.objects.create(
                 session_key=session_key or "",
                 customer=user if signed_in else None,
                 segment=(segment or "")[:64],
                 metadata=metadata or {},
             )
+            group_send_on_commit(
+                customer_group_name(session_key=session_key, user=user),
+                {"type": "chat.conversation_started", "conversation": str(conversation.pk)},
+            )
+            return conversation
     except IntegrityError:
         # Another socket of the same customer created it a moment ago: join that one.
         conversation = open_ones.order_by("-started_at").first()
@@ -171,14 +202,7 @@ def conversation_request_human(*, conversation: Conversation) -> bool:
 # --- customer messages ----------------------------------------------------------------
 
 
-def message_create_customer(*, conversation: Conversation, client_id: str, text: str) -> tuple[Message, bool]:
-    """Save a customer's message before anything else happens to it.
-
-    Idempotent on ``client_id``: a resend (same id, e.g. after a reconnect) returns
-    the saved message and ``created=False``, and is not answered again. A new
-    message with a handoff keyword also hands the conversation to a human
-    (``conversation.status`` shows it).
-    """
+def _client_id_check(client_id: Any, text: Any) -> None:
     if not isinstance(client_id, str) or not client_id.strip() or len(client_id) > CLIENT_ID_MAX:
         raise ApplicationError(
             f"client_id must be a non-empty string of at most {CLIENT_ID_MAX} characters, unique per message "
@@ -187,12 +211,43 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
         )
     if not isinstance(text, str):
         raise ApplicationError("text must be a string.", code="bad_frame", extra={"client_id": client_id})
-    existing = conversation.messages.filter(client_id=client_id).first()
-    if existing is not None:
-        return existing, False
-    body = text.strip()
+
+
+# Characters that show nothing on their own: controls, format characters (zero-width
+# space and joiners, byte-order mark, bidi controls, soft hyphen, tags), separators, and
+# these blank-looking letters and marks (Unicode's Default_Ignorable_Code_Point, which
+# unicodedata does not expose, plus the Braille blank).
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+_INVISIBLE_CHARS = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
+def _invisible(char: str) -> bool:
+    return char in _INVISIBLE_CHARS or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+
+
+def message_text_normalize(text: str) -> str:
+    """The form a message is saved in: NFC (one code point per accented letter), without invisible edges.
+
+    Invisible characters inside the text stay (the joiners of an emoji sequence).
+    """
+    text = unicodedata.normalize("NFC", text)
+    start, end = 0, len(text)
+    while start < end and _invisible(text[start]):
+        start += 1
+    while end > start and _invisible(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def _message_body(*, client_id: str, text: str) -> str:
+    """The text to save, or ``ApplicationError`` (``empty``: nothing visible; ``too_long``)."""
+    body = message_text_normalize(text)
     limit = settings.SUPPORTBOT_MAX_MESSAGE_CHARS
-    if not body:
+    if not body:  # its edges are trimmed, so nothing visible is left
         raise ApplicationError("The message is empty; type a question.", code="empty", extra={"client_id": client_id})
     if len(body) > limit:
         raise ApplicationError(
@@ -200,14 +255,45 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
             code="too_long",
             extra={"client_id": client_id, "limit": limit},
         )
-    if conversation.status == Conversation.Status.CLOSED:
-        raise ApplicationError(
-            "This conversation is closed. Reload the page to start a new one.",
-            code="conversation_closed",
-            extra={"client_id": client_id},
-        )
+    return body
+
+
+def message_check(*, client_id: Any, text: Any) -> None:
+    """Refuse a customer message ``message_create_customer`` would refuse whatever the conversation.
+
+    A socket with no conversation yet asks this before starting one, so a refused first
+    message starts nothing.
+    """
+    _client_id_check(client_id, text)
+    _message_body(client_id=client_id, text=text)
+
+
+def message_create_customer(*, conversation: Conversation, client_id: str, text: str) -> tuple[Message, bool]:
+    """Save a customer's message before anything else happens to it.
+
+    Idempotent on ``client_id``: a resend (same id, e.g. after a reconnect) returns
+    the saved message and ``created=False``, and is not answered again. A new
+    message with a handoff keyword also hands the conversation to a human
+    (``conversation.status`` shows it).
+    """
+    _client_id_check(client_id, text)
+    existing = conversation.messages.filter(client_id=client_id).first()
+    if existing is not None:
+        return existing, False
+    body = _message_body(client_id=client_id, text=text)
     try:
         with transaction.atomic():
+            # The row's status, not the caller's copy: an agent may have closed it since
+            # the socket opened. The lock keeps a close from slipping in before the insert.
+            status = Conversation.objects.select_for_update().values_list("status", flat=True).get(pk=conversation.pk)
+            conversation.status = status
+            if status == Conversation.Status.CLOSED:
+                raise ApplicationError(
+                    "This conversation has been closed, so your message was not sent. Reload the page to start "
+                    "a new conversation, and send it there.",
+                    code="conversation_closed",
+                    extra={"client_id": client_id},
+                )
             message = Message.objects.create(
                 conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id
             )
@@ -233,7 +319,7 @@ def conversation_notice_no_model(*, conversation: Conversation) -> Message | Non
 
 
 @transaction.atomic
-def csat_record(*, conversation: Conversation, message_id: int, helpful: bool) -> Message:
+def csat_record(*, conversation: Conversation | None, message_id: int, helpful: bool) -> Message:
     """The customer's answer to "Was this helpful?" on a bot reply (a later answer replaces it)."""
     if not isinstance(helpful, bool):
         raise ApplicationError("helpful must be true or false.", code="bad_frame")
@@ -241,7 +327,7 @@ def csat_record(*, conversation: Conversation, message_id: int, helpful: bool) -
         conversation.messages.select_for_update()
         .filter(pk=message_id, role=Message.Role.BOT, status=Message.Status.COMPLETE)
         .first()
-        if isinstance(message_id, int)
+        if isinstance(message_id, int) and conversation is not None
         else None
     )
     if message is None:
@@ -267,13 +353,20 @@ def _heartbeat_age_s(message: Message, now: datetime) -> float:
     return (now - beat).total_seconds()
 
 
-def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Collection[int]) -> list[Message]:
+def bot_replies_recover(
+    *,
+    conversation: Conversation,
+    owner: str,
+    live_ids: Collection[int],
+    owner_gone: Callable[[str], bool] | None = None,
+) -> list[Message]:
     """Mark ``failed`` the streaming replies of the conversation that no process is writing any more.
 
     A reply is dead when this process (``owner``) started it but no longer runs it
     (not in ``live_ids``, a live view such as ``replies.live_replies``, and older than
-    ``REPLY_REGISTER_GRACE_S``), or when its heartbeat is older than
-    ``REPLY_STALE_AFTER_S`` (its process crashed).
+    ``REPLY_REGISTER_GRACE_S``); when ``owner_gone`` says its writer's process has
+    ended (``replies.process_gone``); or when its heartbeat is older than
+    ``REPLY_STALE_AFTER_S`` (its process crashed, wherever it ran).
     The text saved so far is kept. The customer's question is then handed to a human.
     """
     now = timezone.now()
@@ -284,10 +377,11 @@ def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Col
         )
         for message in streaming:
             age = _heartbeat_age_s(message, now)
-            if (message.generation or {}).get("owner") == owner:
+            writer = str((message.generation or {}).get("owner") or "")
+            if writer == owner:
                 if message.pk in live_ids or age < REPLY_REGISTER_GRACE_S:
                     continue
-            elif age < REPLY_STALE_AFTER_S:
+            elif age < REPLY_STALE_AFTER_S and not (owner_gone is not None and owner_gone(writer)):
                 continue
             _reply_close(
                 message,
@@ -297,6 +391,22 @@ def bot_replies_recover(*, conversation: Conversation, owner: str, live_ids: Col
             failed.append(message)
         if failed and conversation.status == Conversation.Status.BOT:
             conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
+    return failed
+
+
+def bot_replies_sweep(*, owner: str, owner_gone: Callable[[str], bool]) -> list[Message]:
+    """At a server's start: mark ``failed`` every streaming reply whose writer is gone, in every conversation.
+
+    Gone: its process has ended (``owner_gone``, which can only tell for processes it
+    can see, e.g. on the same machine) or its heartbeat is stale. Replies of other
+    live processes (several servers share the database) are left alone.
+    """
+    conversations = Conversation.objects.filter(
+        messages__role=Message.Role.BOT, messages__status=Message.Status.STREAMING
+    ).distinct()
+    failed: list[Message] = []
+    for conversation in conversations:
+        failed += bot_replies_recover(conversation=conversation, owner=owner, live_ids=(), owner_gone=owner_gone)
     return failed
 
 
@@ -313,8 +423,9 @@ def bot_reply_start(
 
     Returns None when there is nothing for the bot to do: the conversation is not the
     bot's, the newest customer message already has a reply (finished, failed or
-    being written), or another reply of this conversation is still streaming (its
-    writer answers the newest message when done). One reply at a time per
+    being written; a reply cut off by a server shutdown does not count, so the next
+    server answers again), or another reply of this conversation is still streaming
+    (its writer answers the newest message when done). One reply at a time per
     conversation, across processes: the conversation row is locked.
     """
     locked = Conversation.objects.select_for_update().get(pk=conversation.pk)
@@ -325,8 +436,8 @@ def bot_reply_start(
     target = reply_target(conversation=conversation)
     if target is None:
         return None
-    replies = conversation.messages.filter(role=Message.Role.BOT)
-    if replies.filter(in_reply_to=target).exists() or replies.filter(status=Message.Status.STREAMING).exists():
+    streaming = conversation.messages.filter(role=Message.Role.BOT, status=Message.Status.STREAMING)
+    if replies_to(target).exists() or streaming.exists():
         return None
     message = Message.objects.create(
         conversation=conversation,
@@ -375,8 +486,9 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     """Save the finished reply with what produced it, or mark it failed.
 
     A reply is ``complete`` when the model stopped by itself or at its token limit
-    and said something; an error, timeout, cancel or empty text makes it ``failed``
-    and hands the customer to a human. A complete reply whose mean token
+    and said something; an error, timeout, cancel, shutdown or empty text makes it
+    ``failed``, and all but a cancel or a shutdown (the next server answers again)
+    hand the customer to a human. A complete reply whose mean token
     log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD`` is kept but also
     hands the conversation to a human. Finishing a reply that recovery already
     marked failed (a slow writer, not a dead one) completes it after all.
@@ -401,7 +513,7 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
         mean_logprob=done.mean_logprob,
     )
     conversation = message.conversation
-    if not ok and done.finish_reason != "cancelled":
+    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
     elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)
@@ -432,7 +544,7 @@ def reply_stale_deadline(message: Message) -> timedelta:
 
 
 def conversation_resume(
-    *, conversation: Conversation, after_id: int, owner: str, live_ids: Collection[int]
+    *, conversation: Conversation | None, after_id: int, owner: str, live_ids: Collection[int]
 ) -> list[Message]:
     """Every message after ``after_id``, oldest first, once dead replies are flagged ``failed``.
 
@@ -442,6 +554,8 @@ def conversation_resume(
         raise ApplicationError(
             "resume needs 'after': the id of the last message the client has (0 for all).", code="bad_frame"
         )
+    if conversation is None:  # no conversation started yet: nothing to replay
+        return []
     bot_replies_recover(conversation=conversation, owner=owner, live_ids=live_ids)
     conversation.refresh_from_db(fields=["status", "handoff_reason"])
     return list(messages_after(conversation=conversation, after_id=after_id))

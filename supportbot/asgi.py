@@ -6,6 +6,7 @@ consumers (which import models) are imported. With ``SUPPORTBOT_PRELOAD_MODEL`` 
 background as it starts, instead of on the first customer's reply.
 """
 
+import logging
 import os
 
 from django.core.asgi import get_asgi_application
@@ -24,16 +25,34 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
+from conversations.lifecycle import install_server_hooks  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 from finetune.serving.runtime import preload_start  # noqa: E402
+
+
+async def websocket_not_found(scope, receive, send) -> None:
+    """Any other websocket path: refused at the handshake (HTTP 403), logged in one line.
+
+    Without it the router raises "No route found", which daphne logs as a traceback and
+    answers with 500.
+    """
+    if (await receive())["type"] == "websocket.connect":
+        logging.getLogger("supportbot.asgi").info("Websocket to unknown path %r refused", scope.get("path", "")[:200])
+        await send({"type": "websocket.close"})
+
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter([*websocket_urlpatterns, re_path(r"", websocket_not_found)]))
+        ),
     }
 )
 
 if settings.SUPPORTBOT_PRELOAD_MODEL:
     preload_start()
+# Under daphne: sweep replies dead processes left streaming at start; drain on SIGTERM.
+install_server_hooks()

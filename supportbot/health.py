@@ -4,11 +4,16 @@ Each check returns ``{"ok": bool, ...details}`` and never raises; the view answe
 200 when the database, channel layer and broker are all usable, 503 otherwise. A
 missing model version is reported but does not make the service unhealthy: the chat
 still works and offers a human.
+
+What failed is public; why is not: an error's text names hosts, ports, users and
+paths, so it is shown to staff and, with ``SUPPORTBOT_HEALTHZ_DETAILS``, to everyone
+(a health checker on a private network); others get ``PUBLIC_ERROR``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -17,7 +22,10 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
 
+log = logging.getLogger(__name__)
+
 CHECK_TIMEOUT_S = 3.0
+PUBLIC_ERROR = "Unavailable. Staff see why here (or set SUPPORTBOT_HEALTHZ_DETAILS=1); the server log says too."
 
 
 def _elapsed_ms(start: float) -> float:
@@ -37,7 +45,13 @@ def database_check() -> dict:
 
 
 async def channel_layer_check() -> dict:
-    """Send a message to a fresh channel and read it back."""
+    """Send a message to a fresh channel of the probe's own and read it back.
+
+    Not a ``new_channel()``: those are process-local channels ("...!..."), which the Redis
+    layer reads through one shared reader per process, held in turn by every open chat
+    socket and the model listener for up to 5 s each, so a probe among them waited past
+    its timeout. A plain channel name is read directly, by the probe alone.
+    """
     layer = get_channel_layer()
     backend = settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(".", 1)[-1]
     if layer is None:
@@ -45,7 +59,7 @@ async def channel_layer_check() -> dict:
     start = time.monotonic()
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            channel = await layer.new_channel("healthz.")
+            channel = f"healthz.{uuid.uuid4().hex}"
             token = uuid.uuid4().hex
             await layer.send(channel, {"type": "healthz.ping", "token": token})
             message = await layer.receive(channel)
@@ -97,8 +111,18 @@ def model_check() -> dict:
     return {"ok": True, "active_version": version.label, "base_model": version.base_model, **here}
 
 
-async def health_report() -> tuple[bool, dict]:
-    """Run all checks concurrently; the first result says whether the service is usable."""
+def _without_error_details(check: dict) -> dict:
+    public = {key: (PUBLIC_ERROR if key == "error" and value else value) for key, value in check.items()}
+    if isinstance(check.get("this_process"), dict):
+        public["this_process"] = _without_error_details(check["this_process"])
+    return public
+
+
+async def health_report(*, details: bool = True) -> tuple[bool, dict]:
+    """Run all checks concurrently; the first result says whether the service is usable.
+
+    Without ``details``, error texts are replaced by ``PUBLIC_ERROR`` (and logged).
+    """
     db, layer, broker, model = await asyncio.gather(
         sync_to_async(database_check)(),
         channel_layer_check(),
@@ -106,7 +130,10 @@ async def health_report() -> tuple[bool, dict]:
         sync_to_async(model_check)(),
     )
     healthy = db["ok"] and layer["ok"] and broker["ok"]
-    return healthy, {
-        "status": "ok" if healthy else "unavailable",
-        "checks": {"database": db, "channel_layer": layer, "celery_broker": broker, "model": model},
-    }
+    checks = {"database": db, "channel_layer": layer, "celery_broker": broker, "model": model}
+    if not details:
+        for name, check in checks.items():
+            if check.get("error") or (check.get("this_process") or {}).get("error"):
+                log.warning("Health check %s failed: %s", name, check)
+        checks = {name: _without_error_details(check) for name, check in checks.items()}
+    return healthy, {"status": "ok" if healthy else "unavailable", "checks": checks}

@@ -104,6 +104,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: the widget's panel explains a refused host before anything else checks it.
+    "conversations.middleware.embed_host_check",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -181,19 +183,27 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channel layer and Celery ------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# Redis connections per process for the channel layer (and as many for the rate limit):
+# a command waits for a free one rather than failing when all are busy.
+SUPPORTBOT_REDIS_POOL_SIZE = env_int("SUPPORTBOT_REDIS_POOL_SIZE", 64)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # channels-redis with bounded, waiting connection pools (supportbot/channel_layer.py).
+            "BACKEND": "supportbot.channel_layer.RedisChannelLayer",
             "CONFIG": {
                 # redis-py 8 reads with a 5 s socket timeout by default, the same as
                 # channels-redis's 5 s blocking BZPOPMIN: an idle socket's consumer then
                 # dies with "Timeout reading from redis" after 5 s. Read longer than that.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                # A Redis that does not accept connections is an outage the layer waits out
+                # (supportbot/channel_layer.py); 5 s bounds each attempt to reach it.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
                 # Streaming pushes a frame per token; the default capacity of 100
                 # drops frames for a busy conversation group.
                 "capacity": env_int("SUPPORTBOT_CHANNEL_CAPACITY", 1500),
                 "expiry": 60,
+                "pool_size": SUPPORTBOT_REDIS_POOL_SIZE,
+                "pool_timeout": 10,  # seconds a command waits for a free connection
             },
         }
     }
@@ -320,6 +330,9 @@ SUPPORTBOT_DATASET_DIR = Path(os.environ.get("SUPPORTBOT_DATASET_DIR", VAR_DIR /
 SUPPORTBOT_MODEL_STORE = Path(os.environ.get("SUPPORTBOT_MODEL_STORE", VAR_DIR / "models"))
 # "auto": gpt2 when cached or reachable, else the bundled SmolLM2-135M-Instruct.
 SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
+# /healthz tells everyone what is down, but why (error texts naming hosts, ports, paths)
+# only to staff; on: to everyone (a health checker on a private network).
+SUPPORTBOT_HEALTHZ_DETAILS = env_bool("SUPPORTBOT_HEALTHZ_DETAILS", False)
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
 
@@ -343,6 +356,10 @@ SUPPORTBOT_RATE_LIMIT = env_int("SUPPORTBOT_RATE_LIMIT", 20)
 # How long an anonymous chat token stays valid without the page being loaded again
 # (it is renewed on every page load): the customer's history survives this long.
 SUPPORTBOT_CHAT_TOKEN_MAX_AGE = env_int("SUPPORTBOT_CHAT_TOKEN_MAX_AGE", 30 * 24 * 3600)
+# On SIGTERM a chat server stops accepting, lets running replies finish for this long,
+# cuts off the rest (saved as failed; the next server answers again) and closes every
+# socket with 1012 so widgets reconnect. 8 s fits Docker's default 10 s stop timeout.
+SUPPORTBOT_SHUTDOWN_GRACE_S = env_float("SUPPORTBOT_SHUTDOWN_GRACE_S", 8.0)
 # Pages allowed to frame the widget's chat panel (/chat/embed/), as CSP frame-ancestors
 # sources. "*" lets the widget run on any site, as the embed snippet promises.
 SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS", ["*"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
@@ -9,7 +10,9 @@ from .health import health_report
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
-    healthy, report = await health_report()
+    """Readiness: 200 or 503 with what is down; why only for staff or with SUPPORTBOT_HEALTHZ_DETAILS."""
+    details = settings.SUPPORTBOT_HEALTHZ_DETAILS or (await request.auser()).is_staff
+    healthy, report = await health_report(details=details)
     return JsonResponse(report, status=200 if healthy else 503)
 
 

@@ -11,6 +11,7 @@ committed, visible to the other process).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -36,6 +37,61 @@ def need(condition: bool, reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason} (SUPPORTBOT_REQUIRE_SERVICES=1 forbids skipping)")
     pytest.skip(reason)
+
+
+def port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+# The URLs ``make test`` is told to use when the services run on their usual local ports.
+# Redis db 15, the last of the default 16, keeps test keys apart from an app's db 0.
+LOCAL_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/supportbot"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@functools.cache
+def local_services_hint() -> str:
+    """When PostgreSQL or Redis answers on its usual local port but is not configured: how to use it.
+
+    Empty when neither answers (or both are configured). A PostgreSQL that does not
+    let the ``postgres`` user in gets placeholders for its user and password.
+    """
+    found, urls = [], []
+    if not os.environ.get("DATABASE_URL") and port_answers("127.0.0.1", 5432):
+        found.append("PostgreSQL answers on 127.0.0.1:5432")
+        url = LOCAL_DATABASE_URL
+        try:
+            import psycopg
+
+            psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=2).close()
+        except psycopg.Error:
+            url = url.replace("postgres@", "USER:PASSWORD@")
+        urls.append(f"DATABASE_URL={url}")
+    if not os.environ.get("REDIS_URL") and redis_answers(LOCAL_REDIS_URL):
+        found.append("Redis answers on 127.0.0.1:6379")
+        urls.append(f"REDIS_URL={LOCAL_REDIS_URL}")
+    if not found:
+        return ""
+    unused = "they are not used" if len(found) > 1 else "it is not used"
+    return f"; {' and '.join(found)}, but {unused}: run {' '.join(urls)} make test"
+
+
+def need_service(condition: bool, reason: str) -> None:
+    """``need`` for PostgreSQL and Redis: the skip says how to run the test where they answer locally."""
+    need(condition, reason + ("" if condition else local_services_hint()))
 
 
 def free_port() -> int:
@@ -72,24 +128,66 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def postgres() -> None:
-    need(connection.vendor == "postgresql", "PostgreSQL is not configured (set DATABASE_URL=postgres://...)")
-
-
-def _redis_reachable(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    need_service(connection.vendor == "postgresql", "PostgreSQL is not configured (set DATABASE_URL=postgres://...)")
 
 
 @pytest.fixture
 def redis_url() -> str:
     url = settings.REDIS_URL
-    need(bool(url), "Redis is not configured (set REDIS_URL=redis://...)")
-    need(_redis_reachable(url), f"Redis at {url} does not answer")
+    need_service(bool(url), "Redis is not configured (set REDIS_URL=redis://...)")
+    need(redis_answers(url), f"Redis at {url} does not answer")
     return url
+
+
+def pytest_report_header(config) -> str | None:
+    hint = local_services_hint()
+    return "supportbot: PostgreSQL/Redis tests will be skipped" + hint if hint else None
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` of a test's own, on a free port, that the test may stop and restart.
+
+    No persistence: a restart loses every key, as a crashed Redis without a snapshot
+    does (group memberships included).
+    """
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = self.workdir / f"redis-{self.port}.log"
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.workdir,
+            stdout=log.open("a"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while not redis_answers(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """Stop it the hard way (SIGKILL), as a crash does."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """A running throwaway Redis server (never the shared one, which other tests and people use)."""
+    need(shutil.which("redis-server") is not None, "redis-server is not installed (apt install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture(scope="session")
@@ -123,6 +221,8 @@ def chromium(chromium_paths):
         "--window-size=1280,900",
     ):
         options.add_argument(flag)
+    # Console messages of every frame, for tests that check the page logs no warnings.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
     try:
@@ -197,12 +297,13 @@ def daphne_factory(transactional_db, tmp_path) -> Iterator:
     """Start real daphne processes on the test database: ``start(**env) -> base URL``.
 
     Each call starts one more process (with extra environment variables, e.g.
-    settings); all are stopped after the test. With REDIS_URL set they share the
+    settings; ``application=`` serves another ASGI app); all are stopped after the
+    test. ``start.processes[base]`` is the process serving ``base``. With REDIS_URL set they share the
     Redis channel layer, as several production processes do.
     """
     processes: list[subprocess.Popen] = []
 
-    def start(**env: str) -> str:
+    def start(application: str = "supportbot.asgi:application", **env: str) -> str:
         port = free_port()
         log = tmp_path / f"daphne-{port}.log"
         process = subprocess.Popen(
@@ -216,18 +317,22 @@ def daphne_factory(transactional_db, tmp_path) -> Iterator:
                 str(port),
                 "--websocket-max-message-size",
                 "65536",
-                "supportbot.asgi:application",
+                application,
             ],
             cwd=ROOT,
-            env=child_process_env(**env),
+            # A short drain on SIGTERM: the test is over, its replies need not finish.
+            env=child_process_env(**{"SUPPORTBOT_SHUTDOWN_GRACE_S": "1", **env}),
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
         )
         processes.append(process)
         process.log_path = log  # type: ignore[attr-defined]
         wait_for_port(port, process, log)
-        return f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}"
+        start.processes[base] = process
+        return base
 
+    start.processes = {}  # base URL -> its Popen (log at .log_path), to signal or read a server
     try:
         yield start
     finally:

@@ -3,10 +3,10 @@
  * (/chat/embed/, inside the iframe that widget.js adds to any site).
  *
  * Protocol: docs/protocol.md. In short: get a chat token (POST /chat/session/),
- * open /ws/chat/?token=..., send `resume` with the last message id held, then
- * `message` frames with a fresh client_id each. Bot replies arrive as a `message`
- * (status streaming), `token` frames and a final `reply_done` whose body replaces
- * the streamed text.
+ * open /ws/chat/?token=..., send `resume` with the last message id held after each
+ * `conversation` frame, then `message` frames with a fresh client_id each. Bot
+ * replies arrive as a `message` (status streaming), `token` frames and a final
+ * `reply_done` whose body replaces the streamed text.
  *
  * Nothing the customer writes is lost: an unsent or unacknowledged message stays
  * in an outbox (localStorage) and is sent again, with the same client_id, after a
@@ -123,7 +123,7 @@
     socket.onopen = function () {
       backoff = BACKOFF_MIN_MS;
       setConn("");
-      socket.send(JSON.stringify({ type: "resume", after: resumeAfter() }));
+      // The server answers with a `conversation` frame, which is when we resume.
     };
     socket.onmessage = function (event) {
       var frame;
@@ -147,12 +147,13 @@
         showAlert("This conversation belongs to someone else.");
         return;
       }
-      scheduleReconnect();
+      // 1012: the server is restarting; reconnecting (with resume) picks up where it left off.
+      scheduleReconnect(event.code === 1012 ? "The chat server is restarting. Reconnecting…" : null);
     };
   }
 
-  function scheduleReconnect() {
-    setConn("Connection lost. Reconnecting…");
+  function scheduleReconnect(text) {
+    setConn(text || "Connection lost. Reconnecting…");
     clearTimeout(reconnectTimer);
     var delay = backoff * (0.75 + Math.random() * 0.5); // jitter: clients do not reconnect in lockstep
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
@@ -184,8 +185,11 @@
   function handle(frame) {
     switch (frame.type) {
       case "conversation":
-        if (conversationId && conversationId !== frame.id) resetLog();
+        // Sent when the socket opens (id null until the first message starts a conversation)
+        // and when the conversation starts, here or in another tab: replay what it holds.
+        if (conversationId && frame.id && conversationId !== frame.id) resetLog();
         conversationId = frame.id;
+        sendFrame({ type: "resume", after: resumeAfter() });
         setStatus(frame.status, frame.handoff_reason);
         if (!frame.bot_available && frame.status === "bot") {
           showBanner("Our assistant is not available yet. Press “Talk to a human” and a support agent will answer.");
@@ -241,6 +245,7 @@
       showAlert(frame.message);
       return;
     }
+    if (frame.code === "conversation_closed") setStatus("closed"); // closed by an agent meanwhile
     if (item && ["too_long", "empty", "bad_frame", "conversation_closed"].indexOf(frame.code) !== -1) {
       // Refused for good: keep the text visible, drop it from the outbox.
       outbox = outbox.filter(function (o) { return o.client_id !== frame.client_id; });

@@ -90,9 +90,13 @@
   panel.setAttribute("role", "dialog");
   panel.setAttribute("aria-label", "Support chat");
   var frame = null;
+  var frameLoaded = false;
 
   function post(message) {
-    if (frame && frame.contentWindow) {
+    // Until the panel has loaded, its window is still an about:blank of this page's origin
+    // and a message for HOST's origin would be refused (with a console warning); the load
+    // handler tells the panel whether it is open instead.
+    if (frame && frameLoaded && frame.contentWindow) {
       message.source = "supportbot";
       frame.contentWindow.postMessage(message, origin);
     }
@@ -107,7 +111,10 @@
       // Where the customer is, without its query string (which may hold private values).
       src.searchParams.set("page", window.location.origin + window.location.pathname);
       frame.src = src.toString();
-      frame.addEventListener("load", function () { if (!panel.hidden) post({ type: "open" }); });
+      frame.addEventListener("load", function () {
+        frameLoaded = true;
+        post({ type: panel.hidden ? "closed" : "open" });
+      });
       panel.appendChild(frame);
     }
     panel.hidden = false;
@@ -133,6 +140,9 @@
     if (data.source !== "supportbot") return;
     if (data.type === "close") close();
     if (data.type === "unread" && panel.hidden) badge.hidden = false;
+    // The server does not answer to the host this script came from: the panel shows one
+    // line; the fix is for whoever embeds the widget, so it goes to this page's console.
+    if (data.type === "unavailable" && typeof data.message === "string") console.error(data.message);
   });
 
   wrap.appendChild(panel);

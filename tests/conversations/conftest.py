@@ -58,6 +58,14 @@ def active_model(tiny_model_dir) -> ModelVersion:
 
 
 @pytest.fixture
+def served_model(tiny_model_dir, transactional_db) -> ModelVersion:
+    """An active model version, committed, so a daphne process started by the test serves it."""
+    return ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
+    )
+
+
+@pytest.fixture
 def no_model():
     engine_reset()
     yield

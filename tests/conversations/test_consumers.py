@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 
 from conversations import replies
 from conversations.models import Conversation, Message
+from conversations.tokens import chat_token_read
 from finetune.serving.runtime import model_listener_stop
 from tests.conversations.conftest import communicator, new_session_key, open_chat, receive_until, token_for
 from tests.factories import ConversationFactory
@@ -47,7 +48,10 @@ async def test_a_question_is_saved_then_answered_token_by_token(token, active_mo
     assert hello["bot_available"] is True
     assert hello["status"] == "bot"
     frames = await ask(comm, "Where is my order?", "c-1")
-    ack = frames[0]
+    # The first message starts the conversation: the socket is told which one, then the ack.
+    started, ack = frames[0], frames[1]
+    assert started["type"] == "conversation"
+    assert started["id"] == str(await database_sync_to_async(lambda: Conversation.objects.get().pk)())
     assert (ack["type"], ack["role"], ack["client_id"]) == ("message", "customer", "c-1")
     assert ack["body"] == "Where is my order?"
     started = next(f for f in frames if f["type"] == "message" and f["role"] == "bot")
@@ -75,7 +79,7 @@ async def test_a_question_is_saved_then_answered_token_by_token(token, active_mo
 async def test_a_resent_message_gets_the_same_id_and_one_answer(token, active_model):
     comm, _ = await open_chat(token)
     frames = await ask(comm, "Where is my order?", "c-1")
-    first_id = frames[0]["id"]
+    first_id = next(f["id"] for f in frames if f.get("client_id") == "c-1")
     await comm.send_json_to({"type": "message", "client_id": "c-1", "text": "Where is my order?"})
     again = await comm.receive_json_from(timeout=5)
     assert (again["type"], again["id"]) == ("message", first_id)
@@ -93,12 +97,13 @@ async def test_a_resent_message_gets_the_same_id_and_one_answer(token, active_mo
 
 async def test_resume_after_a_disconnect_replays_what_was_missed(token, active_model):
     comm, hello = await open_chat(token)
+    assert hello["id"] is None  # nothing started yet
     await comm.send_json_to({"type": "message", "client_id": "c-1", "text": "Where is my order?"})
-    ack = await comm.receive_json_from(timeout=5)
+    started, ack = await receive_until(comm, lambda f: f.get("client_id") == "c-1")
     await comm.disconnect()  # gone before the reply: it is still written and saved
     await replies.replies_wait()
     comm, hello_again = await open_chat(token)
-    assert hello_again["id"] == hello["id"]
+    assert hello_again["id"] == started["id"]
     await comm.send_json_to({"type": "resume", "after": 0})
     frames = await receive_until(comm, lambda f: f["type"] == "resumed")
     replayed = [f for f in frames if f["type"] == "message"]
@@ -114,6 +119,7 @@ async def test_resume_after_a_disconnect_replays_what_was_missed(token, active_m
 
 async def test_a_second_socket_of_the_customer_sees_the_stream(token, active_model):
     first, _ = await open_chat(token)
+    await ask(first, "Where is my order?", "c-0")  # the conversation starts
     second, _ = await open_chat(token)
     await first.send_json_to({"type": "message", "client_id": "c-1", "text": "Hello"})
     seen = await receive_until(second, is_done)
@@ -196,8 +202,7 @@ async def test_an_oversize_message_is_refused_and_the_socket_stays_open(token, n
     error = await comm.receive_json_from(timeout=5)
     assert (error["code"], error["client_id"], error["limit"]) == ("too_long", "big", 4096)
     await comm.send_json_to({"type": "message", "client_id": "ok", "text": "x" * 4096})
-    ack = await comm.receive_json_from(timeout=5)
-    assert ack["type"] == "message"
+    ack = (await receive_until(comm, lambda f: f["type"] == "message"))[-1]
     assert ack["client_id"] == "ok"
     await comm.disconnect()
 
@@ -217,7 +222,7 @@ async def test_the_rate_limit_is_shared_by_the_sessions_sockets(token, no_model,
     # Another session has its own budget.
     other, _ = await open_chat(token_for(await database_sync_to_async(new_session_key)()))
     await other.send_json_to({"type": "message", "client_id": "x", "text": "hi"})
-    assert (await other.receive_json_from(timeout=5))["type"] == "message"
+    assert (await receive_until(other, lambda f: f["type"] in {"message", "error"}))[-1]["type"] == "message"
     saved = await database_sync_to_async(Message.objects.filter(role="customer").count)()
     assert saved == 4
     for comm in (first, second, other):
@@ -229,6 +234,7 @@ async def test_asking_for_a_human_hands_off_and_the_bot_stops(token, active_mode
     await comm.send_json_to({"type": "request_human"})
     frames = await receive_until(comm, lambda f: f["type"] == "handoff")
     assert frames[-1] == {"type": "handoff", "status": "waiting_for_agent", "reason": "customer_request"}
+    await receive_until(comm, lambda f: f.get("role") == "system")  # the notice, from the conversation's group
     await comm.send_json_to({"type": "message", "client_id": "c-1", "text": "Where is my order?"})
     frames = await receive_until(comm, lambda f: f.get("client_id") == "c-1")
     assert await comm.receive_nothing(timeout=1.5)  # no bot reply
@@ -281,6 +287,7 @@ async def test_csat_is_saved_and_echoed(token, active_model):
 
 
 async def test_typing_reaches_the_other_sockets_only(token, no_model):
+    await database_sync_to_async(ConversationFactory)(session_key=chat_token_read(token))
     first, _ = await open_chat(token)
     second, _ = await open_chat(token)
     await first.send_json_to({"type": "typing"})
@@ -291,13 +298,13 @@ async def test_typing_reaches_the_other_sockets_only(token, no_model):
 
 
 async def test_a_reply_cut_off_by_a_crash_is_flagged_on_resume(token, no_model):
-    comm, hello = await open_chat(token)
+    comm, _ = await open_chat(token)
     await comm.send_json_to({"type": "message", "client_id": "c-1", "text": "Where?"})
-    await receive_until(comm, lambda f: f.get("client_id") == "c-1")
+    started = (await receive_until(comm, lambda f: f.get("client_id") == "c-1"))[0]
 
     def crashed_reply():
         # What a process that died mid-reply leaves behind: streaming, stale heartbeat.
-        conversation = Conversation.objects.get(pk=hello["id"])
+        conversation = Conversation.objects.get(pk=started["id"])
         question = conversation.messages.get(client_id="c-1")
         return Message.objects.create(
             conversation=conversation,

@@ -15,25 +15,17 @@ import urllib.request
 import uuid
 
 import pytest
+from channels.db import database_sync_to_async
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conversations.models import Message
-from finetune.models import ModelVersion
+from conversations.models import Conversation, Message
 from tests.conversations.conftest import LOW_CONFIDENCE_OFF
-from tests.factories import ConversationFactory, ModelVersionFactory
+from tests.factories import ConversationFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SERVER_ENV = {"SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD": str(LOW_CONFIDENCE_OFF), "SUPPORTBOT_RATE_LIMIT": "50"}
-
-
-@pytest.fixture
-def served_model(tiny_model_dir, transactional_db) -> ModelVersion:
-    # Committed, so the daphne process loads it as its active version.
-    return ModelVersionFactory(
-        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
-    )
 
 
 def chat_token(base: str, held: str = "") -> str:
@@ -48,17 +40,17 @@ def chat_token(base: str, held: str = "") -> str:
         return json.loads(response.read())["token"]
 
 
-def ws_url(base: str, token: str, path: str = "/ws/chat/") -> str:
-    return base.replace("http://", "ws://") + f"{path}?token={token}"
+def ws_url(base: str, token: str, path: str = "/ws/chat/", query: str = "") -> str:
+    return base.replace("http://", "ws://") + f"{path}?token={token}" + (f"&{query}" if query else "")
 
 
-async def open_socket(base: str, token: str, *, path: str = "/ws/chat/", origin: str | None = None):
-    ws = await connect(ws_url(base, token, path), origin=origin or base, proxy=None, open_timeout=15)
+async def open_socket(base: str, token: str, *, path: str = "/ws/chat/", origin: str | None = None, query: str = ""):
+    ws = await connect(ws_url(base, token, path, query), origin=origin or base, proxy=None, open_timeout=15)
     hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
     return ws, hello
 
 
-async def until(ws, predicate, timeout: float = 30.0) -> list[dict]:
+async def until(ws, predicate, timeout: float = 120.0) -> list[dict]:
     frames = []
     async with asyncio.timeout(timeout):
         while True:
@@ -120,9 +112,10 @@ async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, serv
     assert hello["type"] == "conversation"
     assert hello["bot_available"] is True
 
-    # Streaming: acknowledged, then tokens, then the saved reply.
+    # Streaming: the conversation starts, the message is acknowledged, then tokens, then the saved reply.
     await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
-    frames = await until(ws, is_done)
+    started, *frames = await until(ws, is_done)
+    assert started["type"] == "conversation"
     assert frames[0]["type"] == "message"
     assert frames[0]["client_id"] == "c-1"
     tokens = [f for f in frames if f["type"] == "token"]
@@ -144,7 +137,7 @@ async def test_streaming_resend_and_resume_on_a_real_server(daphne_factory, serv
     # A reload keeps its token (renewed), and so its conversation.
     token = await asyncio.to_thread(chat_token, base, token)
     ws, hello_again = await open_socket(base, token)
-    assert hello_again["id"] == hello["id"]
+    assert hello_again["id"] == started["id"]
     await ws.send(json.dumps({"type": "resume", "after": frames[-1]["id"]}))
     replayed = [f for f in await until(ws, lambda f: f["type"] == "resumed") if f["type"] == "message"]
     assert replayed[0]["id"] == ack["id"]
@@ -207,7 +200,7 @@ async def test_abuse_is_refused_on_a_real_server(daphne_factory, served_model):
     await ws.send(json.dumps({"type": "message", "client_id": "c3", "text": "one more"}))
     error = (await until(ws, lambda f: f["type"] == "error"))[-1]
     assert (error["code"], error["client_id"]) == ("rate_limited", "c3")
-    assert not await asyncio.to_thread(Message.objects.filter(client_id="c3").exists)
+    assert not await database_sync_to_async(Message.objects.filter(client_id="c3").exists)()
 
     # A frame over daphne's --websocket-max-message-size drops the connection.
     await ws.send("x" * 70000)
@@ -215,7 +208,7 @@ async def test_abuse_is_refused_on_a_real_server(daphne_factory, served_model):
         await drain(ws)
 
     # Someone else's conversation: accepted, told why, closed with 4403.
-    theirs = await asyncio.to_thread(ConversationFactory, session_key="y" * 32)
+    theirs = await database_sync_to_async(ConversationFactory)(session_key="y" * 32)
     ws, error = await open_socket(base, token, path=f"/ws/chat/{theirs.pk}/")
     assert error["code"] == "forbidden"
     with pytest.raises(ConnectionClosed) as closed:
@@ -229,6 +222,7 @@ async def test_handoff_on_a_real_server(daphne_factory, served_model):
     await ws.send(json.dumps({"type": "request_human"}))
     handoff = (await until(ws, lambda f: f["type"] == "handoff"))[-1]
     assert handoff == {"type": "handoff", "status": "waiting_for_agent", "reason": "customer_request"}
+    await until(ws, lambda f: f.get("role") == "system")  # the notice, from the conversation's group
     await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
     await until(ws, lambda f: f.get("client_id") == "c-1")
     assert await silent(ws, 2.0)  # the bot stopped answering
@@ -239,9 +233,11 @@ async def test_two_processes_share_the_stream_and_the_rate_limit(daphne_factory,
     env = {**SERVER_ENV, "SUPPORTBOT_RATE_LIMIT": "3"}
     first, second = daphne_factory(**env), daphne_factory(**env)
     token = await asyncio.to_thread(chat_token, first)
-    tab_a, hello_a = await open_socket(first, token)
+    tab_a, _ = await open_socket(first, token)
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-0", "text": "Where is my order?"}))
+    started = (await until(tab_a, is_done))[0]
     tab_b, hello_b = await open_socket(second, token)
-    assert hello_a["id"] == hello_b["id"]
+    assert hello_b["id"] == started["id"]
 
     # A question asked in one process streams to the customer's tab in the other.
     await tab_a.send(json.dumps({"type": "message", "client_id": f"c-{uuid.uuid4()}", "text": "Hello there"}))
@@ -249,13 +245,90 @@ async def test_two_processes_share_the_stream_and_the_rate_limit(daphne_factory,
     assert any(f["type"] == "token" for f in seen)
     assert seen[-1]["body"] == (await until(tab_a, is_done))[-1]["body"]
 
-    # The session's budget (3 a minute) is counted across both processes.
+    # The session's budget (3 a minute) is counted across both processes: two messages
+    # went through the first, one through the second, and the fourth is refused.
     await tab_b.send(json.dumps({"type": "message", "client_id": "c-2", "text": "human please"}))
     await until(tab_b, lambda f: f.get("client_id") == "c-2")
-    await tab_a.send(json.dumps({"type": "message", "client_id": "c-3", "text": "agent?"}))
-    await until(tab_a, lambda f: f.get("client_id") == "c-3")
-    await tab_b.send(json.dumps({"type": "message", "client_id": "c-4", "text": "anyone?"}))
-    error = (await until(tab_b, lambda f: f["type"] == "error"))[-1]
-    assert error["code"] == "rate_limited"
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-3", "text": "anyone?"}))
+    error = (await until(tab_a, lambda f: f["type"] == "error"))[-1]
+    assert (error["code"], error["client_id"]) == ("rate_limited", "c-3")
     await tab_a.close()
     await tab_b.close()
+
+
+async def test_a_conversation_starts_at_the_first_message(daphne_factory, served_model):
+    """Opening the chat creates nothing; the first message starts the conversation, for every tab."""
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    tab_a, hello_a = await open_socket(base, token, query="segment=pro&page=https://shop.example/cart")
+    tab_b, hello_b = await open_socket(base, token)
+    assert (hello_a["id"], hello_a["status"], hello_a["bot_available"]) == (None, "bot", True)
+    assert hello_b["id"] is None
+    assert not await database_sync_to_async(Conversation.objects.exists)()  # no empty conversation for agents
+
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    started = json.loads(await asyncio.wait_for(tab_a.recv(), 15))
+    assert started["type"] == "conversation"
+    assert started["id"]
+    frames = await until(tab_a, is_done)
+    assert frames[0]["client_id"] == "c-1"
+    assert frames[-1]["status"] == "complete"
+
+    # The other tab hears that the conversation started, and replays it with resume.
+    announced = (await until(tab_b, lambda f: f["type"] == "conversation"))[-1]
+    assert announced["id"] == started["id"]
+    await tab_b.send(json.dumps({"type": "resume", "after": 0}))
+    replayed = {f["id"] for f in await until(tab_b, lambda f: f["type"] == "resumed") if f["type"] == "message"}
+    assert {frames[0]["id"], frames[-1]["id"]} <= replayed  # the question and its reply
+    # ...and follows it live from then on.
+    await tab_a.send(json.dumps({"type": "message", "client_id": "c-2", "text": "Thanks"}))
+    assert (await until(tab_b, lambda f: f.get("client_id") == "c-2"))[-1]["body"] == "Thanks"
+
+    conversation = await database_sync_to_async(Conversation.objects.get)()
+    assert str(conversation.pk) == started["id"]
+    assert (conversation.segment, conversation.metadata["page"]) == ("pro", "https://shop.example/cart")
+    await tab_a.close()
+    await tab_b.close()
+
+
+async def test_a_message_to_a_conversation_closed_meanwhile_is_refused(daphne_factory, served_model):
+    base = daphne_factory(**SERVER_ENV)
+    token = await asyncio.to_thread(chat_token, base)
+    ws, _ = await open_socket(base, token)
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    started = (await until(ws, is_done))[0]
+    # An agent closes the conversation while the customer's socket stays open.
+    await database_sync_to_async(Conversation.objects.filter(pk=started["id"]).update)(status="closed")
+
+    await ws.send(json.dumps({"type": "message", "client_id": "c-2", "text": "One more thing"}))
+    error = (await until(ws, lambda f: f["type"] == "error"))[-1]
+    assert (error["code"], error["client_id"]) == ("conversation_closed", "c-2")
+    assert "closed" in error["message"]
+    assert "start a new conversation" in error["message"]
+    assert not await database_sync_to_async(Message.objects.filter(client_id="c-2").exists)()
+    assert await silent(ws, 1.0)  # no reply either
+
+    # What the message says to do: reload, and the next message starts a new conversation.
+    await ws.close()
+    ws, hello = await open_socket(base, token)
+    assert hello["id"] is None
+    await ws.send(json.dumps({"type": "message", "client_id": "c-2", "text": "One more thing"}))
+    again = (await until(ws, lambda f: f["type"] == "conversation"))[-1]
+    assert again["id"] != started["id"]
+    await until(ws, is_done)
+    await ws.close()
+
+
+async def test_healthz_stays_green_while_chat_sockets_read_the_layer(daphne_factory, served_model, redis_url):
+    """/healthz's channel-layer probe has a channel of its own: open sockets and the model
+    listener, reading the layer in the same process, are no obstacle to it."""
+    base = daphne_factory(**SERVER_ENV)
+    ws, _ = await open_socket(base, await asyncio.to_thread(chat_token, base))
+    before = await asyncio.to_thread(health, base)
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    await until(ws, is_done)
+    after = [await asyncio.to_thread(health, base) for _ in range(3)]
+    for report in (before, *after):
+        assert report["checks"]["channel_layer"]["ok"], report
+        assert report["status"] == "ok", report
+    await ws.close()

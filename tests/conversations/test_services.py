@@ -151,6 +151,8 @@ def test_a_resent_message_is_acknowledged_with_the_same_id_and_saved_once():
     [
         ("c1", "x" * 4097, "too_long"),
         ("c1", "   ", "empty"),
+        ("c1", "\u200b\u2060\ufeff\u3164", "empty"),
+        ("c1", "x" * 4096 + "\u0301", "too_long"),  # NFC: an accent on its own counts
         ("", "hello", "bad_frame"),
         ("c" * 65, "hello", "bad_frame"),
     ],
@@ -164,6 +166,30 @@ def test_bad_messages_are_refused_with_a_reason_and_not_saved(client_id, text, c
     # The same conversation takes a good message.
     services.message_create_customer(conversation=conversation, client_id="ok", text="x" * 4096)
     assert conversation.messages.count() == 1
+
+
+def test_a_message_to_a_conversation_closed_since_it_was_loaded_is_refused():
+    conversation = ConversationFactory()
+    Conversation.objects.filter(pk=conversation.pk).update(status=Conversation.Status.CLOSED)  # an agent, meanwhile
+    with pytest.raises(ApplicationError) as refused:
+        services.message_create_customer(conversation=conversation, client_id="c", text="hello")
+    assert (refused.value.code, refused.value.extra) == ("conversation_closed", {"client_id": "c"})
+    assert not conversation.messages.exists()
+    assert conversation.status == Conversation.Status.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("text", "saved"),
+    [
+        ("Cafe\u0301", "Caf\u00e9"),
+        ("\u200b\u00a0 hi \ufeff\n", "hi"),
+        ("\U0001f469\u200d\U0001f4bb", "\U0001f469\u200d\U0001f4bb"),
+        ("a\u200bb", "a\u200bb"),
+    ],
+)
+def test_message_text_is_saved_in_nfc_without_invisible_edges(text, saved):
+    message, _ = services.message_create_customer(conversation=ConversationFactory(), client_id="c", text=text)
+    assert message.body == saved
 
 
 @pytest.mark.parametrize(
@@ -255,6 +281,37 @@ def test_a_message_is_answered_once():
     assert start_reply(conversation) is None  # answered
     services.message_create_customer(conversation=conversation, client_id="c2", text="And when?")
     assert start_reply(conversation) is not None
+
+
+def test_a_reply_cut_off_by_a_shutdown_is_kept_and_its_question_answered_again():
+    conversation = ConversationFactory()
+    question, _ = services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")
+    reply, _ = start_reply(conversation)
+    cut = services.bot_reply_finish(message_id=reply.pk, done=done(text="Your ord", reason="shutdown"), seq=2)
+    assert (cut.status, cut.body) == (Message.Status.FAILED, "Your ord")
+    conversation.refresh_from_db()
+    assert conversation.status == Conversation.Status.BOT  # a restart is no reason to call a human
+    again, _ = start_reply(conversation)
+    assert again.in_reply_to_id == question.pk
+    services.bot_reply_fail(message_id=again.pk, error="The model failed.")
+    assert start_reply(conversation) is None  # any other failure does answer it (a human takes over)
+
+
+def test_the_startup_sweep_fails_replies_whose_process_is_gone_or_silent_only():
+    def streaming(owner: str, heartbeat_age_s: float) -> Message:
+        conversation = ConversationFactory()
+        services.message_create_customer(conversation=conversation, client_id="c", text="Where?")
+        reply, _ = services.bot_reply_start(conversation=conversation, model_label="v1", params={}, owner=owner)
+        age_heartbeat(reply, heartbeat_age_s)
+        return reply
+
+    gone = streaming("host:1:a:ns", 1)
+    silent = streaming("elsewhere:2:b:ns2", services.REPLY_STALE_AFTER_S + 1)
+    alive = streaming("elsewhere:3:c:ns2", 1)
+    swept = services.bot_replies_sweep(owner=OWNER, owner_gone=lambda owner: owner == "host:1:a:ns")
+    assert {m.pk for m in swept} == {gone.pk, silent.pk}
+    alive.refresh_from_db()
+    assert alive.status == Message.Status.STREAMING
 
 
 def test_the_bot_does_not_answer_once_handed_off():

@@ -87,7 +87,10 @@ async def test_drain_waits_for_the_last_copy_and_a_dead_layer_loses_only_copies(
     await copies.drain()
     assert copies.task.done()
     assert not copies.pending
-    assert f"Broadcasting 3 token(s) to {GROUP} failed" in caplog.text
+    assert f"Copying tokens to {GROUP} failed" in caplog.text
+    copies.add(token(4))  # the rest of the reply is not tried again (and not logged again)
+    assert not copies.pending
+    assert caplog.text.count("Copying tokens") == 1
 
 
 async def test_drain_gives_up_after_its_timeout(monkeypatch, caplog):

@@ -99,3 +99,18 @@ def test_the_widget_scripts_are_served_and_never_write_html(client, name):
     assert not re.search(r"\.(innerHTML|outerHTML)\b|insertAdjacentHTML|document\.write", source)
     code = source.split("*/", 1)[1]  # after the header comment
     assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", code)  # nothing from another host (CDN)
+
+
+def test_the_panel_at_a_host_the_server_does_not_answer_to_says_so_in_one_line(client, settings, caplog):
+    settings.DEBUG = True  # where Django would show its DisallowedHost debug page
+    settings.ALLOWED_HOSTS = ["support.example"]
+    response = client.get("/chat/embed/", HTTP_HOST="shop<script>.example:8000")
+    assert response.status_code == 400
+    assert response["Content-Security-Policy"] == "frame-ancestors *"  # shown inside the widget, too
+    page = response.content.decode()
+    assert "Chat unavailable: this chat server is not set up to answer at shop&lt;script&gt;.example." in page
+    assert "<script>.example" not in page  # the header is escaped everywhere, the JSON included
+    assert "DisallowedHost" not in page
+    assert "not in DJANGO_ALLOWED_HOSTS" in caplog.text
+    # Other pages keep Django's own refusal.
+    assert client.get("/chat/", HTTP_HOST="shop.example").status_code == 400

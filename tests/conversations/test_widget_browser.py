@@ -7,6 +7,7 @@ the widget, so the chat panel is a cross-site iframe without cookies.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 
@@ -30,12 +31,9 @@ HOST_PAGE = """<!doctype html>
 </body></html>"""
 
 
-@pytest.fixture
-def host_page(daphne_factory, tiny_model_dir):
-    ModelVersionFactory(
-        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
-    )
-    base = daphne_factory(SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD=str(LOW_CONFIDENCE_OFF))
+@contextlib.contextmanager
+def shop_serving(base: str):
+    """A page of another site (http://localhost:<port>/) that embeds the widget from ``base``."""
     body = HOST_PAGE.replace("{base}", base).encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -53,9 +51,24 @@ def host_page(daphne_factory, tiny_model_dir):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://localhost:{server.server_address[1]}/", base
+        yield f"http://localhost:{server.server_address[1]}/"
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def host_page(daphne_factory, tiny_model_dir):
+    ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, merged_path=str(tiny_model_dir), adapter_path=str(tiny_model_dir)
+    )
+    base = daphne_factory(SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD=str(LOW_CONFIDENCE_OFF))
+    with shop_serving(base) as shop:
+        yield shop, base
+
+
+def console_problems(driver) -> list[str]:
+    """Warnings and errors the page's frames logged to the console since the last call."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] in {"WARNING", "SEVERE"}]
 
 
 def open_panel(driver):
@@ -115,6 +128,8 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
     assert driver.find_element(By.ID, "sb-log").get_attribute("aria-live") == "polite"
     customer = driver.find_element(By.CSS_SELECTOR, ".sb-msg--customer .sb-body").text
     assert customer == "Where is my order?"
+    # Opening the panel posts to the iframe only once it has loaded: no target-origin warnings.
+    assert console_problems(driver) == []
 
     # Was this helpful? No, then Yes. The buttons stay the same elements (the server's
     # echo of each answer updates them in place), so keyboard focus is never lost.
@@ -176,3 +191,27 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
 def bubble_of(driver):
     host = driver.find_element(By.CSS_SELECTOR, "[data-supportbot-widget]")
     return host.shadow_root.find_element(By.CSS_SELECTOR, "button.bubble")
+
+
+def test_a_server_that_does_not_answer_to_its_host_says_so_in_the_panel(chromium, daphne_factory):
+    """The widget is embedded from http://127.0.0.1:<port>, but the server only answers to "localhost"."""
+    driver = chromium
+    base = daphne_factory(DJANGO_ALLOWED_HOSTS="localhost", DJANGO_DEBUG="1")
+    with shop_serving(base) as shop:
+        driver.get(shop)
+        host = WebDriverWait(driver, 20).until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-supportbot-widget]"))
+        shadow = host.shadow_root
+        shadow.find_element(By.CSS_SELECTOR, "button.bubble").click()
+        driver.switch_to.frame(shadow.find_element(By.CSS_SELECTOR, "iframe"))
+        line = WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "sb-unavailable"))
+        # One line for the customer, not Django's DisallowedHost debug page.
+        assert line.text == "Chat unavailable: this chat server is not set up to answer at 127.0.0.1."
+        assert "DisallowedHost" not in driver.page_source
+        # The fix, for whoever embeds the widget, in the browser console...
+        logged = " ".join(console_problems(driver))
+        assert "DJANGO_ALLOWED_HOSTS" in logged
+        assert "127.0.0.1" in logged
+    # ...and in the server's log.
+    log = daphne_factory.processes[base].log_path.read_text()
+    assert "not in DJANGO_ALLOWED_HOSTS" in log
+    assert "Traceback" not in log

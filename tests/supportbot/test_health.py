@@ -56,3 +56,29 @@ def test_healthz_503_when_redis_is_dead(client):
     assert checks["channel_layer"]["ok"] is False
     assert checks["celery_broker"]["ok"] is False
     assert checks["database"]["ok"] is True
+
+
+def test_healthz_tells_anonymous_callers_what_is_down_but_not_where(client, settings, django_user_model):
+    dead = {
+        "CHANNEL_LAYERS": {
+            "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [DEAD_REDIS]}}
+        },
+        "CELERY_BROKER_URL": DEAD_REDIS,
+    }
+    with override_settings(**dead):
+        anonymous = client.get("/healthz")
+    assert anonymous.status_code == 503
+    body = anonymous.content.decode()
+    assert "127.0.0.1" not in body
+    assert ":1" not in body
+    checks = anonymous.json()["checks"]
+    assert checks["channel_layer"]["ok"] is False
+    assert "staff" in checks["celery_broker"]["error"].lower()  # where to look for the details
+
+    # Staff, or a deployment that says so, see the details.
+    client.force_login(django_user_model.objects.create_user("ops", is_staff=True))
+    with override_settings(**dead):
+        assert "127.0.0.1:1" in client.get("/healthz").content.decode()
+    client.logout()
+    with override_settings(**dead, SUPPORTBOT_HEALTHZ_DETAILS=True):
+        assert "127.0.0.1:1" in client.get("/healthz").content.decode()
