@@ -12,17 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import F, OuterRef, Subquery
-
 from .dataset_builder import SourceConversation
 from .models import DatasetVersion, ModelVersion, Ticket, TicketMessage, TrainingRun
 from .redaction import CustomerFields
 
 # Tickets fetched per round trip while streaming, and whose messages are fetched together.
 TICKET_CHUNK_SIZE = 1000
-# Turns of a live conversation kept before a reviewed reply: older ones would be cut
-# by the token limit anyway.
-FEEDBACK_HISTORY_TURNS = 20
 
 
 def model_version_active() -> ModelVersion | None:
@@ -106,57 +101,16 @@ def _conversations_of(tickets: list[tuple]) -> Iterator[SourceConversation]:
 
 
 def training_examples_from_feedback(*, since: datetime | None = None) -> Iterator[SourceConversation]:
-    """Bot replies agents approved, and agents' corrections, as training conversations.
+    """Agents' corrections and approved replies that a model admin approved for training, as conversations.
 
-    The one place that decides which feedback becomes training data:
-
-    - only a reply's **latest** review counts (a review is never edited; a new rating
-      is a new row, so an approval later overruled by a rejection is not used);
-    - ``approved``: the bot's reply as written, origin ``review:<review id>``;
-    - ``corrected``: the agent's ``corrected_body`` in place of the reply, origin
-      ``correction:<review id>``;
-    - ``rejected`` replies are never used;
-    - the conversation before the reply (customer, bot and agent turns; system notices
-      left out) is the context, the logged-in customer's name and e-mail are redacted.
+    Nothing reviewed or corrected reaches a dataset without that approval. The rules
+    (which candidates, their context and provenance ``review:<id>`` /
+    ``correction:<id>``) belong to the app that owns reviews:
+    ``conversations.review.selectors.training_examples_approved``.
     """
-    from conversations.models import Message, Review
+    from conversations.review.selectors import training_examples_approved
 
-    latest = Review.objects.filter(message=OuterRef("message")).order_by("-created_at", "-id").values("id")[:1]
-    reviews = (
-        Review.objects.annotate(latest_id=Subquery(latest))
-        .filter(id=F("latest_id"), verdict__in=[Review.Verdict.APPROVED, Review.Verdict.CORRECTED])
-        .filter(message__role=Message.Role.BOT, message__status=Message.Status.COMPLETE)
-        .select_related("message", "message__conversation", "message__conversation__customer")
-        .order_by("id")
-    )
-    if since is not None:
-        reviews = reviews.filter(created_at__gte=since)
-    roles = {Message.Role.CUSTOMER: "customer", Message.Role.BOT: "agent", Message.Role.AGENT: "agent"}
-    for review in reviews.iterator(chunk_size=200):
-        reply = review.message
-        conversation = reply.conversation
-        earlier = (
-            Message.objects.filter(conversation=conversation, status=Message.Status.COMPLETE)
-            .exclude(role=Message.Role.SYSTEM)
-            .filter(created_at__lte=reply.created_at)
-            .exclude(id=reply.id)
-            .exclude(created_at=reply.created_at, id__gt=reply.id)
-            .order_by("-created_at", "-id")
-            .values_list("role", "body")[:FEEDBACK_HISTORY_TURNS]
-        )
-        history = [{"role": roles[role], "content": body} for role, body in reversed(earlier)]
-        corrected = review.verdict == Review.Verdict.CORRECTED
-        target = review.corrected_body if corrected else reply.body
-        customer = conversation.customer
-        yield SourceConversation(
-            origin=f"{'correction' if corrected else 'review'}:{review.id}",
-            messages=[*history, {"role": "agent", "content": target}],
-            segment=review.segment or conversation.segment,
-            customer=CustomerFields.from_values(
-                name=customer.get_full_name() if customer else "",
-                email=customer.email if customer else "",
-            ),
-        )
+    return training_examples_approved(since=since)
 
 
 def training_system_prompt() -> str:

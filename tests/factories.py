@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import factory
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 
-from conversations.models import Conversation, Message, Review
+from conversations.models import Conversation, Message, Review, TrainingCandidate
 from finetune.models import DatasetVersion, ModelVersion, Ticket, TicketMessage, TrainingRun
+from supportbot.roles import roles_sync
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -93,3 +95,48 @@ class ReviewFactory(factory.django.DjangoModelFactory):
     reviewer = factory.SubFactory(UserFactory)
     rating = 4
     verdict = Review.Verdict.APPROVED
+
+
+class TrainingCandidateFactory(factory.django.DjangoModelFactory):
+    """A pending candidate made from a review (as ``review_submit`` makes one)."""
+
+    class Meta:
+        model = TrainingCandidate
+
+    review = factory.SubFactory(ReviewFactory)
+    message = factory.LazyAttribute(lambda c: c.review.message)
+    reviewer = factory.LazyAttribute(lambda c: c.review.reviewer)
+    kind = factory.LazyAttribute(
+        lambda c: (
+            TrainingCandidate.Kind.CORRECTION if c.review.corrected_body else TrainingCandidate.Kind.APPROVED_REPLY
+        )
+    )
+    text = factory.LazyAttribute(lambda c: c.review.corrected_body or c.review.message.body)
+
+
+def staff_user(role: str, username: str, **fields):
+    """A staff user in one of the roles (``supportbot.roles``), groups synced first."""
+    roles_sync()
+    user = UserFactory(username=username, is_staff=True, **fields)
+    user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+def bot_reply(
+    *,
+    conversation: Conversation | None = None,
+    question: str = "Where is my order?",
+    body: str = "Your order ships today.",
+    **fields,
+) -> Message:
+    """A customer's question and the bot's finished reply to it (no queue entry: services add those)."""
+    conversation = conversation or ConversationFactory()
+    asked = MessageFactory(conversation=conversation, role=Message.Role.CUSTOMER, body=question)
+    return MessageFactory(
+        conversation=conversation,
+        role=Message.Role.BOT,
+        body=body,
+        in_reply_to=asked,
+        status=Message.Status.COMPLETE,
+        **fields,
+    )

@@ -9,12 +9,12 @@ import pytest
 from datasets import load_from_disk
 from django.utils import timezone
 
-from conversations.models import BotProfile, Message, Review
+from conversations.models import BotProfile, Message, Review, TrainingCandidate
 from finetune.models import DatasetVersion, Ticket
-from finetune.selectors import ticket_conversations, training_examples_from_feedback, training_system_prompt
+from finetune.selectors import ticket_conversations, training_system_prompt
 from finetune.services import dataset_version_build, ticket_import
 from supportbot.errors import ApplicationError
-from tests.factories import ConversationFactory, MessageFactory, ReviewFactory, UserFactory
+from tests.factories import ConversationFactory, MessageFactory, ReviewFactory, TrainingCandidateFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -32,69 +32,6 @@ def chat(customer_text: str, bot_text: str, **conversation):
         created_at=now + timedelta(seconds=1),
     )
     return conv, reply
-
-
-def test_feedback_selection_uses_each_replys_latest_review():
-    customer = UserFactory(first_name="Jane", last_name="Doe", email="jane@example.com")
-    _, approved = chat("Where is my order?", "It ships today.", customer=customer, segment="pro")
-    _, corrected = chat("Can I pay by PayPal?", "No.")
-    _, rejected = chat("Refund please", "Never.")
-    _, overruled = chat("Hello", "Go away.")
-    _, reconsidered = chat("Opening hours?", "9 to 5, Monday to Friday.")
-    earlier = timezone.now() - timedelta(hours=1)
-    agent = UserFactory(username="agent")
-
-    good = ReviewFactory(reviewer=agent, message=approved, verdict=Review.Verdict.APPROVED, segment="pro")
-    fix = ReviewFactory(
-        message=corrected, verdict=Review.Verdict.CORRECTED, rating=2, corrected_body="Yes, PayPal works at checkout."
-    )
-    ReviewFactory(reviewer=agent, message=rejected, verdict=Review.Verdict.REJECTED, rating=1)
-    ReviewFactory(reviewer=agent, message=overruled, verdict=Review.Verdict.APPROVED, created_at=earlier)
-    ReviewFactory(reviewer=agent, message=overruled, verdict=Review.Verdict.REJECTED, rating=1)  # the later review wins
-    ReviewFactory(reviewer=agent, message=reconsidered, verdict=Review.Verdict.REJECTED, rating=1, created_at=earlier)
-    later = ReviewFactory(reviewer=agent, message=reconsidered, verdict=Review.Verdict.APPROVED)
-
-    examples = {e.origin: e for e in training_examples_from_feedback()}
-    assert set(examples) == {f"review:{good.id}", f"correction:{fix.id}", f"review:{later.id}"}
-    approved_example = examples[f"review:{good.id}"]
-    assert approved_example.messages == [
-        {"role": "customer", "content": "Where is my order?"},
-        {"role": "agent", "content": "It ships today."},
-    ]
-    assert approved_example.segment == "pro"
-    assert approved_example.customer.name == "Jane Doe"
-    assert approved_example.customer.email == "jane@example.com"
-    assert examples[f"correction:{fix.id}"].messages[-1] == {
-        "role": "agent",
-        "content": "Yes, PayPal works at checkout.",
-    }
-
-
-def test_feedback_history_is_the_conversation_before_the_reply():
-    conv, first_reply = chat("Hi", "Hello! How can I help?")
-    base = first_reply.created_at
-    MessageFactory(conversation=conv, role=Message.Role.SYSTEM, body="Agent joined", created_at=base)
-    MessageFactory(
-        conversation=conv, role=Message.Role.CUSTOMER, body="My parcel is late", created_at=base + timedelta(seconds=2)
-    )
-    MessageFactory(
-        conversation=conv, role=Message.Role.AGENT, body="Which order?", created_at=base + timedelta(seconds=3)
-    )
-    MessageFactory(conversation=conv, role=Message.Role.CUSTOMER, body="A-1", created_at=base + timedelta(seconds=4))
-    reply = MessageFactory(
-        conversation=conv, role=Message.Role.BOT, body="A-1 arrives tomorrow.", created_at=base + timedelta(seconds=5)
-    )
-    MessageFactory(conversation=conv, role=Message.Role.CUSTOMER, body="Thanks", created_at=base + timedelta(seconds=6))
-    ReviewFactory(message=reply, verdict=Review.Verdict.APPROVED)
-    (example,) = training_examples_from_feedback()
-    assert [(m["role"], m["content"]) for m in example.messages] == [
-        ("customer", "Hi"),
-        ("agent", "Hello! How can I help?"),
-        ("customer", "My parcel is late"),
-        ("agent", "Which order?"),
-        ("customer", "A-1"),
-        ("agent", "A-1 arrives tomorrow."),
-    ]
 
 
 def test_system_prompt_is_the_chats():
@@ -129,7 +66,13 @@ def test_build_records_a_dataset_version_with_feedback(dataset_settings, sample_
     correction = ReviewFactory(
         message=wrong, verdict=Review.Verdict.CORRECTED, rating=1, corrected_body="Sorry, we only ship on Earth."
     )
+    _, unapproved = chat("Do you ship to the Moon?", "Yes.")
+    pending = ReviewFactory(message=unapproved, verdict=Review.Verdict.APPROVED)
     builder = UserFactory(username="modeladmin")
+    # Feedback reaches a dataset only once a model admin approved it (conversations' TrainingCandidate).
+    TrainingCandidateFactory(review=review, status=TrainingCandidate.Status.APPROVED)
+    TrainingCandidateFactory(review=correction, status=TrainingCandidate.Status.APPROVED)
+    TrainingCandidateFactory(review=pending)
 
     version = dataset_version_build(seed=5, created_by=builder)
 
@@ -147,6 +90,7 @@ def test_build_records_a_dataset_version_with_feedback(dataset_settings, sample_
     assert data["validation"].num_rows == version.num_validation
     origins = set(data["train"]["origin"]) | set(data["validation"]["origin"])
     assert {f"review:{review.id}", f"correction:{correction.id}"} <= origins
+    assert f"review:{pending.id}" not in origins
     assert version.card["origins"]["review"] == 1
     assert version.card["origins"]["correction"] == 1
     assert data["train"][0]["messages"][0] == {"role": "system", "content": training_system_prompt()}
