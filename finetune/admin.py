@@ -72,6 +72,9 @@ class DatasetVersionAdmin(admin.ModelAdmin):
     search_fields = ("name", "content_hash", "path")
     readonly_fields = [f.name for f in DatasetVersion._meta.fields]
 
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # datasets come from build_dataset (or "build fresh" on retrain), never typed in
+
     @admin.display(description="content hash")
     def short_hash(self, obj: DatasetVersion) -> str:
         return obj.content_hash[:12]
@@ -472,3 +475,9 @@ class ModelVersionEventAdmin(admin.ModelAdmin):
     list_filter = ("action", "automatic", "gates_overridden")
     search_fields = ("reason",)
     readonly_fields = [f.name for f in ModelVersionEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # events are written by promotion and rollback
+
+    def has_change_permission(self, request: HttpRequest, obj: ModelVersionEvent | None = None) -> bool:
+        return False

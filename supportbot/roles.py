@@ -41,7 +41,6 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
         "finetune.change_ticket",
         "finetune.view_ticketmessage",
         "finetune.view_datasetversion",
-        "finetune.add_datasetversion",
         "finetune.view_trainingrun",
         "finetune.add_trainingrun",
         "finetune.change_trainingrun",

@@ -6,7 +6,7 @@ import factory
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 
-from conversations.models import Conversation, Message, Review, TrainingCandidate
+from conversations.models import Conversation, Message, QueueItem, Review, TrainingCandidate
 from finetune.models import DatasetVersion, ModelVersion, Ticket, TicketMessage, TrainingRun
 from supportbot.roles import roles_sync
 
@@ -112,6 +112,18 @@ class TrainingCandidateFactory(factory.django.DjangoModelFactory):
         )
     )
     text = factory.LazyAttribute(lambda c: c.review.corrected_body or c.review.message.body)
+
+
+class QueueItemFactory(factory.django.DjangoModelFactory):
+    """A queue entry for a bot reply (``review.services.queue_item_add`` is the real way in)."""
+
+    class Meta:
+        model = QueueItem
+
+    message = factory.SubFactory(MessageFactory, role=Message.Role.BOT)
+    conversation = factory.LazyAttribute(lambda i: i.message.conversation)
+    kind = QueueItem.Kind.REPLY
+    source = QueueItem.Source.FLAGGED
 
 
 def staff_user(role: str, username: str, **fields):
