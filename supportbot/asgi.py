@@ -27,11 +27,14 @@ from django.conf import settings  # noqa: E402
 
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 from finetune.inference import preload_start  # noqa: E402
+from workspace.routing import websocket_urlpatterns as workspace_websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns + workspace_websocket_urlpatterns))
+        ),
     }
 )
 

@@ -101,6 +101,7 @@ INSTALLED_APPS = [
     "supportbot",
     "finetune",
     "conversations",
+    "workspace",
 ]
 
 MIDDLEWARE = [

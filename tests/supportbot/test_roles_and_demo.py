@@ -58,5 +58,5 @@ def test_demo_setup_refuses_in_production():
 
 def test_home_page_links_the_product(client):
     body = client.get("/").content.decode()
-    for link in ("/chat/", "/admin/conversations/conversation/", "/admin/", "/healthz"):
+    for link in ("/chat/", "/agent/", "/admin/", "/healthz"):
         assert f'href="{link}"' in body
