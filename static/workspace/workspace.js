@@ -105,6 +105,7 @@
     socket.onopen = function () {
       backoff = BACKOFF_MIN_MS;
       setConn("");
+      document.documentElement.dataset.wsLive = "open"; // pages (and tests) can tell live updates flow
       onOpen.forEach(function (fn) { fn(); });
     };
     socket.onmessage = function (event) {
@@ -116,6 +117,7 @@
     socket.onclose = function (event) {
       if (ws !== socket) return;
       ws = null;
+      document.documentElement.dataset.wsLive = "closed";
       if (event.code === 4403) { setConn("Not allowed: sign in as a support agent."); return; }
       if (event.code === 4404) { setConn("This conversation does not exist."); return; }
       setConn("Live updates paused. Reconnecting…");
