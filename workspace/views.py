@@ -107,7 +107,7 @@ def queue_page(request: HttpRequest) -> HttpResponse:
         "has_next": has_next,
         "tabs": [("", "All queues", counts["all"])]
         + [(value, label, counts[value]) for value, label in QueueItem.Source.choices],
-        "choices": selectors.queue_filter_choices(),
+        "choices": selectors.queue_filter_choices(filters),
         "states": selectors.STATE_FILTERS,
         "lease_minutes": max(1, settings.SUPPORTBOT_REVIEW_LEASE_S // 60),
         "error": error,
