@@ -27,6 +27,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from conversations import services as chat_services
@@ -332,14 +333,21 @@ def message_flag(request: HttpRequest, message_id: int) -> HttpResponse:
         if _wants_json(request):
             return _error_json(exc)
         messages.error(request, exc.message)
-        return redirect(request.POST.get("back") or "workspace:conversations")
+        return redirect(_back_in_workspace(request, "/agent/conversations/"))
     if _wants_json(request):
         return JsonResponse({"item": item.pk, "created": created})
     if request.POST.get("review"):
         return redirect(f"/agent/items/{item.pk}/")
     messages.success(request, "Flagged for review." if created else "It was flagged already.")
+    return redirect(_back_in_workspace(request, f"/agent/conversations/{item.conversation_id}/"))
+
+
+def _back_in_workspace(request: HttpRequest, default: str) -> str:
+    """The page a form came from, if it is a workspace page (never another site)."""
     back = request.POST.get("back", "")
-    return redirect(back if back.startswith("/agent/") else f"/agent/conversations/{item.conversation_id}/")
+    if back.startswith("/agent/") and url_has_allowed_host_and_scheme(back, allowed_hosts=None):
+        return back
+    return default
 
 
 # --- conversations ------------------------------------------------------------------------------

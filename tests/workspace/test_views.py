@@ -210,6 +210,14 @@ def test_flag_a_reply_and_review_it_now(agent_client):
     response = agent_client.post(f"/agent/messages/{reply.pk}/flag/", {"review": "1", "note": "Odd tone"})
     item = QueueItem.objects.get()
     assert (item.source, item.note, response["Location"]) == ("flagged", "Odd tone", f"/agent/items/{item.pk}/")
+    # "back" only ever leads to a workspace page.
+    for back, expected in (
+        ("/agent/stats/", "/agent/stats/"),
+        ("https://evil.example/", f"/agent/conversations/{item.conversation_id}/"),
+        ("//evil.example/agent/", f"/agent/conversations/{item.conversation_id}/"),
+    ):
+        response = agent_client.post(f"/agent/messages/{reply.pk}/flag/", {"back": back})
+        assert response["Location"] == expected
 
 
 def test_take_over_write_hand_back_and_close_through_the_pages(agent_client, agent, other_agent):
