@@ -328,7 +328,7 @@ SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
 # A bot reply whose mean token log-probability is below this hands the conversation
 # to a human. A guessing model sits near -ln(vocabulary) (about -6 to -11); fluent,
 # in-domain greedy replies of a fine-tuned model sit well above -2. Tune it from the
-# review console's data; -1000 turns the rule off.
+# agents' reviews (the workspace's low-confidence queue); -1000 turns the rule off.
 SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = env_float("SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD", -2.5)
 # Words in a customer message that ask for a person (whole words, case-insensitive,
 # plural accepted). "agent" and "human" are what customers actually type.
