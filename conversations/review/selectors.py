@@ -177,11 +177,23 @@ def queue_page(filters: QueueFilters, *, page: int = 1, per_page: int = 50) -> t
     """
     offset = max(0, page - 1) * per_page
     ids = list(queue_items_filtered(filters).values_list("id", flat=True)[offset : offset + per_page + 1])
-    rows = QueueItem.objects.filter(pk__in=ids[:per_page]).select_related(
-        "message", "message__in_reply_to", "model_version", "claimed_by", "conversation"
+    rows = (
+        QueueItem.objects.filter(pk__in=ids[:per_page])
+        .select_related("message", "message__in_reply_to", "model_version", "claimed_by")
+        .only(*_ROW_FIELDS)
     )
     position = {pk: i for i, pk in enumerate(ids)}
     return sorted(rows, key=lambda item: position[item.pk]), len(ids) > per_page
+
+
+# What ``queue_item_row`` reads: the page loads nothing else (no JSON columns, no conversation).
+_ROW_FIELDS = (
+    *("id", "kind", "source", "state", "slot", "created_at", "conversation_id", "message_id", "note"),
+    *("intent", "segment", "claimed_by_id", "lease_expires_at", "model_version_id"),
+    *("message__id", "message__body", "message__in_reply_to_id", "message__in_reply_to__id"),
+    *("message__in_reply_to__body", "model_version__id", "model_version__number"),
+    *("claimed_by__id", "claimed_by__username", "claimed_by__first_name"),
+)
 
 
 def queue_counts() -> dict[str, int]:
