@@ -1,11 +1,33 @@
-"""Admin pages for conversations, messages, reviews and the bot profile."""
+"""Admin pages for conversations, messages, reviews, queue entries, training candidates and the bot profile.
+
+The admin is for looking things up. The chat's rows change only through the
+services: conversations, messages, reviews and queue entries are read-only here (no
+add forms: a message or a review made here would skip every rule), and agents do
+their work in the workspace (``/agent/``). Each role sees what README's roles table
+says: agents read conversations, messages and reviews; model admins also edit the bot
+profile and approve training candidates.
+"""
 
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.utils.html import format_html
 
-from .models import BotProfile, Conversation, Message, Review
+from supportbot.errors import ApplicationError
+
+from .models import BotProfile, Conversation, Message, QueueItem, Review, TrainingCandidate
+from .review.services import training_candidates_decide
 from .selectors import PREVIEW_CHARS, conversations_with_preview
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """A log kept by the services: viewable by whoever may view it, never added or edited here."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(BotProfile)
@@ -13,7 +35,8 @@ class BotProfileAdmin(admin.ModelAdmin):
     list_display = ("company_name", "updated_at")
 
     def has_add_permission(self, request) -> bool:
-        return not BotProfile.objects.exists()
+        # One profile: "add" only while none exists, and only for those allowed to add one.
+        return super().has_add_permission(request) and not BotProfile.objects.exists()
 
 
 class MessageInline(admin.TabularInline):
@@ -27,9 +50,12 @@ class MessageInline(admin.TabularInline):
     def has_add_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(ReadOnlyAdmin):
     list_display = (
         "short_id",
         "preview",
@@ -39,11 +65,11 @@ class ConversationAdmin(admin.ModelAdmin):
         "handoff_reason",
         "started_at",
         "last_message_at",
+        "workspace_link",
     )
     list_filter = ("status", "handoff_reason", "segment")
     search_fields = ("id", "session_key", "messages__body")
     date_hierarchy = "started_at"
-    readonly_fields = ("id", "session_key", "customer", "started_at", "last_message_at", "ended_at", "metadata")
     inlines = [MessageInline]
 
     def get_queryset(self, request):
@@ -60,13 +86,16 @@ class ConversationAdmin(admin.ModelAdmin):
             return "—"  # no customer message (a customer who only asked for a human)
         return text + ("…" if len(text) >= PREVIEW_CHARS else "")
 
+    @admin.display(description="workspace")
+    def workspace_link(self, obj: Conversation) -> str:
+        return format_html('<a href="/agent/conversations/{}/">Open in the workspace</a>', obj.pk)
+
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReadOnlyAdmin):
     list_display = ("id", "conversation", "role", "short_body", "status", "model_version", "helpful", "created_at")
     list_filter = ("role", "status", "helpful", "model_version")
     search_fields = ("body", "client_id", "conversation__id")
-    readonly_fields = [f.name for f in Message._meta.fields]
 
     @admin.display(description="body")
     def short_body(self, obj: Message) -> str:
@@ -74,11 +103,54 @@ class MessageAdmin(admin.ModelAdmin):
 
 
 @admin.register(Review)
-class ReviewAdmin(admin.ModelAdmin):
-    list_display = ("id", "message", "verdict", "rating", "reviewer", "model_version", "segment", "created_at")
-    list_filter = ("verdict", "rating", "model_version", "segment")
+class ReviewAdmin(ReadOnlyAdmin):
+    list_display = ("id", "message", "good", "rating", "verdict", "reviewer", "model_version", "segment", "created_at")
+    list_filter = ("verdict", "good", "rating", "model_version", "segment")
     search_fields = ("comment", "corrected_body", "message__body")
-    readonly_fields = [f.name for f in Review._meta.fields]
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_delete_permission(self, request, obj=None) -> bool:
         return False  # reviews are a log; a new rating is a new row
+
+
+@admin.register(QueueItem)
+class QueueItemAdmin(ReadOnlyAdmin):
+    list_display = ("id", "source", "kind", "slot", "state", "claimed_by", "lease_expires_at", "created_at")
+    list_filter = ("source", "state", "kind", "slot")
+    search_fields = ("message__body", "conversation__id", "note")
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(TrainingCandidate)
+class TrainingCandidateAdmin(ReadOnlyAdmin):
+    list_display = ("id", "kind", "status", "message", "model_version", "reviewer", "decided_by", "created_at")
+    list_filter = ("status", "kind", "model_version")
+    search_fields = ("text", "message__body")
+    actions = ["approve", "reject"]
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_approve_permission(self, request) -> bool:
+        return request.user.has_perm("conversations.approve_trainingcandidate")
+
+    def _decide(self, request, queryset, *, approve: bool) -> None:
+        try:
+            result = training_candidates_decide(
+                ids=list(queryset.values_list("pk", flat=True)), user=request.user, approve=approve
+            )
+        except ApplicationError as exc:
+            self.message_user(request, exc.message, messages.ERROR)
+            return
+        verb = "approved for training" if approve else "rejected"
+        note = f"; {result['skipped']} were not pending and stayed as they were" if result["skipped"] else ""
+        self.message_user(request, f"{result['changed']} {verb}{note}.", messages.SUCCESS)
+
+    @admin.action(description="Approve the selected for training", permissions=["approve"])
+    def approve(self, request, queryset) -> None:
+        self._decide(request, queryset, approve=True)
+
+    @admin.action(description="Reject the selected", permissions=["approve"])
+    def reject(self, request, queryset) -> None:
+        self._decide(request, queryset, approve=False)

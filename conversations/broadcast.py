@@ -18,7 +18,7 @@ from django.db import transaction
 
 log = logging.getLogger(__name__)
 
-# Group of every socket that wants to hear about handoffs (the review console).
+# Group of every agents' workspace socket: handoffs, queue changes, the waiting count.
 AGENTS_GROUP = "agents"
 
 

@@ -334,6 +334,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if frame.get("type") == "handoff":
             self.conversation.status, self.conversation.handoff_reason = frame["status"], frame["reason"]
+            self.conversation.agent_display_name = frame.get("agent_name", "")
         await self.send_json(frame)
 
     async def chat_tokens(self, event: dict[str, Any]) -> None:

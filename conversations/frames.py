@@ -125,6 +125,8 @@ def message_frame(message: Message, *, body: str | None = None, seq: int | None 
     }
     if message.status == Message.Status.STREAMING:
         frame["seq"] = int(generation.get("seq", 0)) if seq is None else seq
+    if message.role == Message.Role.AGENT:
+        frame["author_name"] = generation.get("author_name", "")
     return frame
 
 
@@ -145,26 +147,40 @@ def token_frame(*, reply_id: int, delta: str, seq: int) -> dict[str, Any]:
     return {"type": "token", "id": reply_id, "delta": delta, "seq": seq}
 
 
+def _with_agent_name(frame: dict[str, Any], conversation: Conversation) -> dict[str, Any]:
+    """Add ``agent_name`` (the agent's display name) while an agent has the conversation."""
+    if conversation.status == Conversation.Status.WITH_AGENT and conversation.agent_display_name:
+        frame["agent_name"] = conversation.agent_display_name
+    return frame
+
+
 def handoff_frame(conversation: Conversation) -> dict[str, Any]:
-    return {"type": "handoff", "status": conversation.status, "reason": conversation.handoff_reason}
+    """Who answers the conversation now; with ``agent_name`` while an agent has it."""
+    frame = {"type": "handoff", "status": conversation.status, "reason": conversation.handoff_reason}
+    return _with_agent_name(frame, conversation)
 
 
 def conversation_frame(conversation: Conversation | None, *, bot_available: bool) -> dict[str, Any]:
     """Sent when a socket opens, and again when its conversation starts: which one it is, who answers.
 
-    ``id`` is null until the customer's first message starts a conversation.
+    ``id`` is null until the customer's first message starts a conversation; ``agent_name``
+    is there while an agent has it.
     """
-    return {
+    frame = {
         "type": "conversation",
         "id": str(conversation.pk) if conversation is not None else None,
         "status": conversation.status if conversation is not None else Conversation.Status.BOT,
         "handoff_reason": conversation.handoff_reason if conversation is not None else "",
         "bot_available": bot_available,
     }
+    return _with_agent_name(frame, conversation) if conversation is not None else frame
 
 
-def typing_frame(*, role: str) -> dict[str, Any]:
-    return {"type": "typing", "role": role}
+def typing_frame(*, role: str, name: str = "") -> dict[str, Any]:
+    frame = {"type": "typing", "role": role}
+    if name:
+        frame["name"] = name
+    return frame
 
 
 # An echoed client_id is cut to the longest a valid one can be (an invalid one may be huge).

@@ -1,4 +1,12 @@
-"""Live conversations with customers, their messages, and agents' reviews of bot replies."""
+"""Live conversations with customers, their messages, and the agents' work on them.
+
+- ``Conversation`` / ``Message``: the chat itself (``services.py`` writes them).
+- ``QueueItem``: one entry in an agents' work queue (a bot reply to review, or a
+  conversation waiting for a human), claimed with a lease (``review/services.py``).
+- ``Review``: one submitted rating of a bot reply, never edited; the latest counts.
+- ``TrainingCandidate``: a correction or an approved reply waiting for a model admin's
+  approval; only approved ones reach a training dataset.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +79,9 @@ class Conversation(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="assigned_conversations",
+    )
+    agent_display_name = models.CharField(
+        max_length=150, blank=True, help_text="Name the customer sees for the agent who has the conversation."
     )
     started_at = models.DateTimeField(default=timezone.now, db_index=True)
     last_message_at = models.DateTimeField(null=True, blank=True)
@@ -156,20 +167,149 @@ class Message(models.Model):
         return f"{self.get_role_display()}: {preview}"
 
 
+class QueueItem(models.Model):
+    """One entry of an agents' work queue: a bot reply to review, or a conversation waiting for a human.
+
+    Entries come from a ``source`` (why it is there); each queue is first in, first
+    out. Adding the same reply to the same queue again is a no-op (a unique
+    constraint). A reply picked for double review gets a second entry (``slot`` 2)
+    that only another reviewer may take. An agent claims an entry for a lease; an
+    entry whose lease ran out is free again. ``state`` is the review's progress:
+    pending, draft (values saved, not submitted), submitted, discarded.
+    ``model_version``, ``intent`` and ``segment`` are copied from the reply so that
+    the queue filters need no joins.
+    """
+
+    class Kind(models.TextChoices):
+        REPLY = "reply", "Bot reply"
+        CONVERSATION = "conversation", "Conversation"
+
+    class Source(models.TextChoices):
+        HANDOFF = "handoff", "Waiting for a human"
+        NOT_HELPFUL = "not_helpful", "Customer said not helpful"
+        LOW_CONFIDENCE = "low_confidence", "Low confidence"
+        FLAGGED = "flagged", "Flagged"
+        SAMPLE = "sample", "Random sample"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DRAFT = "draft", "Draft"
+        SUBMITTED = "submitted", "Submitted"
+        DISCARDED = "discarded", "Discarded"
+
+    OPEN_STATES = (State.PENDING, State.DRAFT)
+
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.REPLY)
+    source = models.CharField(max_length=24, choices=Source.choices)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="queue_items")
+    message = models.ForeignKey(
+        Message, null=True, blank=True, on_delete=models.CASCADE, related_name="queue_items", help_text="The bot reply."
+    )
+    slot = models.PositiveSmallIntegerField(default=1, help_text="2: the second, independent review of a reply.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    claimed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    draft = models.JSONField(default=dict, blank=True, help_text="Review values saved but not submitted.")
+    draft_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    note = models.CharField(max_length=500, blank=True, help_text="Why it was queued (the flag's note, the handoff).")
+    added_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    model_version = models.ForeignKey(
+        "finetune.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    intent = models.CharField(max_length=64, blank=True)
+    segment = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    resolution = models.CharField(
+        max_length=32, blank=True, help_text="reviewed, reviewed_elsewhere, taken_over, closed, discarded…"
+    )
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message", "source", "slot"],
+                condition=Q(message__isnull=False),
+                name="queueitem_once_per_reply_source_slot",
+            ),
+            models.UniqueConstraint(
+                fields=["conversation"],
+                condition=Q(kind="conversation") & Q(state__in=["pending", "draft"]),
+                name="queueitem_one_open_handoff_per_conversation",
+            ),
+            models.CheckConstraint(
+                condition=(Q(kind="reply") & Q(message__isnull=False))
+                | (Q(kind="conversation") & Q(message__isnull=True)),
+                name="queueitem_reply_has_message",
+            ),
+            models.CheckConstraint(condition=Q(slot__in=[1, 2]), name="queueitem_slot_1_or_2"),
+        ]
+        indexes = [
+            # The queue pages and "next": open entries of one source, oldest first.
+            models.Index(fields=["state", "source", "created_at", "id"], name="queueitem_fifo_idx"),
+            models.Index(fields=["state", "created_at", "id"], name="queueitem_open_idx"),
+        ]
+
+    def __str__(self) -> str:
+        what = f"reply {self.message_id}" if self.message_id else f"conversation {str(self.conversation_id)[:8]}"
+        slot = " (second review)" if self.slot == 2 else ""
+        return f"{self.get_source_display()}: {what}{slot} [{self.get_state_display()}]"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in self.OPEN_STATES
+
+    def claim_active(self, now) -> bool:
+        """Whether someone holds this entry right now (a claim whose lease has not run out)."""
+        return self.claimed_by_id is not None and self.lease_expires_at is not None and self.lease_expires_at > now
+
+
 class Review(models.Model):
-    """An agent's rating of one bot reply. Never edited: a new rating is a new row."""
+    """One submitted review of one bot reply. Never edited: a new submission is a new row; the latest counts.
+
+    ``good``, ``rating`` (1-5), ``reasons``, ``comment`` (the note) and
+    ``corrected_body`` are what the reviewer gave; ``verdict`` follows from them
+    (corrected when there is a correction, else approved when good, else rejected).
+    ``context`` is what the reviewer saw of the reply (confidence, latency, the
+    exchanges it was grounded on), kept as it was.
+    """
 
     class Verdict(models.TextChoices):
         APPROVED = "approved", "Approved"
         CORRECTED = "corrected", "Corrected"
         REJECTED = "rejected", "Rejected"
 
+    class Reason(models.TextChoices):
+        INCORRECT = "incorrect", "Incorrect information"
+        INAPPROPRIATE = "inappropriate", "Inappropriate"
+        INCOMPLETE = "incomplete", "Incomplete"
+        OUTDATED = "outdated", "Outdated"
+        PERSONAL_DATA = "personal_data", "Leaked personal data"
+        BIASED = "biased", "Biased or unfair"
+        OTHER = "other", "Other"
+
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="reviews")
     reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="reviews")
+    item = models.ForeignKey(
+        QueueItem, null=True, blank=True, on_delete=models.SET_NULL, related_name="reviews", help_text="Queue entry."
+    )
+    good = models.BooleanField(default=True, help_text="The reviewer's good/bad call.")
     rating = models.PositiveSmallIntegerField(help_text="1 (harmful or wrong) to 5 (perfect).")
+    reasons = models.JSONField(default=list, blank=True, help_text="Reported reasons (Review.Reason values).")
     verdict = models.CharField(max_length=16, choices=Verdict.choices)
     corrected_body = models.TextField(blank=True, help_text="What the bot should have said.")
-    comment = models.TextField(blank=True)
+    comment = models.TextField(blank=True, help_text="The reviewer's note.")
+    context = models.JSONField(default=dict, blank=True, help_text="What the reviewer saw of the reply.")
     # Copied from the message and conversation when the review is written, so bias
     # reports group by what was true at the time.
     model_version = models.ForeignKey(
@@ -186,6 +326,61 @@ class Review(models.Model):
                 condition=~Q(verdict="corrected") | ~Q(corrected_body=""), name="review_correction_has_text"
             ),
         ]
+        indexes = [
+            models.Index(fields=["message", "-created_at", "-id"], name="review_latest_idx"),
+            models.Index(fields=["reviewer", "created_at"], name="review_reviewer_time_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.get_verdict_display()} {self.rating}/5 by {self.reviewer} on message {self.message_id}"
+
+
+class TrainingCandidate(models.Model):
+    """A correction or an approved bot reply, waiting for a model admin before it may train a model.
+
+    Created when a review is submitted (a correction, or a reply marked good);
+    a later review of the same reply supersedes it (the latest review counts).
+    Only ``approved`` candidates reach a dataset build, with their provenance: the
+    reply (message), the model version that wrote it, the reviewer and the approver.
+    """
+
+    class Kind(models.TextChoices):
+        APPROVED_REPLY = "approved_reply", "Approved reply"
+        CORRECTION = "correction", "Correction"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending approval"
+        APPROVED = "approved", "Approved for training"
+        REJECTED = "rejected", "Rejected"
+        SUPERSEDED = "superseded", "Superseded by a later review"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="training_candidates")
+    review = models.OneToOneField(Review, on_delete=models.PROTECT, related_name="training_candidate")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    text = models.TextField(help_text="The reply to learn: the correction, or the bot's reply as written.")
+    model_version = models.ForeignKey(
+        "finetune.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        permissions = [("approve_trainingcandidate", "Can approve corrections and replies for training")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message"],
+                condition=Q(status__in=["pending", "approved"]),
+                name="trainingcandidate_one_live_per_reply",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "created_at"], name="trainingcandidate_status_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} of message {self.message_id} ({self.get_status_display()})"

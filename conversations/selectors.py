@@ -1,25 +1,20 @@
 """Read-side queries of the chat: history for ``resume``, the model's prompt, the bot profile.
 
-Also what fine-tuning reads from the chat (agents' feedback as training examples, the
-system prompt, the blocked terms): ``ConversationsConfig.ready()`` registers those
+Also what fine-tuning reads from the chat (the system prompt, the blocked terms; the
+approved feedback comes from ``review.selectors``): ``ConversationsConfig.ready()`` registers those
 readers with ``finetune.providers``, since ``finetune`` does not import this app.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import datetime
-
-from django.db.models import F, OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.db.models.functions import Substr
 
-from finetune.ml.dataset_builder import SourceConversation
-from finetune.ml.prompting import CHAT_SPEAKER_ROLES, ROLE_AGENT, ROLE_SYSTEM, system_prompt_text
-from finetune.ml.redaction import CustomerFields
+from finetune.ml.prompting import CHAT_SPEAKER_ROLES, ROLE_SYSTEM, system_prompt_text
 from finetune.models import ModelVersion
 from finetune.serving.safety import parse_blocked_terms
 
-from .models import BotProfile, Conversation, Message, Review
+from .models import BotProfile, Conversation, Message
 
 # Characters of the first customer message shown in the agents' list of conversations.
 PREVIEW_CHARS = 100
@@ -27,9 +22,6 @@ PREVIEW_CHARS = 100
 # Turns of history sent to the model. A small model's context (1-2k tokens) holds
 # about this many support-sized turns; the engine trims further by tokens.
 PROMPT_MAX_TURNS = 20
-# Turns of a live conversation kept before a reviewed reply in a training example:
-# older ones would be cut by the token limit anyway.
-FEEDBACK_HISTORY_TURNS = 20
 
 
 def conversations_with_preview(queryset: QuerySet[Conversation]) -> QuerySet[Conversation]:
@@ -114,54 +106,3 @@ def model_version_for_label(label: str | None) -> ModelVersion | None:
     if not label or not label.startswith("v") or not label[1:].isdigit():
         return None
     return ModelVersion.objects.filter(number=int(label[1:])).first()
-
-
-def feedback_training_examples(*, since: datetime | None = None) -> Iterator[SourceConversation]:
-    """Bot replies agents approved, and agents' corrections, as training conversations.
-
-    The one place that decides which feedback becomes training data:
-
-    - only a reply's **latest** review counts (a review is never edited; a new rating
-      is a new row, so an approval later overruled by a rejection is not used);
-    - ``approved``: the bot's reply as written, origin ``review:<review id>``;
-    - ``corrected``: the agent's ``corrected_body`` in place of the reply, origin
-      ``correction:<review id>``;
-    - ``rejected`` replies are never used;
-    - the conversation before the reply (customer, bot and agent turns; system notices
-      left out) is the context, the logged-in customer's name and e-mail are redacted.
-    """
-    latest = Review.objects.filter(message=OuterRef("message")).order_by("-created_at", "-id").values("id")[:1]
-    reviews = (
-        Review.objects.annotate(latest_id=Subquery(latest))
-        .filter(id=F("latest_id"), verdict__in=[Review.Verdict.APPROVED, Review.Verdict.CORRECTED])
-        .filter(message__role=Message.Role.BOT, message__status=Message.Status.COMPLETE)
-        .select_related("message", "message__conversation", "message__conversation__customer")
-        .order_by("id")
-    )
-    if since is not None:
-        reviews = reviews.filter(created_at__gte=since)
-    for review in reviews.iterator(chunk_size=200):
-        reply = review.message
-        conversation = reply.conversation
-        earlier = (
-            Message.objects.filter(conversation=conversation, status=Message.Status.COMPLETE)
-            .exclude(role=Message.Role.SYSTEM)
-            .filter(created_at__lte=reply.created_at)
-            .exclude(id=reply.id)
-            .exclude(created_at=reply.created_at, id__gt=reply.id)
-            .order_by("-created_at", "-id")
-            .values_list("role", "body")[:FEEDBACK_HISTORY_TURNS]
-        )
-        history = [{"role": CHAT_SPEAKER_ROLES[role], "content": body} for role, body in reversed(earlier)]
-        corrected = review.verdict == Review.Verdict.CORRECTED
-        target = review.corrected_body if corrected else reply.body
-        customer = conversation.customer
-        yield SourceConversation(
-            origin=f"{'correction' if corrected else 'review'}:{review.id}",
-            messages=[*history, {"role": ROLE_AGENT, "content": target}],
-            segment=review.segment or conversation.segment,
-            customer=CustomerFields.from_values(
-                name=customer.get_full_name() if customer else "",
-                email=customer.email if customer else "",
-            ),
-        )

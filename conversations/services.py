@@ -1,7 +1,7 @@
 """The rules of a live chat: who may open a conversation, saving messages, bot replies, handoff.
 
-Every write of the chat goes through here; the consumer, and later the review
-console, only parse input and call these. Each service that changes rows is
+Every write of the chat goes through here; the customer's consumer and the agents'
+workspace only parse input and call these. Each service that changes rows is
 atomic, and tells the conversation's channel-layer group after commit (see
 ``broadcast.py``): the database is the truth, broadcasts are a courtesy that
 ``resume`` repairs.
@@ -12,6 +12,13 @@ stream; ``bot_reply_finish`` saves the final text, model version, parameters,
 latency and token count as ``complete`` (or ``failed``). A reply whose process
 died stays ``streaming`` only until ``bot_replies_recover`` sees its heartbeat
 stop and marks it ``failed``: never half-written without a flag.
+
+Agents in a conversation (the end of this module): ``conversation_take_over`` gives
+it to one agent and the bot stops answering (``bot_reply_start`` answers only a
+conversation in status ``bot``); ``message_create_agent`` is the agent writing;
+``conversation_hand_back`` returns it to the bot; ``conversation_close`` ends it.
+The customer's sockets hear each change at once (``chat.handoff``, ``chat.message``).
+Review queues, claims and reviews are in ``review/services.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from supportbot.errors import ApplicationError
 from . import frames
 from .broadcast import AGENTS_GROUP, group_send_on_commit
 from .models import Conversation, Message
+from .review import services as review_services
+from .review.selectors import display_name
 from .selectors import (
     SHUTDOWN_FINISH_REASON,
     messages_after,
@@ -186,11 +195,13 @@ def conversation_handoff(*, conversation: Conversation, reason: str) -> bool:
         conversation, HANDOFF_NOTICES.get(reason, HANDOFF_NOTICES["no_model"]) + HANDOFF_NOTICE_TAIL, kind="handoff"
     )
     group_send_on_commit(conversation.group_name, {"type": "chat.handoff", "frame": frames.handoff_frame(conversation)})
-    # The review console (a later issue) listens on this group.
+    # The agents' workspace: a notice, an entry in the handoff queue, every header's new count.
     group_send_on_commit(
         AGENTS_GROUP,
         {"type": "agents.handoff", "conversation": str(conversation.pk), "reason": reason},
     )
+    review_services.queue_item_add_handoff(conversation=conversation, reason=reason)
+    review_services.waiting_count_announce()
     return True
 
 
@@ -337,6 +348,8 @@ def csat_record(*, conversation: Conversation | None, message_id: int, helpful: 
     message.helpful = helpful
     message.helpful_at = timezone.now()
     message.save(update_fields=["helpful", "helpful_at"])
+    if not helpful:
+        review_services.queue_item_add(message=message, source="not_helpful")
     group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
     return message
 
@@ -513,6 +526,8 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
         mean_logprob=done.mean_logprob,
     )
     conversation = message.conversation
+    if ok:
+        review_services.queue_items_for_finished_reply(message=message)
     if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
     elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
@@ -557,5 +572,174 @@ def conversation_resume(
     if conversation is None:  # no conversation started yet: nothing to replay
         return []
     bot_replies_recover(conversation=conversation, owner=owner, live_ids=live_ids)
-    conversation.refresh_from_db(fields=["status", "handoff_reason"])
+    conversation.refresh_from_db(fields=["status", "handoff_reason", "agent_display_name"])
     return list(messages_after(conversation=conversation, after_id=after_id))
+
+
+# --- agents in the conversation -----------------------------------------------------------
+
+AGENT_JOINED_NOTICE = "{name} from the support team joined the chat."
+HANDED_BACK_NOTICE = "{name} handed the chat back to the assistant. Ask it anything, or ask for a person again."
+CLOSED_NOTICE = "{name} closed this conversation. Reload the page to start a new one."
+
+
+def _agent_required(agent) -> None:
+    if agent is None or not agent.is_authenticated or not agent.has_perm("conversations.review_conversations"):
+        raise ApplicationError("Only support agents may do this.", code="forbidden")
+
+
+def _conversation_locked(conversation_id: uuid.UUID | str) -> Conversation:
+    conversation = (
+        Conversation.objects.select_for_update(of=("self",))
+        .select_related("assigned_agent")
+        .filter(pk=conversation_id)
+        .first()
+    )
+    if conversation is None:
+        raise ApplicationError("There is no such conversation.", code="not_found")
+    return conversation
+
+
+def _refuse_closed(conversation: Conversation, doing: str) -> None:
+    if conversation.status == Conversation.Status.CLOSED:
+        raise ApplicationError(
+            f"This conversation is closed; it cannot be {doing}. The customer starts a new one by reloading the chat.",
+            code="conversation_closed",
+        )
+
+
+def _refuse_other_agent(conversation: Conversation, agent) -> None:
+    if (
+        conversation.status == Conversation.Status.WITH_AGENT
+        and conversation.assigned_agent_id is not None
+        and conversation.assigned_agent_id != agent.pk
+    ):
+        raise ApplicationError(
+            f"{conversation.agent_display_name or display_name(conversation.assigned_agent)} has this conversation.",
+            code="claimed",
+        )
+
+
+def _status_changed(conversation: Conversation) -> None:
+    group_send_on_commit(conversation.group_name, {"type": "chat.handoff", "frame": frames.handoff_frame(conversation)})
+
+
+@transaction.atomic
+def conversation_take_over(*, conversation_id: uuid.UUID | str, agent) -> Conversation:
+    """Give the conversation to ``agent``: the bot stops answering, the customer is told who joined.
+
+    Works on a conversation waiting for a human or one the bot is answering. Taking
+    over one's own conversation again changes nothing. Refused for a closed
+    conversation, one another agent has, or one whose handoff entry another agent
+    holds in the queue.
+    """
+    _agent_required(agent)
+    conversation = _conversation_locked(conversation_id)
+    _refuse_closed(conversation, "taken over")
+    if conversation.status == Conversation.Status.WITH_AGENT and conversation.assigned_agent_id == agent.pk:
+        return conversation
+    _refuse_other_agent(conversation, agent)
+    review_services.handoff_claim_check(conversation=conversation, agent=agent)
+    name = display_name(agent)
+    if conversation.status == Conversation.Status.BOT:
+        conversation.handoff_reason = Conversation.HandoffReason.AGENT_TAKEOVER
+    conversation.status = Conversation.Status.WITH_AGENT
+    conversation.assigned_agent = agent
+    conversation.agent_display_name = name
+    conversation.save(update_fields=["status", "handoff_reason", "assigned_agent", "agent_display_name"])
+    _system_message(conversation, AGENT_JOINED_NOTICE.format(name=name), kind="agent_joined")
+    review_services.handoff_items_resolve(conversation=conversation, agent=agent, resolution="taken_over")
+    _status_changed(conversation)
+    review_services.waiting_count_announce()
+    return conversation
+
+
+def message_create_agent(*, conversation_id: uuid.UUID | str, agent, client_id: str, text: str) -> tuple[Message, bool]:
+    """The agent who has the conversation writes to the customer; idempotent on ``client_id`` like the customer's.
+
+    Refused unless the conversation is with this agent (take it over first).
+    """
+    _agent_required(agent)
+    if not isinstance(client_id, str) or not client_id.strip() or len(client_id) > CLIENT_ID_MAX:
+        raise ApplicationError(
+            f"client_id must be a non-empty string of at most {CLIENT_ID_MAX} characters, unique per message.",
+            code="bad_frame",
+        )
+    if not isinstance(text, str):
+        raise ApplicationError("text must be a string.", code="bad_frame", extra={"client_id": client_id})
+    with transaction.atomic():
+        conversation = _conversation_locked(conversation_id)
+        existing = conversation.messages.filter(client_id=client_id).first()
+        if existing is not None:
+            return existing, False
+        body = text.strip()
+        limit = settings.SUPPORTBOT_MAX_MESSAGE_CHARS
+        if not body:
+            raise ApplicationError("The message is empty.", code="empty", extra={"client_id": client_id})
+        if len(body) > limit:
+            raise ApplicationError(
+                f"The message is {len(body)} characters long; the limit is {limit}.",
+                code="too_long",
+                extra={"client_id": client_id, "limit": limit},
+            )
+        _refuse_closed(conversation, "written to")
+        _refuse_other_agent(conversation, agent)
+        if conversation.status != Conversation.Status.WITH_AGENT:
+            raise ApplicationError(
+                "Take the conversation over before writing to the customer.",
+                code="not_taken_over",
+                extra={"client_id": client_id},
+            )
+        message = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.AGENT,
+            body=body,
+            client_id=client_id,
+            author=agent,
+            generation={"author_name": conversation.agent_display_name or display_name(agent)},
+        )
+        Conversation.objects.filter(pk=conversation.pk).update(last_message_at=message.created_at)
+        group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
+    return message, True
+
+
+@transaction.atomic
+def conversation_hand_back(*, conversation_id: uuid.UUID | str, agent) -> Conversation:
+    """The agent gives the conversation back to the bot, which answers the customer's next message."""
+    _agent_required(agent)
+    conversation = _conversation_locked(conversation_id)
+    _refuse_closed(conversation, "handed back")
+    if conversation.status != Conversation.Status.WITH_AGENT:
+        raise ApplicationError("Only a conversation an agent has can be handed back to the bot.", code="not_taken_over")
+    if conversation.assigned_agent_id != agent.pk and not agent.is_superuser:
+        _refuse_other_agent(conversation, agent)
+    name = conversation.agent_display_name or display_name(agent)
+    conversation.status = Conversation.Status.BOT
+    conversation.handoff_reason = Conversation.HandoffReason.NONE
+    conversation.assigned_agent = None
+    conversation.agent_display_name = ""
+    conversation.save(update_fields=["status", "handoff_reason", "assigned_agent", "agent_display_name"])
+    _system_message(conversation, HANDED_BACK_NOTICE.format(name=name), kind="handed_back")
+    _status_changed(conversation)
+    return conversation
+
+
+@transaction.atomic
+def conversation_close(*, conversation_id: uuid.UUID | str, agent) -> Conversation:
+    """End the conversation: nobody answers it any more, the customer is told, its handoff entry is closed."""
+    _agent_required(agent)
+    conversation = _conversation_locked(conversation_id)
+    _refuse_closed(conversation, "closed again")
+    if not agent.is_superuser:
+        _refuse_other_agent(conversation, agent)
+    name = display_name(agent)
+    was_waiting = conversation.status == Conversation.Status.WAITING_FOR_AGENT
+    conversation.status = Conversation.Status.CLOSED
+    conversation.ended_at = timezone.now()
+    conversation.save(update_fields=["status", "ended_at"])
+    _system_message(conversation, CLOSED_NOTICE.format(name=name), kind="closed")
+    review_services.handoff_items_resolve(conversation=conversation, agent=agent, resolution="closed")
+    _status_changed(conversation)
+    if was_waiting:
+        review_services.waiting_count_announce()
+    return conversation

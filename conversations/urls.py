@@ -1,4 +1,4 @@
-"""HTTP routes of the chat and the review console."""
+"""HTTP routes of the chat (the agents' workspace has its own: ``workspace/urls.py``)."""
 
 from django.urls import path
 

@@ -123,10 +123,12 @@ def _conversations_of(tickets: list[tuple]) -> Iterator[SourceConversation]:
 
 
 def training_examples_from_feedback(*, since: datetime | None = None) -> Iterator[SourceConversation]:
-    """Bot replies agents approved, and agents' corrections, as training conversations.
+    """Agents' corrections and approved replies that a model admin approved for training, as conversations.
 
-    The chat app decides which feedback becomes training data (its provider, see
-    ``finetune.providers``); ``since`` keeps only reviews written on or after it.
+    Nothing reviewed or corrected reaches a dataset without that approval. The chat
+    app owns those rules (which candidates, their context and provenance
+    ``review:<id>`` / ``correction:<id>``) and registers the reader
+    (``finetune.providers``); ``since`` keeps only those approved on or after it.
     """
     return iter(providers.chat_data().feedback_examples(since=since))
 

@@ -70,7 +70,7 @@ cat <<MSG
 
 SupportBot is running.
   Chat (customer):    http://$HOST:$PORT/chat/
-  Conversations:      http://$HOST:$PORT/admin/conversations/conversation/
+  Agent workspace:    http://$HOST:$PORT/agent/
   Admin:              http://$HOST:$PORT/admin/
   Health:             http://$HOST:$PORT/healthz
 Logins:

@@ -30,6 +30,7 @@ from django.urls import re_path  # noqa: E402
 from conversations.lifecycle import install_server_hooks  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
 from finetune.serving.runtime import preload_start  # noqa: E402
+from workspace.routing import websocket_urlpatterns as workspace_websocket_urlpatterns  # noqa: E402
 
 
 async def websocket_not_found(scope, receive, send) -> None:
@@ -47,7 +48,9 @@ application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter([*websocket_urlpatterns, re_path(r"", websocket_not_found)]))
+            AuthMiddlewareStack(
+                URLRouter([*websocket_urlpatterns, *workspace_websocket_urlpatterns, re_path(r"", websocket_not_found)])
+            )
         ),
     }
 )

@@ -1,9 +1,12 @@
 """The two staff roles, kept as Django groups with exactly these permissions.
 
-- Support agents: read conversations, take them over, review and correct bot replies.
+- Support agents: work in the agents' workspace (``review_conversations``: queues,
+  reviews, corrections, taking conversations over); in the admin they only read
+  conversations, messages, reviews, queue entries and model versions.
 - Model admins: everything about tickets, datasets, training runs and model versions
-  (retrain, promote, roll back), plus what agents see.
-Superusers can do everything regardless.
+  (retrain, promote, roll back), the bot profile, approving corrections for training,
+  plus what agents see and do.
+Superusers can do everything regardless. README's roles table says the same.
 """
 
 from __future__ import annotations
@@ -15,28 +18,29 @@ MODEL_ADMINS = "Model admins"
 
 ROLE_PERMISSIONS: dict[str, list[str]] = {
     SUPPORT_AGENTS: [
-        "conversations.view_conversation",
-        "conversations.change_conversation",
-        "conversations.view_message",
-        "conversations.add_message",
-        "conversations.view_review",
-        "conversations.add_review",
         "conversations.review_conversations",
+        "conversations.view_conversation",
+        "conversations.view_message",
+        "conversations.view_review",
+        "conversations.view_queueitem",
         "finetune.view_modelversion",
     ],
     MODEL_ADMINS: [
+        "conversations.review_conversations",
         "conversations.view_conversation",
         "conversations.view_message",
         "conversations.view_review",
-        "conversations.review_conversations",
+        "conversations.view_queueitem",
+        "conversations.view_trainingcandidate",
+        "conversations.approve_trainingcandidate",
         "conversations.view_botprofile",
+        "conversations.add_botprofile",
         "conversations.change_botprofile",
         "finetune.view_ticket",
         "finetune.add_ticket",
         "finetune.change_ticket",
         "finetune.view_ticketmessage",
         "finetune.view_datasetversion",
-        "finetune.add_datasetversion",
         "finetune.view_trainingrun",
         "finetune.add_trainingrun",
         "finetune.change_trainingrun",

@@ -101,6 +101,7 @@ INSTALLED_APPS = [
     "supportbot",
     "finetune",
     "conversations",
+    "workspace",
 ]
 
 MIDDLEWARE = [
@@ -340,7 +341,7 @@ SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
 # A bot reply whose mean token log-probability is below this hands the conversation
 # to a human. A guessing model sits near -ln(vocabulary) (about -6 to -11); fluent,
 # in-domain greedy replies of a fine-tuned model sit well above -2. Tune it from the
-# review console's data; -1000 turns the rule off.
+# agents' reviews (the workspace's low-confidence queue); -1000 turns the rule off.
 SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = env_float("SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD", -2.5)
 # Words in a customer message that ask for a person (whole words, case-insensitive,
 # plural accepted). "agent" and "human" are what customers actually type.
@@ -395,3 +396,26 @@ SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
 # shared system prompt) is not prefilled again. ~75 KB per token for GPT-2-small: 512 MB
 # holds about 16 conversations of 400 tokens. 0 turns it off.
 SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
+
+# --- Agent workspace (issue 11) ---------------------------------------------------------
+# Share of finished bot replies put in the "random sample" review queue, so agents also
+# see ordinary replies, not only the ones something flagged. 5% of a busy bot's replies
+# is already more than a small team reviews; lower it when the queue never empties.
+SUPPORTBOT_REVIEW_SAMPLE_SHARE = env_float("SUPPORTBOT_REVIEW_SAMPLE_SHARE", 0.05)
+# Share of queued replies that two agents review independently, for the agreement
+# figures (raw agreement, Cohen's kappa). 10% gives a kappa with a usable interval after
+# a few hundred reviews without doubling the work.
+SUPPORTBOT_DOUBLE_REVIEW_SHARE = env_float("SUPPORTBOT_DOUBLE_REVIEW_SHARE", 0.10)
+# How long a claim on a queue entry lasts without activity; an agent who walks away
+# gives the entry back to the queue after this. Ten minutes covers reading a long
+# conversation and writing a correction; the page renews it while it is open.
+SUPPORTBOT_REVIEW_LEASE_S = env_int("SUPPORTBOT_REVIEW_LEASE_S", 600)
+# A bot reply whose mean token log-probability is below this goes to the "low
+# confidence" queue. Above the handoff threshold (-2.5): replies not doubtful enough to
+# hand the customer to a person, but worth a look.
+SUPPORTBOT_REVIEW_LOGPROB_THRESHOLD = env_float("SUPPORTBOT_REVIEW_LOGPROB_THRESHOLD", -1.5)
+for _name in ("SUPPORTBOT_REVIEW_SAMPLE_SHARE", "SUPPORTBOT_DOUBLE_REVIEW_SHARE"):
+    if not 0.0 <= globals()[_name] <= 1.0:
+        raise ImproperlyConfigured(f"{_name}={globals()[_name]} must be a share between 0 and 1.")
+if SUPPORTBOT_REVIEW_LEASE_S < 30:
+    raise ImproperlyConfigured("SUPPORTBOT_REVIEW_LEASE_S must be at least 30 seconds.")

@@ -13,5 +13,6 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    path("agent/", include("workspace.urls")),
     path("", include("conversations.urls")),
 ]

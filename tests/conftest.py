@@ -200,6 +200,30 @@ def chromium_paths() -> tuple[str, str] | None:
 @pytest.fixture
 def chromium(chromium_paths):
     """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver)."""
+    driver = _chromium_driver(chromium_paths)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def chromium_factory(chromium_paths):
+    """``start() -> driver``: as many separate headless browsers as a test needs (a customer and an agent)."""
+    drivers = []
+
+    def start():
+        drivers.append(_chromium_driver(chromium_paths))
+        return drivers[-1]
+
+    try:
+        yield start
+    finally:
+        for driver in drivers:
+            driver.quit()
+
+
+def _chromium_driver(chromium_paths):
     need(
         chromium_paths is not None, "Chromium and chromedriver are not installed (apt install chromium chromium-driver)"
     )
@@ -225,10 +249,7 @@ def chromium(chromium_paths):
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    return driver
 
 
 # --- processes on the test database --------------------------------------------------

@@ -6,10 +6,12 @@ from datetime import timedelta
 
 import factory
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.utils import timezone
 
-from conversations.models import Conversation, Message, Review
+from conversations.models import Conversation, Message, QueueItem, Review, TrainingCandidate
 from finetune.models import DatasetVersion, ModelVersion, Ticket, TicketMessage, TrainingRun
+from supportbot.roles import roles_sync
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -111,3 +113,60 @@ def conversation_with_reply(customer_text: str, bot_text: str, **conversation) -
         created_at=now + timedelta(seconds=1),
     )
     return conv, reply
+
+
+class TrainingCandidateFactory(factory.django.DjangoModelFactory):
+    """A pending candidate made from a review (as ``review_submit`` makes one)."""
+
+    class Meta:
+        model = TrainingCandidate
+
+    review = factory.SubFactory(ReviewFactory)
+    message = factory.LazyAttribute(lambda c: c.review.message)
+    reviewer = factory.LazyAttribute(lambda c: c.review.reviewer)
+    kind = factory.LazyAttribute(
+        lambda c: (
+            TrainingCandidate.Kind.CORRECTION if c.review.corrected_body else TrainingCandidate.Kind.APPROVED_REPLY
+        )
+    )
+    text = factory.LazyAttribute(lambda c: c.review.corrected_body or c.review.message.body)
+
+
+class QueueItemFactory(factory.django.DjangoModelFactory):
+    """A queue entry for a bot reply (``review.services.queue_item_add`` is the real way in)."""
+
+    class Meta:
+        model = QueueItem
+
+    message = factory.SubFactory(MessageFactory, role=Message.Role.BOT)
+    conversation = factory.LazyAttribute(lambda i: i.message.conversation)
+    kind = QueueItem.Kind.REPLY
+    source = QueueItem.Source.FLAGGED
+
+
+def staff_user(role: str, username: str, **fields):
+    """A staff user in one of the roles (``supportbot.roles``), groups synced first."""
+    roles_sync()
+    user = UserFactory(username=username, is_staff=True, **fields)
+    user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+def bot_reply(
+    *,
+    conversation: Conversation | None = None,
+    question: str = "Where is my order?",
+    body: str = "Your order ships today.",
+    **fields,
+) -> Message:
+    """A customer's question and the bot's finished reply to it (no queue entry: services add those)."""
+    conversation = conversation or ConversationFactory()
+    asked = MessageFactory(conversation=conversation, role=Message.Role.CUSTOMER, body=question)
+    return MessageFactory(
+        conversation=conversation,
+        role=Message.Role.BOT,
+        body=body,
+        in_reply_to=asked,
+        status=Message.Status.COMPLETE,
+        **fields,
+    )

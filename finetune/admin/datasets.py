@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.http import HttpRequest
 
 from finetune.models import DatasetVersion
 
@@ -13,6 +14,9 @@ class DatasetVersionAdmin(admin.ModelAdmin):
     list_filter = ("created_at",)
     search_fields = ("name", "content_hash", "path")
     readonly_fields = [f.name for f in DatasetVersion._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # datasets come from build_dataset (or "build fresh" on retrain), never typed in
 
     @admin.display(description="content hash")
     def short_hash(self, obj: DatasetVersion) -> str:

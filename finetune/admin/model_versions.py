@@ -220,3 +220,9 @@ class ModelVersionEventAdmin(admin.ModelAdmin):
     list_filter = ("action", "automatic", "gates_overridden")
     search_fields = ("reason",)
     readonly_fields = [f.name for f in ModelVersionEvent._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # events are written by promotion and rollback
+
+    def has_change_permission(self, request: HttpRequest, obj: ModelVersionEvent | None = None) -> bool:
+        return False

@@ -190,7 +190,7 @@
         if (conversationId && frame.id && conversationId !== frame.id) resetLog();
         conversationId = frame.id;
         sendFrame({ type: "resume", after: resumeAfter() });
-        setStatus(frame.status, frame.handoff_reason);
+        setStatus(frame.status, frame.handoff_reason, frame.agent_name);
         if (!frame.bot_available && frame.status === "bot") {
           showBanner("Our assistant is not available yet. Press “Talk to a human” and a support agent will answer.");
         }
@@ -210,10 +210,10 @@
         notifyUnread();
         break;
       case "typing":
-        if (frame.role !== "customer") setTyping(true, frame.role);
+        if (frame.role !== "customer") setTyping(true, frame.role, frame.name);
         break;
       case "handoff":
-        setStatus(frame.status, frame.reason);
+        setStatus(frame.status, frame.reason, frame.agent_name);
         break;
       case "resumed":
         flushOutbox();
@@ -264,12 +264,17 @@
     return { customer: "You", bot: "Assistant", agent: "Agent", system: "Notice" }[role] || role;
   }
 
-  function makeItem(role) {
+  function makeItem(role, authorName) {
     var el = document.createElement("li");
     el.className = "sb-msg sb-msg--" + role;
     var who = document.createElement("span");
     who.className = "sb-who";
     who.textContent = roleLabel(role) + ": ";
+    if (role === "agent" && authorName) {
+      // A person answers: their name is shown, not only read out.
+      who.className = "sb-author";
+      who.textContent = authorName + " · Support team";
+    }
     var body = document.createElement("p");
     body.className = "sb-body";
     var meta = document.createElement("div");
@@ -309,7 +314,7 @@
       messages.set(data.id, m);
       insertSorted(m.el, data.id);
     } else if (!m) {
-      var item = makeItem(data.role);
+      var item = makeItem(data.role, data.author_name);
       m = { el: item.el, body: item.body, meta: item.meta, data: data, seq: -1 };
       m.el.dataset.id = String(data.id);
       messages.set(data.id, m);
@@ -402,7 +407,7 @@
     els.log.scrollTop = els.log.scrollHeight;
   }
 
-  function setStatus(newStatus, reason) {
+  function setStatus(newStatus, reason, agentName) {
     status = newStatus;
     var waiting = status === "waiting_for_agent" || status === "with_agent";
     els.human.disabled = waiting || status === "closed";
@@ -410,7 +415,8 @@
       showBanner("A support agent will join this chat. Everything you write is kept for them.");
       setTyping(false);
     } else if (status === "with_agent") {
-      showBanner("You are chatting with a support agent.");
+      showBanner(agentName ? "You are chatting with " + agentName + " from the support team." : "You are chatting with a support agent.");
+      setTyping(false);
     } else if (status === "closed") {
       showBanner("This conversation is closed. Reload the page to start a new one.");
     } else {
@@ -430,11 +436,13 @@
     showAlert.timer = setTimeout(function () { els.alert.hidden = true; }, 8000);
   }
 
-  function setTyping(on, role) {
+  function setTyping(on, role, name) {
     clearTimeout(typingTimer);
     els.typing.hidden = !on;
     if (on) {
-      els.typingText.textContent = role === "agent" ? "The agent is typing…" : "The assistant is typing…";
+      els.typingText.textContent = role === "agent"
+        ? (name ? name + " is typing…" : "The agent is typing…")
+        : "The assistant is typing…";
       // A safety net: the indicator never stays up if its end was missed.
       typingTimer = setTimeout(function () { els.typing.hidden = true; }, 30000);
     }

@@ -16,7 +16,8 @@ from conversations.tokens import chat_token_mint
 from finetune.ml.tiny import build_tiny_causal_lm
 from finetune.models import ModelVersion
 from finetune.serving.runtime import engine_reset
-from tests.factories import ModelVersionFactory
+from supportbot.roles import MODEL_ADMINS, SUPPORT_AGENTS
+from tests.factories import ModelVersionFactory, staff_user
 
 # The low-confidence handoff is switched off here and switched on only by the test of
 # that rule, so the other tests read every reply of the tiny model as an ordinary one.
@@ -37,6 +38,26 @@ EXCHANGES = [
 def _chat_settings(settings):
     settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = LOW_CONFIDENCE_OFF
     settings.SUPPORTBOT_RATE_LIMIT = 50
+    # Queues fill only through the rule a test is about: no random sample, no second
+    # reviews, no low-confidence entries unless a test turns them on.
+    settings.SUPPORTBOT_REVIEW_SAMPLE_SHARE = 0.0
+    settings.SUPPORTBOT_DOUBLE_REVIEW_SHARE = 0.0
+    settings.SUPPORTBOT_REVIEW_LOGPROB_THRESHOLD = LOW_CONFIDENCE_OFF
+
+
+@pytest.fixture
+def agent(db):
+    return staff_user(SUPPORT_AGENTS, "sam", first_name="Sam")
+
+
+@pytest.fixture
+def other_agent(db):
+    return staff_user(SUPPORT_AGENTS, "alex", first_name="Alex")
+
+
+@pytest.fixture
+def model_admin(db):
+    return staff_user(MODEL_ADMINS, "morgan", first_name="Morgan")
 
 
 @pytest.fixture(scope="session")

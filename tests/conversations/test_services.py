@@ -222,7 +222,9 @@ def test_handoff_is_idempotent_and_leaves_a_notice(django_capture_on_commit_call
     notices = conversation.messages.filter(role=Message.Role.SYSTEM)
     assert notices.count() == 1
     assert "agent" in notices.get().body
-    assert len(callbacks) == 3  # the notice, the handoff frame, the agents' notification
+    # The notice, the handoff frame, the agents' notification, the handoff queue's new
+    # entry and the waiting count.
+    assert len(callbacks) == 5
 
 
 @pytest.mark.django_db(transaction=True)

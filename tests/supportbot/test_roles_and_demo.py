@@ -18,9 +18,13 @@ def test_groups_carry_their_permissions():
     admins = Group.objects.get(name=MODEL_ADMINS)
     agent_perms = {f"{p.content_type.app_label}.{p.codename}" for p in agents.permissions.all()}
     admin_perms = {f"{p.content_type.app_label}.{p.codename}" for p in admins.permissions.all()}
-    assert "conversations.add_review" in agent_perms
+    # Agents work in the workspace; in the admin they only read (reviews are made in the workspace).
+    assert "conversations.review_conversations" in agent_perms
+    assert not {p for p in agent_perms if p.split(".")[1].startswith(("add_", "change_", "delete_"))}
     assert "finetune.retrain_model" not in agent_perms
+    assert "conversations.approve_trainingcandidate" not in agent_perms
     assert {"finetune.retrain_model", "finetune.promote_modelversion"} <= admin_perms
+    assert {"conversations.approve_trainingcandidate", "conversations.change_botprofile"} <= admin_perms
 
 
 def test_demo_logins_open_the_admin(client, capsys):
@@ -54,5 +58,5 @@ def test_demo_setup_refuses_in_production():
 
 def test_home_page_links_the_product(client):
     body = client.get("/").content.decode()
-    for link in ("/chat/", "/admin/conversations/conversation/", "/admin/", "/healthz"):
+    for link in ("/chat/", "/agent/", "/admin/", "/healthz"):
         assert f'href="{link}"' in body

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from conversations.models import Review
+from conversations.models import Review, TrainingCandidate
 from finetune.models import DatasetVersion, Ticket
 from finetune.selectors import training_system_prompt
 from finetune.services.datasets import dataset_version_build
 from finetune.services.tickets import ticket_import
 from supportbot.errors import ApplicationError
-from tests.factories import ReviewFactory, UserFactory, conversation_with_reply
+from tests.factories import ReviewFactory, TrainingCandidateFactory, UserFactory, conversation_with_reply
 
 pytestmark = pytest.mark.django_db
 
@@ -26,7 +26,13 @@ def test_build_records_a_dataset_version_with_feedback(dataset_settings, sample_
     correction = ReviewFactory(
         message=wrong, verdict=Review.Verdict.CORRECTED, rating=1, corrected_body="Sorry, we only ship on Earth."
     )
+    _, unapproved = conversation_with_reply("Do you ship to the Moon?", "Yes.")
+    pending = ReviewFactory(message=unapproved, verdict=Review.Verdict.APPROVED)
     builder = UserFactory(username="modeladmin")
+    # Feedback reaches a dataset only once a model admin approved it (conversations' TrainingCandidate).
+    TrainingCandidateFactory(review=review, status=TrainingCandidate.Status.APPROVED)
+    TrainingCandidateFactory(review=correction, status=TrainingCandidate.Status.APPROVED)
+    TrainingCandidateFactory(review=pending)
 
     version = dataset_version_build(seed=5, created_by=builder)
 
@@ -44,6 +50,7 @@ def test_build_records_a_dataset_version_with_feedback(dataset_settings, sample_
     assert data["validation"].num_rows == version.num_validation
     origins = set(data["train"]["origin"]) | set(data["validation"]["origin"])
     assert {f"review:{review.id}", f"correction:{correction.id}"} <= origins
+    assert f"review:{pending.id}" not in origins
     assert version.card["origins"]["review"] == 1
     assert version.card["origins"]["correction"] == 1
     assert data["train"][0]["messages"][0] == {"role": "system", "content": training_system_prompt()}
