@@ -144,3 +144,13 @@ async def open_chat(token: str, **kwargs) -> tuple[WebsocketCommunicator, dict]:
     hello = await comm.receive_json_from(timeout=10)
     assert hello["type"] == "conversation", hello
     return comm, hello
+
+
+async def start_conversation(comm: WebsocketCommunicator, text: str, *, client_id: str = "c-start") -> str:
+    """Send the customer's first message, which starts the conversation; return its id.
+
+    The socket opens without one (``id`` null) and says which when the first message made it.
+    """
+    await comm.send_json_to({"type": "message", "client_id": client_id, "text": text})
+    frames = await receive_until(comm, lambda f: f["type"] == "conversation" and f["id"])
+    return frames[-1]["id"]

@@ -13,7 +13,7 @@ from conversations.models import Conversation, Message, QueueItem
 from conversations.review import services as review
 from finetune.serving.runtime import model_listener_stop
 from supportbot.errors import ApplicationError
-from tests.conversations.conftest import new_session_key, open_chat, receive_until, token_for
+from tests.conversations.conftest import new_session_key, open_chat, receive_until, start_conversation, token_for
 from tests.factories import ConversationFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -138,10 +138,9 @@ def test_closing_a_waiting_conversation_clears_its_handoff_entry(agent):
 @pytest.mark.django_db(transaction=True)
 async def test_the_customer_sees_the_takeover_and_the_agents_messages_live_and_the_bot_stays_quiet(active_model, agent):
     token = token_for(await database_sync_to_async(new_session_key)())
-    comm, hello = await open_chat(token)
+    comm, _ = await open_chat(token)
     try:
-        conversation_id = hello["id"]
-        await comm.send_json_to({"type": "message", "client_id": "c-1", "text": "Where is my order?"})
+        conversation_id = await start_conversation(comm, "Where is my order?", client_id="c-1")
         await receive_until(comm, lambda f: f["type"] == "reply_done")
 
         await database_sync_to_async(services.conversation_take_over)(conversation_id=conversation_id, agent=agent)

@@ -8,7 +8,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from conversations.models import BotProfile, Review
+from conversations.models import BotProfile, Review, TrainingCandidate
 from finetune import providers
 from finetune.models import ModelVersion, Ticket, TrainingRun
 from finetune.selectors import (
@@ -29,6 +29,7 @@ from tests.factories import (
     ModelVersionFactory,
     ReviewFactory,
     TicketFactory,
+    TrainingCandidateFactory,
     TrainingRunFactory,
     conversation_with_reply,
 )
@@ -74,6 +75,7 @@ def test_the_chat_data_comes_from_the_chat_apps_providers(monkeypatch):
     """finetune reads feedback and the prompt only through what conversations registered at start-up."""
     _, reply = conversation_with_reply("Do you sell gift cards?", "Yes, from 10 to 500.")
     review = ReviewFactory(message=reply, verdict=Review.Verdict.APPROVED)
+    TrainingCandidateFactory(review=review, status=TrainingCandidate.Status.APPROVED)  # a model admin approved it
     assert [e.origin for e in training_examples_from_feedback()] == [f"review:{review.id}"]
     assert [e.origin for e in training_examples_from_feedback(since=timezone.now() + timedelta(minutes=1))] == []
 

@@ -11,7 +11,7 @@ from django.test import Client, override_settings
 from conversations import services
 from conversations.models import Conversation
 from conversations.review import services as review
-from tests.conversations.conftest import new_session_key, open_chat, receive_until, token_for
+from tests.conversations.conftest import new_session_key, open_chat, receive_until, start_conversation, token_for
 from tests.factories import ConversationFactory, UserFactory, bot_reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -126,8 +126,8 @@ async def test_bad_frames_get_an_error_and_the_socket_stays_open(agent):
 
 async def test_a_live_conversation_typing_both_ways_and_the_agents_messages(agent, other_agent, no_model):
     token = token_for(await database_sync_to_async(new_session_key)())
-    customer, hello = await open_chat(token)
-    conversation_id = hello["id"]
+    customer, _ = await open_chat(token)
+    conversation_id = await start_conversation(customer, "Hello")  # a conversation starts at its first message
     path = f"/ws/agent/conversations/{conversation_id}/"
     watcher, _ = await open_agent(agent, path)
     bystander, _ = await open_agent(other_agent, path)
