@@ -375,6 +375,10 @@ if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
 # Load the active model version when the ASGI app starts (in a background thread), so the
 # first customer after a restart does not wait seconds for the load. Off: load on first reply.
 SUPPORTBOT_PRELOAD_MODEL = env_bool("SUPPORTBOT_PRELOAD_MODEL", True)
+# Each chat server reads the active model version's id this often and reloads when it
+# changed: the model.changed event cannot reach other processes on the in-memory channel
+# layer (the default), and channel layers may drop it. One indexed query per process.
+SUPPORTBOT_MODEL_CHECK_S = env_float("SUPPORTBOT_MODEL_CHECK_S", 5.0)
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)
