@@ -225,12 +225,15 @@ if not (CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > SUPPORTBOT_
 # A training worker writes a heartbeat this often; a running run whose heartbeat is
 # older than STALE_AFTER belongs to a dead worker and is failed by the reaper.
 SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = env_float("SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL", 5.0)
-SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 120.0)
+# 60 s: twelve missed heartbeats, and a killed run is failed within about a minute.
+SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 60.0)
 if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
     raise ImproperlyConfigured(
         "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
         "or a live run with one slow heartbeat is failed as dead."
     )
+# Every worker looks for runs with a stale heartbeat this often (a thread beside the tasks).
+SUPPORTBOT_TRAINING_REAP_INTERVAL_S = env_float("SUPPORTBOT_TRAINING_REAP_INTERVAL_S", 15.0)
 # Queue that retrain tasks are sent to; empty: Celery's default queue.
 SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "")
 

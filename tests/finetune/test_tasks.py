@@ -171,3 +171,38 @@ def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
     reply = async_to_sync(ask)()
     assert reply["status"] == "complete", reply
     assert reply["model_version"] == v2.label
+
+
+def test_a_running_worker_fails_a_killed_workers_run_on_its_own_timer(
+    model_store, dataset_dir, training_worker, tmp_path
+):
+    """kill -9 mid-training while another worker runs (its start-up check long done): the run
+    is failed by that worker's periodic reaper, not left ``running`` until the next restart."""
+    active = version_with_files(tmp_path, status=ModelVersion.Status.ACTIVE)
+    weights = Path(active.merged_path, "model.safetensors")
+    weights.write_bytes(b"the active model's weights")
+    dataset_version_create(dataset_dir)
+    timers = {"SUPPORTBOT_TRAINING_STALE_AFTER": "10", "SUPPORTBOT_TRAINING_REAP_INTERVAL_S": "1"}
+    trainer = training_worker(**timers)
+    run = training_run_request(hyperparameters={**FAST, "epochs": 100})
+    run_dir = model_store.resolve() / "runs" / str(run.pk)
+    wait_for(lambda: TrainingRun.objects.get(pk=run.pk).current_step >= 2, timeout=120, message="training steps")
+    bystander = training_worker(**timers)  # started while the run is healthy: its start-up check finds nothing
+    assert "Marked training run" not in bystander.text()
+
+    trainer.kill()
+    assert TrainingRun.objects.get(pk=run.pk).status == TrainingRun.Status.RUNNING
+
+    failed = wait_for(
+        lambda: TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.FAILED).first(),
+        timeout=150,
+        message="the dead run to be failed by the running worker",
+    )
+    assert "stopped responding" in failed.error
+    assert f"Marked training run #{run.pk} failed" in bystander.text()
+    assert not run_dir.exists()
+    active.refresh_from_db()
+    assert active.status == ModelVersion.Status.ACTIVE
+    assert weights.read_bytes() == b"the active model's weights"
+    assert not ModelVersion.objects.exclude(pk=active.pk).exists()
+    assert bystander.process.poll() is None  # the reaper lives beside the worker, it does not stop it
