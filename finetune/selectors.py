@@ -144,14 +144,47 @@ def training_run_live(lane: str | None = TrainingRun.DEFAULT_LANE) -> TrainingRu
     return (runs if lane is None else runs.filter(lane=lane)).first()
 
 
+def training_run_phase_text(run: TrainingRun) -> str:
+    """What a live run does now, in words with the phase's own progress ("Evaluating the base model:
+    12/32 replies"); empty once it has finished (its status says how)."""
+    if run.status == TrainingRun.Status.QUEUED:
+        return "Waiting for a worker to start the run"
+    if not run.is_live:
+        return ""
+    return (run.phase or {}).get("text") or "Starting"
+
+
+def _training_run_settled(run: TrainingRun, version: ModelVersion | None) -> bool:
+    """Whether nothing about a run will change any more: it has ended and, when its version
+    passed the gates and asked for it, the automatic promotion (which follows the run's
+    end) has been made or refused."""
+    if run.is_live:
+        return False
+    if version is None or version.status != ModelVersion.Status.CANDIDATE:
+        return True
+    if not (run.hyperparameters.get("auto_promote", True) and (version.gate_results or {}).get("passed")):
+        return True
+    return f"{version.label} was not promoted" in run.log_tail
+
+
 def training_run_progress(run: TrainingRun, *, version_url: Callable[[ModelVersion], str]) -> dict[str, Any]:
-    """What the run page polls: status, steps, loss, log, and the version it produced (linked by ``version_url``)."""
+    """What the run page polls: status, steps, phase, loss, log, and the version it produced (linked by
+    ``version_url``). ``title`` is the run's name as the page's heading and breadcrumb show it."""
     version = model_version_of_run(run)
+    phase = run.phase or {}
     return {
         "id": run.pk,
+        "title": str(run),
         "status": run.status,
         "status_display": run.get_status_display(),
         "is_live": run.is_live,
+        "settled": _training_run_settled(run, version),
+        "phase": {
+            "name": phase.get("name", ""),
+            "text": training_run_phase_text(run),
+            "done": phase.get("done", 0) if run.is_live else 0,
+            "total": phase.get("total", 0) if run.is_live else 0,
+        },
         "progress": run.progress,
         "current_step": run.current_step,
         "total_steps": run.total_steps,

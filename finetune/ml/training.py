@@ -199,6 +199,11 @@ class ProgressEvent:
     loss: float | None = None  # mean reply-token loss since the last loss point; None between points
     learning_rate: float | None = None
     message: str = ""  # a log line for people, when there is something to say
+    # The phase in words with its own progress, for the run page: "Evaluating the base
+    # model: 12/32 replies" (``phase_done``/``phase_total`` of the phase's own work).
+    phase_text: str = ""
+    phase_done: int = 0
+    phase_total: int = 0
 
 
 @dataclass
@@ -473,11 +478,27 @@ class _Emitter:
             position += weight
         self.weights = dict(self.WEIGHTS)
 
+    # What the run page says when a phase gives no words of its own.
+    TEXTS = {
+        "loading": "Loading the dataset and the base model",
+        "evaluating_before": "Evaluating the base model",
+        "training": "Training",
+        "evaluating_after": "Evaluating the fine-tuned model",
+        "saving": "Saving the adapter and the merged model",
+        "done": "Done",
+    }
+
     def __call__(self, phase: str, fraction: float = 0.0, **kwargs: Any) -> None:
         if phase == "done":
             progress = 1.0
         else:
             progress = self.starts[phase] + self.weights[phase] * min(max(fraction, 0.0), 1.0)
+        if not kwargs.get("phase_text"):
+            kwargs["phase_text"] = self.TEXTS[phase]
+            if phase == "training" and kwargs.get("total_steps"):
+                kwargs["phase_text"] = f"Training: step {kwargs.get('step', 0)}/{kwargs['total_steps']}"
+                kwargs.setdefault("phase_done", kwargs.get("step", 0))
+                kwargs.setdefault("phase_total", kwargs["total_steps"])
         if kwargs.get("message"):
             log.info("%s", kwargs["message"])
         if self.callback is not None:
@@ -763,8 +784,19 @@ def _train(
         baseline_rouge = mean_rouge_l(baseline.predict([e.question for e in samples]), [e.reference for e in samples])
 
     def evaluate(phase: str) -> tuple[dict[str, Any], list[str]]:
+        what = emit.TEXTS[phase]
+        emit(phase, 0.0, phase_text=f"{what}: validation loss on {len(validation)} examples")
         result = evaluate_loss(model, _eval_batches(validation, eval_batch, pad_id), device=device, autocast=autocast)
-        emit(phase, 0.5)
+
+        def replies_progress(done: int, total: int) -> None:
+            emit(
+                phase,
+                0.5 + 0.5 * done / max(1, total),
+                phase_text=f"{what}: {done}/{total} replies",
+                phase_done=done,
+                phase_total=total,
+            )
+
         replies: list[str] = []
         if samples:
             replies = generate_replies(
@@ -776,6 +808,7 @@ def _train(
                 batch_size=eval_batch,
                 device=device,
                 autocast=autocast,
+                on_progress=replies_progress,
             )
         rouge = mean_rouge_l(replies, [e.reference for e in samples]) if samples else None
         values = {"eval_loss": result.loss, "perplexity": result.perplexity, "rouge_l": rouge}

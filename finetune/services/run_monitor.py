@@ -165,12 +165,16 @@ class ProgressRecorder:
     def __call__(self, event) -> None:
         if self.echo is not None:
             self.echo(event)
-        self.state = {
-            "progress": event.progress,
-            "current_step": event.step,
-            "total_steps": event.total_steps,
-            "current_epoch": event.epoch,
+        self.state["progress"] = event.progress
+        self.state["phase"] = {
+            "name": event.phase,
+            "text": event.phase_text,
+            "done": event.phase_done,
+            "total": event.phase_total,
         }
+        if event.total_steps:
+            # Evaluation and saving events carry no steps: the counter keeps the training's.
+            self.state.update(current_step=event.step, total_steps=event.total_steps, current_epoch=event.epoch)
         important = event.phase != self.phase or event.phase == "done"
         self.phase = event.phase
         if event.loss is not None:

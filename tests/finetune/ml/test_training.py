@@ -62,6 +62,14 @@ def test_loss_falls_only_lora_weights_change_and_adapter_reloads(tiny_base, tiny
     assert [e.progress for e in events] == sorted(e.progress for e in events)
     assert {"loading", "evaluating_before", "training", "evaluating_after", "saving"} <= {e.phase for e in events}
     assert max(e.step for e in events) == metrics["optimizer_steps"]
+    # Each phase says what it does with its own progress (the run page shows it).
+    texts = [e.phase_text for e in events]
+    assert "Evaluating the base model: 0/2 replies" in texts
+    assert "Evaluating the base model: 2/2 replies" in texts
+    assert "Evaluating the fine-tuned model: 2/2 replies" in texts
+    assert f"Training: step {metrics['optimizer_steps']}/{metrics['optimizer_steps']}" in texts
+    evaluating = [e for e in events if e.phase == "evaluating_before" and e.phase_total]
+    assert [(e.phase_done, e.phase_total) for e in evaluating] == [(0, 2), (2, 2)]
 
     # The adapter holds only LoRA weights (safetensors), and the base weights are untouched.
     adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
