@@ -180,7 +180,7 @@ def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, trainin
     run = TrainingRun.objects.get()
     assert first.url == reverse("admin:finetune_trainingrun_change", args=[run.pk])
     progress = reverse("admin:finetune_trainingrun_progress", args=[run.pk])
-    data = wait_for(lambda: (d := client.get(progress).json())["is_live"] is False and d, timeout=90)
+    data = wait_for(lambda: (d := client.get(progress).json())["is_live"] is False and d, timeout=600)
     assert data["status"] == "succeeded", data["error"]
     assert data["settled"] is True  # nothing follows: auto-promotion was not asked for
     assert (data["phase"]["text"], data["title"]) == ("", f"Run #{run.pk} (Succeeded)")
@@ -230,20 +230,25 @@ def test_progress_page_updates_live_in_a_browser(
     settings.SUPPORTBOT_TRAINING_QUEUE = queue
     run = training_run_request(actor=user, hyperparameters=FAST)
 
-    chromium.get(f"{live_server.url}/admin/login/?next=/admin/finetune/trainingrun/{run.pk}/change/")
-    chromium.find_element(By.NAME, "username").send_keys(user.username)
-    chromium.find_element(By.NAME, "password").send_keys("correct-horse-battery")
-    chromium.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    browser_login(chromium, live_server, user, "correct-horse-battery", f"/admin/finetune/trainingrun/{run.pk}/change/")
+    # Conditions, each with a limit generous enough for a loaded machine (the run alone
+    # took 49 s on an idle one): never a sleep, never a limit an idle machine needs.
+    wait_for(
+        lambda: chromium.find_elements(By.CSS_SELECTOR, '#run-progress [data-role="status"]'),
+        timeout=120,
+        message="the run page",
+    )
     status = chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="status"]')
     assert status.text == "Queued"
     assert chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="percent"]').text == "0%"
 
     training_worker(queue=queue)  # the page is already open: only its script can show what happens next
-    wait_for(lambda: status.text == "Succeeded", timeout=90, message="the page to show the finished run")
+    wait_for(lambda: status.text == "Succeeded", timeout=600, interval=1.0, message="the page to show the finished run")
     assert chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="percent"]').text == "100%"
     assert chromium.find_elements(By.CSS_SELECTOR, "#run-progress svg polyline")
     assert "v1" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="version"]').text
     assert "is now active" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="log"]').text
+    assert f"Run #{run.pk} (Succeeded)" in chromium.find_element(By.CSS_SELECTOR, ".breadcrumbs").text
     assert not chromium.find_elements(By.ID, "cancel-run")  # a finished run cannot be cancelled
     chromium.save_screenshot(str(model_store.parent / "progress.png"))
 
