@@ -279,3 +279,88 @@ def model_version_comparison(version: ModelVersion, active: ModelVersion | None 
                 note = "measured on different validation sets"
         rows.append(MetricRow(label, a, b if active else None, better, note))
     return rows
+
+
+def training_run_outcome_lines(run: TrainingRun) -> list[str]:
+    """A finished run's result in words, for the ``finetune`` command (and ``make demo``).
+
+    What each number means, how the model compares with the retrieval baseline, what
+    every promotion gate said, and whether the version was promoted and why (or why not).
+    The gates' own words are printed as they are: this never judges a gate.
+    """
+    version = model_version_of_run(run)
+    metrics = run.eval_metrics or {}
+    before = metrics.get("before") or {}
+    config = metrics.get("config") or {}
+    lines: list[str] = []
+    validation = metrics.get("num_validation")
+    if validation:
+        lines.append(f"Evaluation on {validation} held-out validation conversation(s):")
+    loss = metrics.get("eval_loss")
+    if isinstance(loss, int | float):
+        was = f" (base model before training: {before['eval_loss']:.4f})" if before.get("eval_loss") is not None else ""
+        lines.append(
+            f"  validation loss: {loss:.4f}{was}. How surprised the model is by the agents' real replies "
+            "(mean cross-entropy per reply token); lower is better."
+        )
+    perplexity = metrics.get("perplexity")
+    if isinstance(perplexity, int | float):
+        lines.append(
+            f"  perplexity: {perplexity:.4f}. The same as a number of equally likely next words; lower is better."
+        )
+    rouge, baseline = metrics.get("rouge_l"), metrics.get("rouge_l_retrieval")
+    replies = min(int(config.get("eval_generate_samples") or 0), int(validation or 0)) or None
+    on = f" on {replies} generated repl{'y' if replies == 1 else 'ies'}" if replies else ""
+    if isinstance(rouge, int | float):
+        lines.append(
+            f"  ROUGE-L: {rouge:.4f}{on}. The word overlap between the model's replies and the agents' real replies "
+            "(longest common word sequence, 0 = nothing shared, 1 = identical); higher is closer."
+        )
+    if isinstance(baseline, int | float):
+        lines.append(
+            f"  ROUGE-L of retrieval baseline: {baseline:.4f}. The same score for reusing the reply of the most "
+            "similar training ticket (TF-IDF, no model): the yardstick a generated reply should reach."
+        )
+    if isinstance(rouge, int | float) and isinstance(baseline, int | float):
+        if rouge >= baseline:
+            lines.append(
+                f"  The model's replies are as close to the agents' as the baseline's or closer "
+                f"({rouge:.2f} vs {baseline:.2f})."
+            )
+        else:
+            lines.append(
+                f"  The model's replies are further from the agents' than the baseline's ({rouge:.2f} vs "
+                f"{baseline:.2f}): copying the nearest ticket's reply would match the agents' wording better."
+            )
+    if version is None:
+        return lines
+    results = version.gate_results or {}
+    against = results.get("compared_with")
+    lines.append(
+        f"Promotion gates (compared with the active {against}):"
+        if against
+        else "Promotion gates (no version was active to compare with):"
+    )
+    for name, gate in (results.get("gates") or {}).items():
+        lines.append(f"  {name}: {'passed' if gate.get('passed') else 'FAILED'}. {gate.get('detail', '')}".rstrip())
+    if not results.get("gates"):
+        lines.append("  (no gate results recorded)")
+    auto = run.hyperparameters.get("auto_promote", True)
+    if version.status == ModelVersion.Status.ACTIVE:
+        why = "it passed every gate and automatic promotion was on" if auto else "an admin promoted it"
+        lines.append(f"{version.label} is now active: {why}.")
+    elif not auto:
+        lines.append(
+            f"{version.label} stays a candidate: automatic promotion was off (--no-promote); "
+            "promote it from its admin page."
+        )
+    elif not results.get("passed"):
+        lines.append(
+            f"{version.label} stays a candidate: not every gate passed. Promote it from its admin page with a "
+            "reason, or retrain."
+        )
+    else:
+        refused = next((line for line in run.log_tail.splitlines() if "was not promoted" in line), "")
+        reason = refused.split("was not promoted", 1)[-1].lstrip(": ") if refused else "see the run's log"
+        lines.append(f"{version.label} stays a candidate: the promotion was refused ({reason}).")
+    return lines
