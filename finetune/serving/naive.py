@@ -116,7 +116,9 @@ class NaiveEngine:
         error = ""
         with self._lock:
             try:
-                max_prompt, max_new = token_budget(context_window(loaded), params.max_new_tokens)
+                max_prompt, max_new = token_budget(
+                    context_window(loaded), params.max_new_tokens, params.max_prompt_tokens
+                )
                 ids = prompt_ids_for(loaded, request.messages, max_prompt)
                 input_ids = torch.tensor([ids], device=loaded.device)
                 sampling = params.temperature > 0
