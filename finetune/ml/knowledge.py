@@ -17,9 +17,9 @@ directory (what a ModelVersion records) and returns what it finds; anything abse
 None, so versions trained before grounding still load and serve as before::
 
     knowledge = load_knowledge(version.merged_path)
-    if knowledge.index is not None:
-        hits = knowledge.index.search(retrieval_query(messages), k=SEARCH_K)
-        prompt = ground(messages, hits, tokenizer, config=knowledge.grounding_or_default, ...)
+    prompt, hits = ground_conversation(
+        messages, knowledge.index, tokenizer, config=knowledge.grounding_or_default, max_prompt_tokens=...
+    )   # knowledge.index None: the plain prompt, no hits
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 RETRIEVAL_DIR = "retrieval"
 INTENT_DIR = "intent"
 TRAIN_CONFIG_FILE = "train_config.json"
-SEARCH_K = 8  # neighbours fetched per conversation; grounding and the reply policy keep the voted intent's
 
 
 @dataclass
@@ -133,10 +132,68 @@ def load_knowledge(path: str | Path | None, *, strict: bool = False) -> Knowledg
     return knowledge
 
 
-def copy_knowledge(dataset_dir: str | Path, run_dir: str | Path) -> list[str]:
-    """Copy the dataset's ``retrieval/`` and ``intent/`` into ``run_dir``; returns the names copied."""
+def build_knowledge(
+    out_dir: str | Path,
+    train_messages,
+    train_intents,
+    train_origins,
+    validation_messages=(),
+    validation_intents=(),
+) -> dict[str, Any]:
+    """Build ``retrieval/`` (train split only) and ``intent/`` into a dataset directory; returns card entries.
+
+    The index holds every usable training exchange (tickets and agent-approved
+    corrections alike); the intent classifier is trained on the training replies
+    (placeholders filled with neutral words, as evaluation fills every reply it scores)
+    only when they carry at least two intents. Validation rows are never indexed: they
+    are the questions the index must answer.
+    """
+    from .retrieval import exchanges_from_conversations
+
+    out = Path(out_dir)
+    card: dict[str, Any] = {}
+    exchanges = exchanges_from_conversations(train_messages, train_intents, train_origins)
+    if exchanges:
+        index = RetrievalIndex.build(exchanges)
+        index.save(out / RETRIEVAL_DIR)
+        meta = json.loads((out / RETRIEVAL_DIR / "index.json").read_text(encoding="utf-8"))
+        card["retrieval"] = {"exchanges": meta["exchanges"], "features": meta["features"], "dir": RETRIEVAL_DIR}
+    replies = [fill_neutral(e.reply) for e in exchanges]
+    intents = [e.intent for e in exchanges]
+    if len({i for i in intents if i}) >= 2:
+        classifier = IntentClassifier.train(replies, intents)
+        classifier.save(out / INTENT_DIR)
+        val = [
+            (fill_neutral(m[-1].get("content", "")), i)
+            for m, i in zip(validation_messages, validation_intents, strict=False)
+            if i and m and m[-1].get("role") == "agent"
+        ]
+        accuracy = classifier.accuracy([r for r, _ in val], [i for _, i in val]) if val else None
+        card["intent_classifier"] = {
+            "intents": len(classifier.intents),
+            "train_replies": sum(1 for i in intents if i),
+            "validation_accuracy": None if accuracy is None else round(accuracy, 4),
+            "dir": INTENT_DIR,
+        }
+    return card
+
+
+def fill_neutral(text: str, values: Mapping[str, str] | None = None) -> str:
+    """A reply with its template slots in neutral words (and the customer's values): how replies are scored.
+
+    No company facts: the dataset and the gate do not depend on what the bot profile
+    says today, so a profile edit does not move the scores.
+    """
+    from finetune.serving.placeholders import fill_placeholders
+
+    return fill_placeholders(text, {}, values or {})
+
+
+def copy_knowledge(dataset_dir: str | Path, run_dir: str | Path, *, retrieval: bool = True) -> list[str]:
+    """Copy the dataset's ``retrieval/`` (unless ``retrieval`` is False: a run trained ungrounded)
+    and ``intent/`` into ``run_dir``; returns the names copied."""
     copied = []
-    for name in (RETRIEVAL_DIR, INTENT_DIR):
+    for name in (RETRIEVAL_DIR, INTENT_DIR) if retrieval else (INTENT_DIR,):
         source = Path(dataset_dir) / name
         if source.is_dir():
             target = Path(run_dir) / name
