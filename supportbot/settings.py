@@ -340,6 +340,17 @@ SUPPORTBOT_HEALTHZ_DETAILS = env_bool("SUPPORTBOT_HEALTHZ_DETAILS", False)
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
 
+# Reply quality gate (issue 10, finetune.services.gates): a candidate's served replies on
+# its validation sample must beat the retrieval baseline (the nearest past answer) on
+# ROUGE-L and on intent accuracy (or reach SUPPORTBOT_GATE_INTENT_ACCURACY), with no
+# template slot and no repeated sentence, and may fall below the active version's by at
+# most this margin on either (two intents in a 100-reply sample).
+SUPPORTBOT_GATE_QUALITY_MARGIN = env_float("SUPPORTBOT_GATE_QUALITY_MARGIN", 0.02)
+SUPPORTBOT_GATE_INTENT_ACCURACY = env_float("SUPPORTBOT_GATE_INTENT_ACCURACY", 0.95)
+# Gates listed here are evaluated and shown but do not block automatic promotion (test set-ups
+# whose tiny models cannot answer anything; never in production: a person then promotes by hand).
+SUPPORTBOT_GATES_ADVISORY = env_list("SUPPORTBOT_GATES_ADVISORY", [])
+
 # --- Chat (issue 5) -------------------------------------------------------------
 # A bot reply whose mean token log-probability is below this hands the conversation
 # to a human. A guessing model sits near -ln(vocabulary) (about -6 to -11); fluent,

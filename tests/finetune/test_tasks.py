@@ -42,7 +42,7 @@ def test_the_service_queues_the_task_this_module_defines():
 
 
 def test_retrain_in_a_worker_promotes_then_a_corrupt_dataset_fails_without_harm(
-    model_store, dataset_dir, training_worker, tmp_path
+    model_store, dataset_dir, quality_gate_advisory, training_worker, tmp_path
 ):
     worker = training_worker()
     dataset_version_create(dataset_dir)
