@@ -225,12 +225,15 @@ if not (CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > SUPPORTBOT_
 # A training worker writes a heartbeat this often; a running run whose heartbeat is
 # older than STALE_AFTER belongs to a dead worker and is failed by the reaper.
 SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = env_float("SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL", 5.0)
-SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 120.0)
+# 60 s: twelve missed heartbeats, and a killed run is failed within about a minute.
+SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 60.0)
 if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
     raise ImproperlyConfigured(
         "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
         "or a live run with one slow heartbeat is failed as dead."
     )
+# Every worker looks for runs with a stale heartbeat this often (a thread beside the tasks).
+SUPPORTBOT_TRAINING_REAP_INTERVAL_S = env_float("SUPPORTBOT_TRAINING_REAP_INTERVAL_S", 15.0)
 # Queue that retrain tasks are sent to; empty: Celery's default queue.
 SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "")
 
@@ -386,6 +389,10 @@ if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
 # Load the active model version when the ASGI app starts (in a background thread), so the
 # first customer after a restart does not wait seconds for the load. Off: load on first reply.
 SUPPORTBOT_PRELOAD_MODEL = env_bool("SUPPORTBOT_PRELOAD_MODEL", True)
+# Each chat server reads the active model version's id this often and reloads when it
+# changed: the model.changed event cannot reach other processes on the in-memory channel
+# layer (the default), and channel layers may drop it. One indexed query per process.
+SUPPORTBOT_MODEL_CHECK_S = env_float("SUPPORTBOT_MODEL_CHECK_S", 5.0)
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)

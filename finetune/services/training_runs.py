@@ -7,7 +7,8 @@
   ``finetune.ml.training.train_lora`` while ``run_monitor`` records progress and a
   heartbeat, creates the candidate ``ModelVersion``, and promotes it when it passes the
   gates and the run asked for that. A failure never touches the active version.
-- ``training_run_cancel``, ``training_runs_reap_stale`` (a worker that died).
+- ``training_run_cancel``, ``training_runs_reap_stale`` (a worker that died), and
+  ``stale_run_reaper_start``, the thread every worker runs to reap periodically.
 - ``REQUESTABLE_SETTINGS``: what a person may choose per run; the retrain form and the
   ``finetune`` command build their fields from ``training_settings_requestable()``.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -279,6 +281,35 @@ def training_runs_reap_stale(*, stale_after: timedelta | None = None) -> list[Tr
         reaped.append(run)
         log.warning("Training run #%s failed: its worker stopped sending heartbeats", run.pk)
     return reaped
+
+
+def stale_run_reaper_start(*, interval_s: float | None = None) -> threading.Thread:
+    """Run ``training_runs_reap_stale`` every ``interval_s`` (``SUPPORTBOT_TRAINING_REAP_INTERVAL_S``) in a thread.
+
+    Every Celery worker starts one: a worker killed mid-run (kill -9, out of memory)
+    leaves its run ``running`` with a frozen heartbeat, and the check at a worker's
+    start is too early to see it stale. A thread rather than Celery's timer: the solo
+    pool's timer waits while a training task holds the worker. Several workers reaping
+    at once is harmless (the row is locked and rechecked).
+    """
+    interval = settings.SUPPORTBOT_TRAINING_REAP_INTERVAL_S if interval_s is None else interval_s
+
+    def reap_forever() -> None:
+        from django.db import connection
+
+        while True:
+            time.sleep(interval)
+            try:
+                for run in training_runs_reap_stale():
+                    log.warning("Marked training run #%s failed: its worker had died", run.pk)
+            except Exception:  # a database hiccup: the next round tries again
+                log.exception("Could not check for training runs of dead workers")
+            finally:
+                connection.close()  # this thread's own connection, not held between rounds
+
+    thread = threading.Thread(target=reap_forever, name="training-run-reaper", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- executing a run ----------------------------------------------------------------------------
