@@ -1074,8 +1074,11 @@ def compare_version(
         )
         return [row]
 
-    cache_dir = theirs.root or Path(model_dir)
-    row = cached_rows(cache_dir, f"{quality.key}-{name}", compute)[0]
+    root = theirs.root or Path(model_dir)
+    if (root / "train_config.json").exists():  # a trained version's directory: cache the row there
+        row = cached_rows(root, f"{quality.key}-{name}", compute)[0]
+    else:  # a plain model directory is not ours to write into
+        row = compute()[0].to_json()
     return {**row, "name": name, "label": label}
 
 
