@@ -4,29 +4,95 @@
 - ``quantize_int8``: int8 dynamic quantisation of the linear layers on CPU, after
   ``conv1d_to_linear`` has turned GPT-2's ``Conv1D`` layers into ``nn.Linear``.
 - ``context_window``: how many tokens prompt and reply may take together.
+- ``serving_config``: what a version carries besides its weights, read from its
+  ``train_config.json`` (decoding controls, grounding, reply policy; defaults when
+  absent) and its ``retrieval/`` index (None when absent: a version trained before
+  grounding is served ungrounded, as before).
 
 Plain Python: no Django.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from finetune.ml.decoding import DecodingConfig
+from finetune.ml.grounding import GroundingConfig
 
 log = logging.getLogger(__name__)
+
+TRAIN_CONFIG_FILE = "train_config.json"
+RETRIEVAL_DIR = "retrieval"
 
 
 @dataclass
 class LoadedModel:
-    """A model and tokenizer ready to generate, with the label replies are attributed to."""
+    """A model and tokenizer ready to generate, with the label replies are attributed to.
+
+    ``decoding`` applies in both engines (and in the evaluation, from the same file);
+    ``index`` (None for a version without one) grounds every reply (``finetune.serving.grounded``).
+    """
 
     model: object
     tokenizer: object
     label: str
     device: str = "cpu"
     int8: bool = False
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    reply_policy: dict[str, Any] = field(default_factory=dict)  # ReplyPolicyConfig.to_json(); {}: defaults
+    index: Any = None  # finetune.ml.retrieval.RetrievalIndex
+
+
+def _config_from(cls, data: Any):
+    """``cls(**data)`` keeping only the fields ``cls`` has (a newer version's extra keys are ignored)."""
+    if not isinstance(data, Mapping):
+        return cls()
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def version_file(path: str | Path, name: str) -> Path | None:
+    """``name`` inside a version's model directory, or beside it (the run directory holds both); None if absent."""
+    for candidate in (Path(path) / name, Path(path).parent / name):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def serving_config(path: str | Path) -> dict[str, Any]:
+    """What the version at ``path`` needs to serve besides weights: ``decoding``, ``grounding``,
+    ``reply_policy`` (from ``train_config.json``, defaults when absent) and ``index`` (or None).
+
+    A ``retrieval/`` index that is present but unreadable raises ``RetrievalIndexError``:
+    serving such a version ungrounded would serve a different model than the one evaluated.
+    """
+    config: dict[str, Any] = {}
+    train_config = version_file(path, TRAIN_CONFIG_FILE)
+    if train_config is not None:
+        try:
+            config = json.loads(train_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{train_config} cannot be read ({exc}); the version's training run wrote it.") from exc
+    index = None
+    retrieval = version_file(path, RETRIEVAL_DIR)
+    if retrieval is not None:
+        from finetune.ml.retrieval import RetrievalIndex
+
+        index = RetrievalIndex.load(retrieval)
+    policy = config.get("reply_policy")
+    return {
+        "decoding": _config_from(DecodingConfig, config.get("decoding")),
+        "grounding": _config_from(GroundingConfig, config.get("grounding")),
+        "reply_policy": dict(policy) if isinstance(policy, Mapping) else {},
+        "index": index,
+    }
 
 
 def load_for_inference(path: str, *, label: str, device: str | None = None, int8: bool = False) -> LoadedModel:
@@ -56,7 +122,7 @@ def load_for_inference(path: str, *, label: str, device: str | None = None, int8
         log.warning("SUPPORTBOT_INT8 applies to CPU inference only; serving %s unquantised on %s", label, device)
         int8 = False
     model.to(device)
-    return LoadedModel(model=model, tokenizer=tokenizer, label=label, device=device, int8=int8)
+    return LoadedModel(model=model, tokenizer=tokenizer, label=label, device=device, int8=int8, **serving_config(path))
 
 
 def conv1d_to_linear(model) -> int:
