@@ -31,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from finetune.ml.prompting import ROLE_AGENT, ROLE_SYSTEM, normalise_messages, render_prompt, uses_chat_template
+from finetune.ml.prompting import ROLE_AGENT, ROLE_SYSTEM, normalise_messages, render_prompt
 
 from .retrieval import Neighbour, intent_vote, retrieval_query
 
@@ -179,16 +179,3 @@ def _cut_tokens(text: str, tokenizer, limit: int) -> str:
         if at > len(cut) * 0.6:
             return cut[: at + 1].rstrip()
     return cut.rstrip()
-
-
-def prime_text(prime: str, tokenizer) -> str:
-    """The text put after the rendered prompt for ``prime``: joined as training joins a reply.
-
-    The plain (GPT-2) template trains replies as ``"Agent:" + " " + reply``
-    (``prompting.render_example``); chat templates put the reply right after the
-    assistant header. Serving tokenizes ``prompt`` and this text separately, as training does.
-    """
-    prime = (prime or "").strip()
-    if not prime:
-        return ""
-    return prime if uses_chat_template(tokenizer) else " " + prime

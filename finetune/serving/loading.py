@@ -4,31 +4,27 @@
 - ``quantize_int8``: int8 dynamic quantisation of the linear layers on CPU, after
   ``conv1d_to_linear`` has turned GPT-2's ``Conv1D`` layers into ``nn.Linear``.
 - ``context_window``: how many tokens prompt and reply may take together.
-- ``serving_config``: what a version carries besides its weights, read from its
-  ``train_config.json`` (decoding controls, grounding, reply policy; defaults when
-  absent) and its ``retrieval/`` index (None when absent: a version trained before
-  grounding is served ungrounded, as before).
+- What a version carries besides its weights (``finetune.ml.knowledge.load_knowledge``):
+  the decoding controls, grounding and reply-policy settings of its ``train_config.json``
+  (defaults when absent) and its ``retrieval/`` index (None when absent: a version trained
+  before grounding is served ungrounded, as before).
 
 Plain Python: no Django.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.ml.decoding import DecodingConfig
 from finetune.ml.grounding import GroundingConfig
+from finetune.ml.reply_policy import ReplyPolicyConfig
 
 log = logging.getLogger(__name__)
-
-TRAIN_CONFIG_FILE = "train_config.json"
-RETRIEVAL_DIR = "retrieval"
 
 
 @dataclass
@@ -46,53 +42,8 @@ class LoadedModel:
     int8: bool = False
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
-    reply_policy: dict[str, Any] = field(default_factory=dict)  # ReplyPolicyConfig.to_json(); {}: defaults
-    index: Any = None  # finetune.ml.retrieval.RetrievalIndex
-
-
-def _config_from(cls, data: Any):
-    """``cls(**data)`` keeping only the fields ``cls`` has (a newer version's extra keys are ignored)."""
-    if not isinstance(data, Mapping):
-        return cls()
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def version_file(path: str | Path, name: str) -> Path | None:
-    """``name`` inside a version's model directory, or beside it (the run directory holds both); None if absent."""
-    for candidate in (Path(path) / name, Path(path).parent / name):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def serving_config(path: str | Path) -> dict[str, Any]:
-    """What the version at ``path`` needs to serve besides weights: ``decoding``, ``grounding``,
-    ``reply_policy`` (from ``train_config.json``, defaults when absent) and ``index`` (or None).
-
-    A ``retrieval/`` index that is present but unreadable raises ``RetrievalIndexError``:
-    serving such a version ungrounded would serve a different model than the one evaluated.
-    """
-    config: dict[str, Any] = {}
-    train_config = version_file(path, TRAIN_CONFIG_FILE)
-    if train_config is not None:
-        try:
-            config = json.loads(train_config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{train_config} cannot be read ({exc}); the version's training run wrote it.") from exc
-    index = None
-    retrieval = version_file(path, RETRIEVAL_DIR)
-    if retrieval is not None:
-        from finetune.ml.retrieval import RetrievalIndex
-
-        index = RetrievalIndex.load(retrieval)
-    policy = config.get("reply_policy")
-    return {
-        "decoding": _config_from(DecodingConfig, config.get("decoding")),
-        "grounding": _config_from(GroundingConfig, config.get("grounding")),
-        "reply_policy": dict(policy) if isinstance(policy, Mapping) else {},
-        "index": index,
-    }
+    reply_policy: ReplyPolicyConfig = field(default_factory=ReplyPolicyConfig)
+    index: Any = None  # finetune.ml.retrieval.RetrievalIndex; None: replies are not grounded
 
 
 def load_for_inference(path: str, *, label: str, device: str | None = None, int8: bool = False) -> LoadedModel:
@@ -102,6 +53,8 @@ def load_for_inference(path: str, *, label: str, device: str | None = None, int8
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.ml.knowledge import load_knowledge
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -122,7 +75,18 @@ def load_for_inference(path: str, *, label: str, device: str | None = None, int8
         log.warning("SUPPORTBOT_INT8 applies to CPU inference only; serving %s unquantised on %s", label, device)
         int8 = False
     model.to(device)
-    return LoadedModel(model=model, tokenizer=tokenizer, label=label, device=device, int8=int8, **serving_config(path))
+    knowledge = load_knowledge(path)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        label=label,
+        device=device,
+        int8=int8,
+        decoding=knowledge.decoding_or_default,
+        grounding=knowledge.grounding_or_default,
+        reply_policy=knowledge.policy_or_default,
+        index=knowledge.index,
+    )
 
 
 def conv1d_to_linear(model) -> int:

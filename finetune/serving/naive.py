@@ -38,6 +38,10 @@ class NaiveEngine:
     def model_label(self) -> str | None:
         return self._loaded.label if self._loaded else None
 
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
+
     def swap(self, loaded: LoadedModel) -> None:
         """Serve ``loaded`` from the next request on; a running request keeps its model."""
         self._loaded = loaded

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from finetune.ml.grounding import prime_text
 from finetune.ml.prompting import ROLE_AGENT, ROLE_SYSTEM, normalise_messages, render_prompt
+from finetune.ml.quality import prime_join
 
 from .loading import LoadedModel
 
@@ -133,17 +133,18 @@ def trim_messages(messages: Iterable[Mapping[str, str]], tokenizer, max_prompt_t
 def prompt_ids_for(
     loaded: LoadedModel, messages: list[dict[str, str]], max_prompt_tokens: int, prime: str = ""
 ) -> list[int]:
-    """Trim the conversation to fit (``trim_messages``), render and tokenize it, then the ``prime``.
+    """Trim the conversation to fit (``trim_messages``), render it with the ``prime`` and tokenize it.
 
-    The prime (the reply's given start) is tokenized on its own after the prompt, joined as
-    training joins a reply (``grounding.prime_text``), and counts against the budget.
+    The prime (the reply's given start) follows the prompt, joined as training joins a reply
+    (``finetune.ml.quality.prime_join``, as the evaluation joins it), and counts against the budget.
     Keeping only the newest ``max_prompt_tokens`` tokens afterwards is the last guard,
     reached only when the system prompt alone does not fit.
     """
-    tail = prime_text(prime, loaded.tokenizer)
+    tail = prime_join(prime, loaded.tokenizer)
     tail_ids = loaded.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
     budget = max(MIN_PROMPT_TOKENS, max_prompt_tokens - len(tail_ids))
     turns = trim_messages(messages, loaded.tokenizer, budget)
-    text = render_prompt(turns, loaded.tokenizer)
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][-budget:] + tail_ids
+    # Tokenized in one piece with the prime, as the evaluation tokenizes its primed prompts.
+    text = render_prompt(turns, loaded.tokenizer) + tail
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_tokens:]
