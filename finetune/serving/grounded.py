@@ -71,7 +71,7 @@ def ground_request(
     max_prompt, _ = token_budget(context_window(loaded), max_new_tokens)
     budget = min(config.max_prompt_tokens, max_prompt)
     prompt, hits = ground_conversation(messages, loaded.index, tokenizer, config=config, max_prompt_tokens=budget, k=k)
-    prime = reply_prime(prompt) if config.prime else ""
+    prime = reply_prime(prompt).strip() if config.prime else ""
     if prime:
         extra = len(tokenizer(prime_join(prime, tokenizer), add_special_tokens=False)["input_ids"])
         if prompt.token_count + extra > max_prompt:
@@ -79,7 +79,7 @@ def ground_request(
             prompt = ground(
                 messages, hits, tokenizer, config=config, max_prompt_tokens=max(MIN_PROMPT_TOKENS, max_prompt - extra)
             )
-            prime = reply_prime(prompt) if prompt.used else ""
+            prime = reply_prime(prompt).strip() if prompt.used else ""
     return Grounding(
         messages=prompt.turns,
         prime=prime,

@@ -378,6 +378,8 @@ class ReplyPipeline:
         """The rest of the reply once the engine's stream ended with ``done``."""
         if self._retrieved:
             return ""
+        if done.mean_logprob is not None:
+            self.mean_logprob = done.mean_logprob  # also counts tokens that added no text (the end token)
         rest = self.guard.finish()
         out = ""
         if self.deciding and (done.finish_reason in ("stop", "length", "cancelled") and self.guard.text.strip()):
@@ -403,7 +405,7 @@ class ReplyPipeline:
             cut_reason=self.guard.reason if self.guard.cut and not retrieved else "",
             source=_SOURCE_RETRIEVED if retrieved else _SOURCE_MODEL,
             source_origin=choice.origin if retrieved else "",
-            policy=choice.to_json() if choice is not None else {},
+            policy={k: v for k, v in choice.to_json().items() if k != "text"} if choice is not None else {},
             grounding=list(grounding),
             handoff=choice is not None and choice.source == _SOURCE_HANDOFF,
         )
