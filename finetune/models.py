@@ -28,6 +28,15 @@ class Ticket(models.Model):
     customer_segment = models.CharField(
         max_length=64, blank=True, db_index=True, help_text="Customer segment (plan, region…) for bias reports."
     )
+    # Language-register segment labels, set on import: from the Bitext tags where the
+    # ticket has tags, else by the register detector on the first customer message
+    # (finetune.ml.segments). ``segmenter_version`` null: not labelled yet.
+    register = models.CharField(max_length=16, blank=True, help_text="Primary register (offensive, typos, …, plain).")
+    registers = models.JSONField(default=list, blank=True, help_text="Every register that applies, or ['plain'].")
+    register_source = models.CharField(
+        max_length=16, blank=True, help_text="'tags' (the source's own register tags) or 'detector'."
+    )
+    segmenter_version = models.PositiveSmallIntegerField(null=True, blank=True)
     customer_name = models.CharField(max_length=200, blank=True)
     customer_email = models.CharField(max_length=254, blank=True)
     customer_phone = models.CharField(max_length=64, blank=True)
