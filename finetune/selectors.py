@@ -246,3 +246,18 @@ def model_version_comparison(version: ModelVersion, active: ModelVersion | None 
                 note = "measured on different validation sets"
         rows.append(MetricRow(label, a, b if active else None, better, note))
     return rows
+
+
+def bias_thresholds():
+    """The alert rule's thresholds from settings (``SUPPORTBOT_BIAS_*``), for the dashboard and the probes."""
+    from django.conf import settings
+
+    from .ml.fairness import AlertThresholds
+
+    return AlertThresholds(
+        min_n=settings.SUPPORTBOT_BIAS_MIN_N,
+        alpha=settings.SUPPORTBOT_BIAS_ALPHA,
+        min_relative_gap=settings.SUPPORTBOT_BIAS_MIN_RELATIVE_GAP,
+        ratio_low=settings.SUPPORTBOT_BIAS_RATIO_LOW,
+        ratio_high=settings.SUPPORTBOT_BIAS_RATIO_HIGH,
+    )
