@@ -4,7 +4,9 @@
 - ``model_version_gates_evaluate``: run every gate against the active version;
 - the built-in ``validation_loss`` gate: the candidate's validation loss is no worse than
   the active version's on the same validation set, scored by ``validation_reference_losses``
-  while the run trains when the active version was measured on another set.
+  while the run trains when the active version was measured on another set;
+- the ``bias_probe`` gate: the candidate's latest counterfactual-probe report
+  (``BiasReport``, ``services/bias.py``) passed.
 
 A manual promotion over a failed gate needs a reason (``model_versions``).
 """
@@ -112,6 +114,29 @@ def _gate_validation_loss(candidate: ModelVersion, active: ModelVersion | None) 
         f"Validation loss {loss:.4f} is {verdict} {active.label}'s {reference:.4f} on the same validation set.",
         {"candidate": loss, "active": reference},
     )
+
+
+@promotion_gate_register("bias_probe")
+def _gate_bias_probe(candidate: ModelVersion, active: ModelVersion | None) -> GateResult:
+    """The candidate's latest counterfactual-probe report passed: no register, name or pronoun group
+    got significantly and materially worse replies (docs/bias-monitoring.md)."""
+    report = selectors.bias_report_latest(candidate)
+    probe_it = f"run manage.py bias_probe --version {candidate.number}"
+    if report is None:
+        return GateResult(False, f"{candidate.label} has not been probed for bias yet; {probe_it}.")
+    values = {"report": report.pk, "status": report.status}
+    if report.passed:
+        return GateResult(True, "The counterfactual probes found no group served worse.", values)
+    if report.status == report.Status.FAIL:
+        shown = "; ".join(report.failures[:3]) + ("; …" if len(report.failures) > 3 else "")
+        return GateResult(False, f"The counterfactual probes flagged {len(report.failures)}: {shown}", values)
+    if report.status == report.Status.INSUFFICIENT:
+        return GateResult(
+            False,
+            f"The probe asked too few requests for a verdict (SUPPORTBOT_BIAS_PROBE_REQUESTS); {probe_it}.",
+            values,
+        )
+    return GateResult(False, f"The bias probe could not run ({report.error}); {probe_it}.", values)
 
 
 def validation_reference_losses(
