@@ -36,7 +36,7 @@ serve: migrate
 	$(VENV)/bin/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(WS_MAX_MESSAGE) supportbot.asgi:application
 
 worker: install
-	$(VENV)/bin/celery -A supportbot worker --pool=solo --loglevel=INFO
+	$(VENV)/bin/celery -A supportbot worker --pool=solo -Q default,training --loglevel=INFO
 
 test: install
 	$(PY) -m pytest

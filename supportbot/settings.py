@@ -231,8 +231,11 @@ if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
         "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
         "or a live run with one slow heartbeat is failed as dead."
     )
-# Queue that retrain tasks are sent to; empty: Celery's default queue.
-SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "")
+# Queues (docs/deploy.md): training runs hours on a GPU box, so retrain tasks go to a queue
+# of their own that only training workers consume (`celery worker -Q training -c 1`);
+# everything else goes to the default queue, served by CPU workers, and never waits behind
+# a training run. One worker may consume both (`-Q default,training`, as `make worker` does).
+SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "training")
 
 CELERY_BROKER_DIR = VAR_DIR / "celery"
 if REDIS_URL:
@@ -257,6 +260,9 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", CELERY_BROKER_URL)
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", CELERY_RESULT_BACKEND)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One message reserved per worker process: a training worker must not hold a second run
+# hostage for hours while it trains the first, and a default worker must not queue short
+# tasks behind a long one it already took.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -266,7 +272,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
 # Tests give their worker a queue of its own, so a demo worker on the same broker cannot take their tasks.
-CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SUPPORTBOT_CELERY_QUEUE", "celery")
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SUPPORTBOT_CELERY_QUEUE", "default")
+# Retrain tasks by name (finetune.services.training_runs.RETRAIN_TASK), also when sent
+# without an explicit queue (e.g. from a shell with `send_task`).
+CELERY_TASK_ROUTES = {"finetune.retrain": {"queue": SUPPORTBOT_TRAINING_QUEUE}} if SUPPORTBOT_TRAINING_QUEUE else {}
 
 # --- Auth, i18n, static -----------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -328,6 +337,9 @@ LOGGING = {
 # --- SupportBot -----------------------------------------------------------------
 # Where built datasets and trained adapters are written.
 SUPPORTBOT_DATASET_DIR = Path(os.environ.get("SUPPORTBOT_DATASET_DIR", VAR_DIR / "datasets"))
+# Every process that trains or serves reads and writes versions here: with training and
+# web processes (and vLLM servers) on several machines it must be one shared path (an NFS
+# or similar mount at the same path everywhere), since versions are recorded by path.
 SUPPORTBOT_MODEL_STORE = Path(os.environ.get("SUPPORTBOT_MODEL_STORE", VAR_DIR / "models"))
 # "auto": gpt2 when cached or reachable, else the bundled SmolLM2-135M-Instruct.
 SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
