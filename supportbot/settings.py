@@ -381,9 +381,21 @@ SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS"
 # "batched" steps every running reply together over a shared KV cache (several times the
 # throughput of "naive" under concurrent chats, see docs/benchmarks.md); "naive" runs one
 # model.generate() at a time, the simple reference.
+# "vllm" sends replies to the vLLM servers of SUPPORTBOT_VLLM_URLS (docs/deploy.md): past one
+# machine, and on GPUs.
 SUPPORTBOT_ENGINE = os.environ.get("SUPPORTBOT_ENGINE", "batched").strip().lower()
-if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
-    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched or naive.")
+if SUPPORTBOT_ENGINE not in {"batched", "naive", "vllm"}:
+    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched, naive or vllm.")
+# Base URLs of the OpenAI-compatible vLLM servers, comma-separated (http://gpu-1:8000,...).
+# Every server serves every version; a conversation sticks to one (its prefix cache).
+SUPPORTBOT_VLLM_URLS = env_list("SUPPORTBOT_VLLM_URLS", [])
+if SUPPORTBOT_ENGINE == "vllm" and not SUPPORTBOT_VLLM_URLS:
+    raise ImproperlyConfigured("SUPPORTBOT_ENGINE=vllm needs SUPPORTBOT_VLLM_URLS, the base URLs of the vLLM servers.")
+# A vLLM server that sends nothing for this long during a reply is treated as dead. Under
+# load a reply can queue on the server before its first token: keep it well above that.
+SUPPORTBOT_VLLM_READ_TIMEOUT_S = env_float("SUPPORTBOT_VLLM_READ_TIMEOUT_S", 60.0)
+# How long a promotion waits for a server to load an adapter (a few seconds for a LoRA).
+SUPPORTBOT_VLLM_LOAD_TIMEOUT_S = env_float("SUPPORTBOT_VLLM_LOAD_TIMEOUT_S", 120.0)
 # Load the active model version when the ASGI app starts (in a background thread), so the
 # first customer after a restart does not wait seconds for the load. Off: load on first reply.
 SUPPORTBOT_PRELOAD_MODEL = env_bool("SUPPORTBOT_PRELOAD_MODEL", True)
