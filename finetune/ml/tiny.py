@@ -7,8 +7,8 @@ result is an ordinary Hugging Face directory that every loader in the project
 accepts as a base model (``SUPPORTBOT_BASE_MODEL=/path/to/dir``).
 
 ``build_tiny_llama`` does the same for a Llama-architecture model (the family of
-SmolLM2), which vLLM serves with LoRA adapters; ``build_tiny_lora_adapter`` writes a
-random LoRA adapter for it, one that visibly changes what the model says.
+SmolLM2), which vLLM serves with LoRA adapters; ``build_tiny_lora_adapter`` trains a
+LoRA adapter for it on other texts, so the adapter visibly changes what it says.
 
     python -m finetune.ml.tiny /tmp/tiny-gpt2
 """
@@ -135,13 +135,15 @@ def build_tiny_llama(
     return out
 
 
-def build_tiny_lora_adapter(base_dir: str | Path, out_dir: str | Path, *, r: int = 8, seed: int = 1) -> Path:
-    """Write a LoRA adapter (q/k/v/o projections, random A and B) for the model in ``base_dir``.
+def build_tiny_lora_adapter(
+    base_dir: str | Path, out_dir: str | Path, corpus: Iterable[str], *, r: int = 8, steps: int = 60, seed: int = 1
+) -> Path:
+    """Train a LoRA adapter (q/k/v/o projections) of the model in ``base_dir`` on ``corpus`` and save it.
 
-    PEFT's default initialisation makes B zero, an adapter that changes nothing; here
-    both matrices are random, so a reply through the adapter differs from the base
-    model's: what a test of "the new version answers" needs. The base's tokenizer is
-    saved with it, as the trainer saves an adapter version.
+    A few seconds of real LoRA steps on a tiny model, enough for the adapter to say
+    what ``corpus`` says instead of what the base learnt: what a test of "the new
+    version answers" needs. The base's tokenizer is saved with it, as the trainer
+    saves an adapter version.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -149,26 +151,26 @@ def build_tiny_lora_adapter(base_dir: str | Path, out_dir: str | Path, *, r: int
 
     out = Path(out_dir)
     torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
     config = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
+        r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
     )
     peft_model = get_peft_model(model, config)
+    corpus = list(corpus)
+    if steps and corpus:  # none: an adapter that changes nothing (PEFT starts B at zero)
+        _overfit(peft_model, tokenizer, corpus, steps, lr=1e-2)
     peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
-def _overfit(model, tokenizer, corpus: list[str], steps: int) -> None:
+def _overfit(model, tokenizer, corpus: list[str], steps: int, lr: float = 3e-3) -> None:
     import torch
 
     batch = tokenizer([text + EOS for text in corpus], return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
         loss = model(**batch, labels=labels).loss
