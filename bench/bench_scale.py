@@ -100,7 +100,7 @@ def start_vllm(model: Path, work: Path, args) -> tuple[subprocess.Popen, str, fl
             "--max-model-len",
             str(args.max_model_len),
             "--max-num-seqs",
-            str(max(args.levels)),
+            str(max(args.levels + args.web_levels)),
             "--dtype",
             args.vllm_dtype,
         ],  # fmt: skip
@@ -292,7 +292,7 @@ async def web_part(vllm_url: str, model: Path, args, work: Path) -> dict:
         try:
             bases = [base for _, base in processes]
             await _web_level(bases, exchanges, 1, _level_args(args, turns=1), vllm_url)  # warm-up
-            for level in args.levels:
+            for level in args.web_levels:
                 out["runs"].append(await _web_level(bases, exchanges, level, args, vllm_url))
                 print(json.dumps({"web": out["runs"][-1]}), file=sys.stderr)
         finally:
@@ -329,6 +329,7 @@ async def main(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,16,64", help="conversations at once, comma-separated")
+    parser.add_argument("--web-concurrency", default="16,64", help="chats at once in the web part")
     parser.add_argument("--turns", type=int, default=1, help="messages per conversation (default 1)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=64, help="BatchedEngine's batch (default 64)")
@@ -339,7 +340,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the in-process engine (0: all)")
     parser.add_argument("--model-dir", help="a Hugging Face model directory (default: the bundled SmolLM2 export)")
     parser.add_argument("--model-store", default=str(ROOT / "var" / "models"))
-    parser.add_argument("--vllm-kv-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
     parser.add_argument("--vllm-dtype", default="float32", help="float32 (default: as the in-process engine)")
     parser.add_argument("--vllm-reserved-cpus", type=int, default=0, help="cores vLLM keeps from compute")
     parser.add_argument("--skip-web", action="store_true", help="engines only, no daphne processes")
@@ -347,6 +348,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    args.web_levels = [int(x) for x in args.web_concurrency.split(",") if x.strip()]
     return args
 
 
