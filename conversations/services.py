@@ -45,6 +45,7 @@ from .review import services as review_services
 from .review.selectors import display_name
 from .selectors import (
     SHUTDOWN_FINISH_REASON,
+    TAKEN_OVER_FINISH_REASON,
     messages_after,
     model_version_for_label,
     prompt_messages,
@@ -472,14 +473,24 @@ def bot_reply_start(
 
 
 def bot_reply_heartbeat(*, message_id: int, body: str, seq: int) -> bool:
-    """Save the text streamed so far and prove the writer alive; False if the reply is no longer streaming."""
-    message = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).only("generation").first()
+    """Save the text streamed so far and prove the writer alive.
+
+    False if the writer should stop: the reply is no longer streaming, or its
+    conversation is no longer the bot's (an agent took it over, or it was closed).
+    """
+    message = (
+        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING)
+        .select_related("conversation")
+        .only("generation", "conversation__status")
+        .first()
+    )
     if message is None:
         return False
     generation = {**(message.generation or {}), "heartbeat": timezone.now().isoformat(), "seq": seq}
-    return bool(
-        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(body=body, generation=generation)
+    saved = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
+        body=body, generation=generation
     )
+    return bool(saved) and message.conversation.status == Conversation.Status.BOT
 
 
 def _reply_close(message: Message, *, status: str, generation: dict[str, Any], **fields: Any) -> None:
@@ -528,7 +539,9 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     conversation = message.conversation
     if ok:
         review_services.queue_items_for_finished_reply(message=message)
-    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON):
+    # A cancel (the customer left), a shutdown (the next server answers again) or an
+    # agent's takeover (a human has the conversation) is no reason to call a human.
+    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON, TAKEN_OVER_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
     elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)

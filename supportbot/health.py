@@ -1,9 +1,10 @@
 """Readiness checks for ``/healthz``: database, channel layer, Celery broker, active model.
 
 Each check returns ``{"ok": bool, ...details}`` and never raises; the view answers
-200 when the database, channel layer and broker are all usable, 503 otherwise. A
-missing model version is reported but does not make the service unhealthy: the chat
-still works and offers a human.
+200 when the database, channel layer and broker are all usable and this process
+serves the active model version (or is loading it), 503 otherwise. A missing model
+version is reported but does not make the service unhealthy: the chat still works and
+offers a human; a process still serving a replaced version does.
 
 What failed is public; why is not: an error's text names hosts, ports, users and
 paths, so it is shown to staff and, with ``SUPPORTBOT_HEALTHZ_DETAILS``, to everyone
@@ -98,10 +99,12 @@ def broker_check() -> dict:
 def model_check() -> dict:
     """The active version (database), what this answering process serves (memory), and each vLLM server.
 
+    ok only when this process serves the active version or says it is loading it (or
+    loads it on the first reply); a process still serving an older version is not ok.
     With ``SUPPORTBOT_ENGINE=vllm``, ``vllm_servers`` lists every configured server:
     whether it answers, and the model names it serves.
     """
-    from finetune.serving.runtime import engine_status, vllm_health
+    from finetune.serving.runtime import engine_converged, engine_status, vllm_health
 
     here = {"this_process": engine_status()}
     servers = vllm_health()
@@ -113,9 +116,13 @@ def model_check() -> dict:
         version = model_version_active()
     except Exception as exc:  # noqa: BLE001
         return {"ok": False, "active_version": None, "error": f"{type(exc).__name__}: {exc}", **here}
+    converged, why = engine_converged(version.label if version else None)
+    note = {"note": why} if why else {}
     if version is None:
-        return {"ok": True, "active_version": None, "note": "No model version is active; chat offers a human.", **here}
-    return {"ok": True, "active_version": version.label, "base_model": version.base_model, **here}
+        if converged:
+            note = {"note": "No model version is active; chat offers a human."}
+        return {"ok": converged, "active_version": None, **note, **here}
+    return {"ok": converged, "active_version": version.label, "base_model": version.base_model, **note, **here}
 
 
 def _without_error_details(check: dict) -> dict:
@@ -139,7 +146,7 @@ async def health_report(*, details: bool = True) -> tuple[bool, dict]:
         sync_to_async(broker_check, thread_sensitive=False)(),
         sync_to_async(model_check)(),
     )
-    healthy = db["ok"] and layer["ok"] and broker["ok"]
+    healthy = db["ok"] and layer["ok"] and broker["ok"] and model["ok"]
     checks = {"database": db, "channel_layer": layer, "celery_broker": broker, "model": model}
     if not details:
         for name, check in checks.items():

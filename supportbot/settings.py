@@ -225,12 +225,15 @@ if not (CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > SUPPORTBOT_
 # A training worker writes a heartbeat this often; a running run whose heartbeat is
 # older than STALE_AFTER belongs to a dead worker and is failed by the reaper.
 SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = env_float("SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL", 5.0)
-SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 120.0)
+# 60 s: twelve missed heartbeats, and a killed run is failed within about a minute.
+SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 60.0)
 if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
     raise ImproperlyConfigured(
         "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
         "or a live run with one slow heartbeat is failed as dead."
     )
+# Every worker looks for runs with a stale heartbeat this often (a thread beside the tasks).
+SUPPORTBOT_TRAINING_REAP_INTERVAL_S = env_float("SUPPORTBOT_TRAINING_REAP_INTERVAL_S", 15.0)
 # Queues (docs/deploy.md): training runs hours on a GPU box, so retrain tasks go to a queue
 # of their own that only training workers consume (`celery worker -Q training -c 1`);
 # everything else goes to the default queue, served by CPU workers, and never waits behind
@@ -349,6 +352,17 @@ SUPPORTBOT_HEALTHZ_DETAILS = env_bool("SUPPORTBOT_HEALTHZ_DETAILS", False)
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
 
+# Reply quality gate (issue 10, finetune.services.gates): a candidate's served replies on
+# its validation sample must beat the retrieval baseline (the nearest past answer) on
+# ROUGE-L and on intent accuracy (or reach SUPPORTBOT_GATE_INTENT_ACCURACY), with no
+# template slot and no repeated sentence, and may fall below the active version's by at
+# most this margin on either (two intents in a 100-reply sample).
+SUPPORTBOT_GATE_QUALITY_MARGIN = env_float("SUPPORTBOT_GATE_QUALITY_MARGIN", 0.02)
+SUPPORTBOT_GATE_INTENT_ACCURACY = env_float("SUPPORTBOT_GATE_INTENT_ACCURACY", 0.95)
+# Gates listed here are evaluated and shown but do not block automatic promotion (test set-ups
+# whose tiny models cannot answer anything; never in production: a person then promotes by hand).
+SUPPORTBOT_GATES_ADVISORY = env_list("SUPPORTBOT_GATES_ADVISORY", [])
+
 # --- Chat (issue 5) -------------------------------------------------------------
 # A bot reply whose mean token log-probability is below this hands the conversation
 # to a human. A guessing model sits near -ln(vocabulary) (about -6 to -11); fluent,
@@ -399,6 +413,10 @@ SUPPORTBOT_VLLM_LOAD_TIMEOUT_S = env_float("SUPPORTBOT_VLLM_LOAD_TIMEOUT_S", 120
 # Load the active model version when the ASGI app starts (in a background thread), so the
 # first customer after a restart does not wait seconds for the load. Off: load on first reply.
 SUPPORTBOT_PRELOAD_MODEL = env_bool("SUPPORTBOT_PRELOAD_MODEL", True)
+# Each chat server reads the active model version's id this often and reloads when it
+# changed: the model.changed event cannot reach other processes on the in-memory channel
+# layer (the default), and channel layers may drop it. One indexed query per process.
+SUPPORTBOT_MODEL_CHECK_S = env_float("SUPPORTBOT_MODEL_CHECK_S", 5.0)
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)

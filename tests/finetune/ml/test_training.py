@@ -95,8 +95,20 @@ def test_metrics_compare_with_retrieval_baseline(tiny_base, dataset_dir, tmp_pat
     assert 0.0 <= metrics["rouge_l"] <= 1.0
     assert 0.0 <= metrics["rouge_l_retrieval"] <= 1.0
     sample = metrics["samples"][0]
-    assert set(sample) == {"question", "reference", "model", "retrieval"}
+    assert set(sample) == {"question", "reference", "model", "source", "retrieval"}
     assert sample["retrieval"] in {a for _, a in EXCHANGES[:8]}  # lookup answers with a training reply
+    # An old dataset (no retrieval index saved with it): the model is evaluated ungrounded, its
+    # words always go out, and the retrieval baseline is built from the train split on the fly.
+    quality = metrics["quality"]
+    assert quality["grounded"] is False
+    assert set(quality["rows"]) == {"base", "candidate", "retrieval", "retrieval-consensus"}
+    candidate = quality["rows"]["candidate"]
+    assert candidate["n"] == quality["examples"] == 2
+    assert candidate["retrieved"] == 0  # no index, no past answer can go out
+    assert candidate["model_replies"] + candidate["handoffs"] == 2  # the unsure tiny model hands off
+    assert candidate["rouge_l"] == metrics["rouge_l"]
+    assert quality["rows"]["retrieval"]["rouge_l"] == metrics["rouge_l_retrieval"]
+    assert candidate["intent_accuracy"] is None  # no classifier without intents
     assert metrics["padding_fraction"] < 0.5
     assert (result.output_dir / "metrics.json").exists()
 
