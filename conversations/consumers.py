@@ -342,6 +342,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.get("type") == "handoff":
             self.conversation.status, self.conversation.handoff_reason = frame["status"], frame["reason"]
             self.conversation.agent_display_name = frame.get("agent_name", "")
+            if frame["status"] != Conversation.Status.BOT:
+                # A human has it now: a reply this process is still writing stops here.
+                await replies.reply_cut(str(self.conversation.pk))
         await self.send_json(frame)
 
     async def chat_tokens(self, event: dict[str, Any]) -> None:

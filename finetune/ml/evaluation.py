@@ -206,13 +206,8 @@ def generate_replies(
     batch_size: int = 8,
     device: str = "cpu",
     autocast: Callable | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy replies to rendered prompts, batched with left padding, cut at the stop strings.
-
-    ``on_progress(done, total)`` is called before the first batch and after each one
-    (a run page shows "12/32 replies").
-    """
+    """Greedy replies to rendered prompts, batched with left padding, cut at the stop strings."""
     import torch
 
     was_training = model.training
@@ -220,8 +215,6 @@ def generate_replies(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues at the right edge of every row
     replies: list[str] = []
-    if on_progress is not None:
-        on_progress(0, len(prompts))
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
@@ -239,8 +232,6 @@ def generate_replies(
             for row in new_tokens:
                 text = tokenizer.decode(row, skip_special_tokens=False)
                 replies.append(cut_at_stop(text, stops))
-            if on_progress is not None:
-                on_progress(len(replies), len(prompts))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -42,7 +42,7 @@ def test_the_service_queues_the_task_this_module_defines():
 
 
 def test_retrain_in_a_worker_promotes_then_a_corrupt_dataset_fails_without_harm(
-    model_store, dataset_dir, training_worker, tmp_path
+    model_store, dataset_dir, quality_gate_advisory, training_worker, tmp_path
 ):
     worker = training_worker()
     dataset_version_create(dataset_dir)
@@ -121,7 +121,7 @@ def test_killed_worker_fails_the_run_and_a_redelivery_does_not_rerun_it(
 
 
 def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
-    model_store, dataset_dir, training_worker, tiny_base, daphne_factory
+    model_store, dataset_dir, quality_gate_advisory, training_worker, tiny_base, daphne_factory
 ):
     """The embedded default: each process has its own in-memory channel layer, so the worker's
     ``model.changed`` event never reaches daphne. daphne must still converge on the version

@@ -6,8 +6,10 @@ builds each prompt (trimmed to the prompt budget), reuses cached prefix keys and
 values, and prefills at most the scheduler's per-step budget of prompt tokens between
 two decode steps (``prefill_some``: fewest tokens left first, long prompts in chunks),
 in the groups the scheduler chose; a prompt's last chunk gives the reply's first
-token. Each decode step then gives every row its next token, so running replies keep
-streaming while a long prompt is prefilled. A row
+token. Each decode step then gives every row its next token, chosen after the
+version's repetition controls have seen that row's generated tokens
+(``finetune.ml.decoding.apply_to_row``, as ``NaiveEngine`` and the evaluation apply
+them), so running replies keep streaming while a long prompt is prefilled. A row
 leaves its batch when its reply stops, reaches its length, is cancelled or times
 out; its request gets the held-back text and ``GenerationDone``.
 """
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from finetune.ml.decoding import apply_to_row, repetition_processors
 from finetune.ml.prompting import stop_sequences
 
 from ..interface import GenerationDone, GenerationParams, TokenDelta
@@ -33,6 +36,11 @@ log = logging.getLogger(__name__)
 # A prompt does not start a chunk smaller than this behind others in the same step: a
 # handful of tokens costs a pass's fixed overhead for little progress.
 MIN_CHUNK_TOKENS = 32
+# While a reply that started within its first HOLD_TOKENS tokens shows no word yet, chunks of
+# long prompts wait, for at most HOLD_STEPS decode steps in a row: its first word then comes
+# at decode speed instead of one prefill chunk per token.
+HOLD_TOKENS = 16
+HOLD_STEPS = 8
 
 
 @dataclass(eq=False)
@@ -49,6 +57,8 @@ class Row:
     logprob_sum: float = 0.0
     logprob_n: int = 0
     first_at: float | None = None
+    processors: object = None  # repetition controls (a LogitsProcessorList over ``generated``), or None
+    generated: list[int] = field(default_factory=list)  # reply token ids so far (what the controls see)
 
 
 @dataclass(eq=False)
@@ -78,6 +88,7 @@ class Runner:
         self.prefix_cache_bytes = prefix_cache_bytes
         self.batches: list[KVBatch] = []
         self.pending: list[Prefill] = []  # admitted prompts not yet fully prefilled
+        self.held = 0  # steps in a row without long-prompt chunks, for new replies' first words
         self.steps = 0  # decode steps taken (observability and tests)
         self.prefills = 0  # prefill forward passes
         self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
@@ -123,18 +134,20 @@ class Runner:
                 self.finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
                 continue
             params = job.request.params
-            reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(params.stop))
+            stops = stop_sequences(loaded.tokenizer) + tuple(params.stop)
+            reply = ReplyText(loaded.tokenizer, stops, job.request.prime)
             try:
                 max_prompt, max_new = token_budget(
                     context_window(loaded), params.max_new_tokens, params.max_prompt_tokens
                 )
-                ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+                ids = prompt_ids_for(loaded, job.request.messages, max_prompt, job.request.prime)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("Building the prompt failed for %s", job.request.key)
                 self.finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
                 continue
             reused, layers = batch.prefixes.lookup(job.request.key, ids)
             row = Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
+            row.processors = repetition_processors(0, loaded.decoding) or None
             self.pending.append(Prefill(row=row, reused=reused, layers=layers, batch=batch))
 
     def prefill_some(self, budget: int, grouping: Callable[[Sequence[Prefill]], list[list[Prefill]]]) -> None:
@@ -143,7 +156,8 @@ class Runner:
         The prompt with the fewest tokens left goes first, so a normal customer's prompt
         never waits behind a long one; a prompt longer than what is left of the budget
         gets a chunk of it and continues at the next step (its keys and values so far
-        are kept). A prompt passed over ages: each skipped step counts as ``budget``
+        are kept), unless a reply that has just started shows no word yet (see
+        ``HOLD_STEPS``). A prompt passed over ages: each skipped step counts as ``budget``
         tokens fewer, so a long prompt is never starved by a stream of short ones. A
         prompt whose last chunk is computed gets its first token and joins its batch.
         """
@@ -152,10 +166,21 @@ class Runner:
             self.pending.remove(item)
             reason = "cancelled" if item.row.job.cancelled else "timeout"
             self.finish_job(item.row.job, reason, reply=item.row.reply, loaded=item.batch.loaded)
+        # A reply that has just started and shown no word yet gets decode steps of its own:
+        # no chunk of a long prompt runs then (prompts that complete in this step still
+        # do), for at most HOLD_STEPS steps in a row, so the long prompt is only delayed.
+        hold = self.held < HOLD_STEPS and any(
+            row.count < HOLD_TOKENS and not row.reply.text.strip() for batch in self.batches for row in batch.rows
+        )
+        self.held = self.held + 1 if hold else 0
         left, chosen = max(1, budget), []
         for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
             take = min(item.remaining, left)
-            if take <= 0 or (chosen and take < min(item.remaining, MIN_CHUNK_TOKENS)):
+            if (
+                take <= 0
+                or (hold and take < item.remaining)
+                or (chosen and take < min(item.remaining, MIN_CHUNK_TOKENS))
+            ):
                 item.skipped += 1
                 continue
             item.upto, item.skipped = item.reused + take, 0
@@ -268,11 +293,12 @@ class Runner:
             self._finish_row(row, "stop", loaded)
             return True
         row.count += 1
+        row.generated.append(token)
         if row.first_at is None:
             row.first_at = time.monotonic()
         delta = row.reply.push(token)
         if delta:
-            row.job.emit(TokenDelta(delta))
+            row.job.emit(TokenDelta(delta, mean_logprob=_mean(row.logprob_sum, row.logprob_n)))
         if row.reply.stopped:
             self._finish_row(row, "stop", loaded)
             return True
@@ -355,12 +381,17 @@ def _mean(total: float, count: int) -> float | None:
 def _choose(logits, rows: list[Row]) -> tuple[list[int], list[float]]:
     """Each row's next token (greedy, or sampled with its temperature and top-p) and its log-probability.
 
-    The log-probability is that of the model's own distribution (before temperature),
-    the confidence measure the low-confidence handoff reads.
+    Each row's repetition controls act on its logits first (one small operation per row
+    with controls). The log-probability is that of the distribution the token is chosen
+    from before temperature, as ``NaiveEngine`` reports it: the confidence measure the
+    reply policy and the low-confidence handoff read.
     """
     import torch
 
     logits = logits.float()
+    for i, row in enumerate(rows):
+        if row.processors is not None and row.generated:
+            logits[i] = apply_to_row(row.processors, row.generated, logits[i])
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = torch.argmax(logits, dim=-1)
     for i, row in enumerate(rows):

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('finetune', '0001_initial'),
+        ('finetune', '0003_bias_report'),
     ]
 
     operations = [
