@@ -41,6 +41,9 @@ MIN_CHUNK_TOKENS = 32
 # at decode speed instead of one prefill chunk per token.
 HOLD_TOKENS = 16
 HOLD_STEPS = 8
+# A prompt of at most this many times the step's budget is prefilled whole when it is first
+# in line: an ordinary customer's prompt (about 100 tokens) is never chunked.
+SHORT_PROMPT_BUDGETS = 4
 
 
 @dataclass(eq=False)
@@ -170,22 +173,29 @@ class Runner:
         # no chunk of a long prompt runs then (prompts that complete in this step still
         # do), for at most HOLD_STEPS steps in a row, so the long prompt is only delayed.
         hold = self.held < HOLD_STEPS and any(
-            row.count < HOLD_TOKENS and not row.reply.text.strip() for batch in self.batches for row in batch.rows
+            row.count < HOLD_TOKENS and not row.reply.text[: row.reply.emitted].strip()
+            for batch in self.batches
+            for row in batch.rows
         )
-        self.held = self.held + 1 if hold else 0
-        left, chosen = max(1, budget), []
+        left, complete, chunks = max(1, budget), [], []
         for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
             take = min(item.remaining, left)
-            if (
-                take <= 0
-                or (hold and take < item.remaining)
-                or (chosen and take < min(item.remaining, MIN_CHUNK_TOKENS))
-            ):
+            if not complete and not chunks and item.remaining <= SHORT_PROMPT_BUDGETS * budget:
+                take = item.remaining  # the first in line, of an ordinary size: whole, in one pass
+            if take == item.remaining:
+                complete.append(item)
+            elif take <= 0 or hold or complete or (chunks and take < MIN_CHUNK_TOKENS):
+                # A prompt that completes now goes alone: its first token waits for no chunk.
                 item.skipped += 1
                 continue
+            else:
+                chunks.append(item)
             item.upto, item.skipped = item.reused + take, 0
-            chosen.append(item)
             left -= take
+        for item in chunks if complete else ():
+            item.skipped += 1  # chosen before a shorter prompt that completes was seen
+        chosen = complete or chunks
+        self.held = self.held + 1 if hold and not chosen else 0
         for batch in {id(p.batch): p.batch for p in chosen}.values():
             for group in grouping([p for p in chosen if p.batch is batch]):
                 self._prefill(group, batch)
