@@ -58,7 +58,7 @@ HUGE = EMOJI * 1024  # 4,096 characters, the chat's longest message
 NORMAL = "Where is my order? I ordered a blender last week and it has not arrived."
 # The settings' defaults (supportbot/settings.py), without importing Django.
 PROMPT_MAX_TOKENS = 1536
-PREFILL_TOKENS_PER_STEP = 64
+PREFILL_TOKENS_PER_STEP = 256
 
 
 def messages(text: str) -> list[dict[str, str]]:

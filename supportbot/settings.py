@@ -446,9 +446,9 @@ SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
 # Prompt tokens the batched engine prefills between two decode steps. A longer prompt is
 # prefilled in chunks over several steps, shortest waiting prompt first, so a normal
 # customer's prompt never waits behind a long one and running replies keep streaming.
-# 64: a chunk costs about a decode step of SmolLM2 on two cores (docs/benchmarks.md#fairness);
-# a GPU takes far more (vLLM's default is 512 to 2048).
-SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 64)
+# 256: each chunk also re-reads the prompt's cached prefix, so much smaller chunks cost more
+# in all (docs/benchmarks.md#fairness); a GPU takes far more (vLLM's default is 512 to 2048).
+SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 256)
 
 # --- Agent workspace (issue 11) ---------------------------------------------------------
 # Share of finished bot replies put in the "random sample" review queue, so agents also

@@ -59,7 +59,7 @@ class BatchedEngine:
         max_batch_size: int = 16,
         num_threads: int | None = None,
         prefix_cache_mb: float = 512,
-        prefill_tokens: int = 64,
+        prefill_tokens: int = 256,
     ):
         self._scheduler = Scheduler(loaded, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens)
         self._runner = Runner(self._scheduler, prefix_cache_bytes=int(prefix_cache_mb * 2**20))

@@ -43,7 +43,7 @@ HOLD_TOKENS = 16
 HOLD_STEPS = 8
 # A prompt of at most this many times the step's budget is prefilled whole when it is first
 # in line: an ordinary customer's prompt (about 100 tokens) is never chunked.
-SHORT_PROMPT_BUDGETS = 4
+SHORT_PROMPT_BUDGETS = 2
 
 
 @dataclass(eq=False)
