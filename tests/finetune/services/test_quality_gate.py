@@ -122,7 +122,7 @@ def test_a_version_without_a_quality_evaluation_is_not_promoted_automatically(tm
 
 
 def test_advisory_gates_are_shown_but_do_not_block(tmp_path, settings):
-    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
+    settings.SUPPORTBOT_GATES_ADVISORY = [*settings.SUPPORTBOT_GATES_ADVISORY, "reply_quality"]
     below = version(tmp_path, row("candidate", 0.1, 0.5))
     summary = model_version_gates_evaluate(version=below, save=False)
     assert summary["gates"]["reply_quality"]["passed"] is False
