@@ -322,7 +322,7 @@ def celery_worker_process(transactional_db, tmp_path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded machine starts a worker slowly
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"Celery worker exited with {process.returncode}:\n{log.read_text()[-3000:]}")
@@ -330,7 +330,7 @@ def celery_worker_process(transactional_db, tmp_path) -> Iterator[str]:
                 break
             time.sleep(0.3)
         else:
-            raise RuntimeError(f"Celery worker not ready after 60 s:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"Celery worker not ready after 180 s:\n{log.read_text()[-3000:]}")
         process.log_path = log  # type: ignore[attr-defined]
         yield queue
     finally:
