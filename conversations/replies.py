@@ -216,6 +216,16 @@ class _Runner:
         finally:
             live_replies.pop(message.pk, None)
         await self.send(frames.reply_done_frame(final))
+        if final.status == Message.Status.FAILED and (final.generation or {}).get("finish_reason") == "error":
+            # The model failed (a vLLM server died mid-reply, say): say so, not only a
+            # greyed-out reply. The customer's message is saved; the chat went to a person.
+            await self.send(
+                frames.error_frame(
+                    "reply_failed",
+                    "The bot could not finish this reply. Your message is saved and a person will answer.",
+                    reply_id=final.pk,
+                )
+            )
         return True
 
     async def _stream(self, engine, message: Message, prompt, params: GenerationParams, live: LiveReply) -> Message:

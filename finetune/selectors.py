@@ -337,3 +337,82 @@ def model_version_quality(version: ModelVersion) -> QualityTable | None:
         grounded=bool(quality.get("grounded")),
         gate=gate,
     )
+
+
+def bias_thresholds():
+    """The alert rule's thresholds from settings (``SUPPORTBOT_BIAS_*``), for the dashboard and the probes."""
+    from django.conf import settings
+
+    from .ml.fairness import AlertThresholds
+
+    return AlertThresholds(
+        min_n=settings.SUPPORTBOT_BIAS_MIN_N,
+        alpha=settings.SUPPORTBOT_BIAS_ALPHA,
+        min_relative_gap=settings.SUPPORTBOT_BIAS_MIN_RELATIVE_GAP,
+        ratio_low=settings.SUPPORTBOT_BIAS_RATIO_LOW,
+        ratio_high=settings.SUPPORTBOT_BIAS_RATIO_HIGH,
+    )
+
+
+def ticket_replies_with_intent(*, limit: int = 20_000) -> tuple[list[str], list[str]]:
+    """Agents' replies of historical tickets with the ticket's intent (newest tickets first, at most
+    ``limit``): what an intent classifier of replies learns from when a version ships none."""
+    rows = (
+        TicketMessage.objects.filter(role=TicketMessage.Role.AGENT)
+        .exclude(ticket__intent="")
+        .order_by("-ticket_id", "-position")
+        .values_list("ticket_id", "body", "ticket__intent")
+    )
+    seen: set[int] = set()
+    replies: list[str] = []
+    intents: list[str] = []
+    for ticket_id, body, intent in rows.iterator(chunk_size=2000):
+        if ticket_id in seen:
+            continue  # the last agent turn of each ticket only
+        seen.add(ticket_id)
+        replies.append(body)
+        intents.append(intent)
+        if len(replies) >= limit:
+            break
+    return replies, intents
+
+
+def bias_report_latest(version: ModelVersion):
+    """The version's latest counterfactual-probe report (what its promotion gate reads), or None."""
+    return version.bias_reports.order_by("-created_at", "-id").first()
+
+
+def bias_report_table(report) -> dict[str, Any]:
+    """A ``BiasReport`` as the version page shows it: one row per variant group with each measure's
+    paired gap and interval (flagged ones marked), and per measure the worst group with examples."""
+    data = report.report or {}
+    measures: list[str] = []
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for result in data.get("results", []):
+        if result["measure"] not in measures:
+            measures.append(result["measure"])
+        row = rows.setdefault(
+            (result["axis"], result["group"]), {"axis": result["axis"], "group": result["group"], "cells": {}}
+        )
+        interval = result.get("difference_interval") or {}
+        row["cells"][result["measure"]] = {
+            "difference": result.get("difference"),
+            "low": interval.get("low"),
+            "high": interval.get("high"),
+            "p_adjusted": result.get("p_adjusted"),
+            "flagged": bool((result.get("decision") or {}).get("alert")),
+            "n": result.get("n"),
+        }
+    table = [{**row, "cells": [row["cells"].get(m) for m in measures]} for row in rows.values()]
+    worst = [
+        {
+            "measure": w["measure"],
+            "axis": w["axis"],
+            "group": w["group"],
+            "difference": w.get("difference"),
+            "flagged": bool((w.get("decision") or {}).get("alert")),
+            "examples": w.get("examples", [])[:2],
+        }
+        for w in data.get("worst", [])
+    ]
+    return {"measures": measures, "rows": table, "worst": worst}

@@ -97,14 +97,19 @@ def broker_check() -> dict:
 
 
 def model_check() -> dict:
-    """The active version (database) and what this answering process serves (memory).
+    """The active version (database), what this answering process serves (memory), and each vLLM server.
 
     ok only when this process serves the active version or says it is loading it (or
     loads it on the first reply); a process still serving an older version is not ok.
+    With ``SUPPORTBOT_ENGINE=vllm``, ``vllm_servers`` lists every configured server:
+    whether it answers, and the model names it serves.
     """
-    from finetune.serving.runtime import engine_converged, engine_status
+    from finetune.serving.runtime import engine_converged, engine_status, vllm_health
 
     here = {"this_process": engine_status()}
+    servers = vllm_health()
+    if servers is not None:
+        here["vllm_servers"] = servers
     try:
         from finetune.selectors import model_version_active
 
@@ -124,6 +129,9 @@ def _without_error_details(check: dict) -> dict:
     public = {key: (PUBLIC_ERROR if key == "error" and value else value) for key, value in check.items()}
     if isinstance(check.get("this_process"), dict):
         public["this_process"] = _without_error_details(check["this_process"])
+    if isinstance(check.get("vllm_servers"), list):
+        # Server URLs name hosts and ports: staff only, like error texts.
+        public["vllm_servers"] = [{"ok": server["ok"]} for server in check["vllm_servers"]]
     return public
 
 
@@ -142,7 +150,11 @@ async def health_report(*, details: bool = True) -> tuple[bool, dict]:
     checks = {"database": db, "channel_layer": layer, "celery_broker": broker, "model": model}
     if not details:
         for name, check in checks.items():
-            if check.get("error") or (check.get("this_process") or {}).get("error"):
+            if (
+                check.get("error")
+                or (check.get("this_process") or {}).get("error")
+                or not all(server["ok"] for server in check.get("vllm_servers") or [])
+            ):
                 log.warning("Health check %s failed: %s", name, check)
         checks = {name: _without_error_details(check) for name, check in checks.items()}
     return healthy, {"status": "ok" if healthy else "unavailable", "checks": checks}

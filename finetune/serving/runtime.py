@@ -6,10 +6,18 @@ engines it runs are plain Python.
 - ``get_engine()`` returns this process's engine, loading the active ``ModelVersion``
   on first use, or None when no version is active (the chat then says so and offers
   a human). What it returns is wrapped in the safety filter (``finetune.serving.safety``):
-  every delta a consumer streams is already masked; the blocked terms come from the
-  chat app through ``finetune.providers``.
-- ``SUPPORTBOT_ENGINE`` picks the engine: ``batched`` (default, ``BatchedEngine``) or
-  ``naive`` (``NaiveEngine``, one ``generate()`` at a time).
+  every delta a consumer streams is already masked and its template slots filled; the
+  blocked terms and the company's facts come from the chat app through ``finetune.providers``.
+- Grounding: when the served version has a retrieval index, each reply's request is
+  grounded on it before it reaches the engine (``finetune.serving.grounded``), and the
+  reply policy decides, on the model's first sentence, whether its words or a retrieved
+  answer go out (``_reply_plan``).
+- ``SUPPORTBOT_ENGINE`` picks the engine: ``batched`` (default, ``BatchedEngine``),
+  ``naive`` (``NaiveEngine``, one ``generate()`` at a time) or ``vllm`` (``VLLMEngine``:
+  the vLLM servers of ``SUPPORTBOT_VLLM_URLS`` generate; this process loads only the
+  version's tokenizer, and a version change is a change of served name).
+  ``vllm_servers()`` is the process's view of those servers, shared with the promotion
+  service (which makes a version's name live on every server first) and ``/healthz``.
 - Reloads: after a promotion or rollback commits, the fine-tuning side sends
   ``{"type": "model.changed", "version_id": ..., "label": ...}`` to the channel-layer
   group ``models``. Each process listens with a task of its own (started by the first
@@ -44,10 +52,12 @@ from finetune.providers import chat_data
 from finetune.services.model_versions import MODEL_CHANGED_EVENT, MODEL_EVENTS_GROUP
 
 from .batched import BatchedEngine
+from .grounded import ground_request, reply_decider
 from .interface import Engine, GenerationParams, GenerationRequest
 from .loading import load_for_inference
 from .naive import NaiveEngine
-from .safety import Masker, SafeEngine, reply_maskers
+from .safety import ReplyPlan, SafeEngine, reply_maskers
+from .vllm import VLLMEngine, VLLMServers, served_version
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +68,8 @@ MODEL_CHANGED = MODEL_CHANGED_EVENT
 # a long-running process subscribed.
 _GROUP_REFRESH_S = 3600
 
-_engine = None  # BatchedEngine or NaiveEngine, the model's owner
+_engine = None  # BatchedEngine, NaiveEngine or VLLMEngine, the model's owner
+_vllm_servers: VLLMServers | None = None
 _safe_engine: SafeEngine | None = None  # what get_engine() hands out
 _engine_version_id: int | None = None
 _engine_label: str | None = None
@@ -75,6 +86,29 @@ _watcher: asyncio.Task | None = None
 
 
 # --- the engine ------------------------------------------------------------------------
+
+
+def vllm_servers() -> VLLMServers:
+    """The vLLM servers of ``SUPPORTBOT_VLLM_URLS`` (one object per process, so all replies share who is down)."""
+    global _vllm_servers
+    urls = tuple(url.rstrip("/") for url in settings.SUPPORTBOT_VLLM_URLS)
+    with _state_lock:
+        if _vllm_servers is None or _vllm_servers.urls != urls:
+            _vllm_servers = VLLMServers(
+                urls,
+                read_timeout_s=settings.SUPPORTBOT_VLLM_READ_TIMEOUT_S,
+                load_timeout_s=settings.SUPPORTBOT_VLLM_LOAD_TIMEOUT_S,
+            )
+        return _vllm_servers
+
+
+def _vllm_load(version):
+    """What a web process needs to serve ``version`` on vLLM: its served name and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    served = served_version(label=version.label, adapter_path=version.adapter_path, merged_path=version.merged_path)
+    tokenizer = AutoTokenizer.from_pretrained(served.files)
+    return served, tokenizer, vllm_servers().max_model_len(served.name)
 
 
 def _make_engine(loaded):
@@ -115,8 +149,12 @@ def inference_reload() -> str | None:
         path = version.merged_path or version.adapter_path
         log.info("Loading model %s from %s", version.label, path)
         _loading_label = version.label
+        vllm = settings.SUPPORTBOT_ENGINE == "vllm"
         try:
-            loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
+            if vllm:
+                served, tokenizer, max_len = _vllm_load(version)
+            else:
+                loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
         except Exception as exc:
             _load_error = f"{version.label}: {type(exc).__name__}: {exc}"
             _failed_version_id = version.pk
@@ -124,9 +162,16 @@ def inference_reload() -> str | None:
         finally:
             _loading_label = None
         with _state_lock:
-            if _engine is None:
+            if vllm and isinstance(_engine, VLLMEngine):
+                _engine.swap(served, tokenizer, max_model_len=max_len)
+            elif vllm:
+                old, _engine = _engine, VLLMEngine(_vllm_servers, served, tokenizer, max_model_len=max_len)
+                _safe_engine = SafeEngine(_engine, plan_for=_reply_plan)
+                if old is not None:
+                    old.close(timeout=0)
+            elif _engine is None or isinstance(_engine, VLLMEngine):
                 _engine = _make_engine(loaded)
-                _safe_engine = SafeEngine(_engine, _reply_maskers)
+                _safe_engine = SafeEngine(_engine, plan_for=_reply_plan)
             else:
                 _engine.swap(loaded)
             _engine_version_id, _engine_label, _load_error = version.pk, version.label, None
@@ -169,10 +214,23 @@ def preload_start() -> threading.Thread:
 
 
 def engine_status() -> dict:
-    """What this process serves: ``{"serving": label|None, "loading": label|None, "error": str|None}``."""
+    """What this process serves: ``{"serving": label|None, "loading": label|None, "error": str|None}``.
+
+    With the vLLM engine, also the name replies are requested under (``"vllm_model"``).
+    """
     with _state_lock:
         serving = _engine_label if _engine is not None else None
-    return {"serving": serving, "loading": _loading_label, "error": _load_error}
+        status = {"serving": serving, "loading": _loading_label, "error": _load_error}
+        if isinstance(_engine, VLLMEngine):
+            status["vllm_model"] = _engine.version.name
+    return status
+
+
+def vllm_health() -> list[dict] | None:
+    """Each configured vLLM server and the names it lists (None with an in-process engine)."""
+    if settings.SUPPORTBOT_ENGINE != "vllm":
+        return None
+    return vllm_servers().health()
 
 
 def engine_converged(active_label: str | None) -> tuple[bool, str]:
@@ -368,11 +426,30 @@ async def _keep_membership(layer, channel: str) -> None:
 # --- safety filter inputs ------------------------------------------------------------------
 
 
-async def _reply_maskers(request: GenerationRequest) -> list[Masker]:
-    """The maskers of one reply: personal data, and the chat's blocked terms (read fresh for each reply)."""
+def _profile_inputs() -> tuple[list[str], dict[str, str]]:
+    data = chat_data()
+    return data.blocked_terms(), data.company_facts()
+
+
+async def _reply_plan(request: GenerationRequest) -> ReplyPlan:
+    """One reply's plan: the maskers (personal data, the chat's blocked terms), the company's facts
+    (both read fresh for each reply), and, for a version with a retrieval index, the grounded
+    conversation, the prime and the reply policy bound to the neighbours found."""
     from channels.db import database_sync_to_async
 
-    return reply_maskers(await database_sync_to_async(chat_data().blocked_terms)())
+    terms, facts = await database_sync_to_async(_profile_inputs)()
+    plan = ReplyPlan(maskers=reply_maskers(terms), facts=facts)
+    engine = _engine
+    loaded = getattr(engine, "loaded", None) if engine is not None else None
+    if loaded is None or loaded.index is None:
+        return plan
+    grounding = await asyncio.to_thread(ground_request, loaded, request.messages, request.params.max_new_tokens)
+    if grounding is not None:
+        plan.messages, plan.prime, plan.grounding = grounding.messages, grounding.prime, grounding.log()
+        plan.decide = reply_decider(
+            loaded.reply_policy, grounding.hits, handoff_logprob=settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD
+        )
+    return plan
 
 
 # --- building a reply request --------------------------------------------------------------
