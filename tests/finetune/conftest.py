@@ -102,6 +102,14 @@ def quality_gate_advisory(settings):
     return settings
 
 
+@pytest.fixture
+def model_gates_advisory(settings):
+    """The gates that need a model's replies (reply quality, bias probe) are shown but do not block:
+    for tests of promotion and rollback on version rows without a trained model behind them."""
+    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality", "bias_probe"]
+    return settings
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 with a tokenizer trained on the exchanges above (built once per session)."""
