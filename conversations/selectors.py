@@ -100,6 +100,8 @@ def prompt_messages(
 
 # finish_reason of a reply cut off because its server shut down (conversations.replies).
 SHUTDOWN_FINISH_REASON = "shutdown"
+# A reply stopped because an agent took the conversation over while it streamed.
+TAKEN_OVER_FINISH_REASON = "taken_over"
 
 
 def replies_to(message: Message) -> QuerySet[Message]:

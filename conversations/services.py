@@ -42,10 +42,12 @@ from supportbot.errors import ApplicationError
 from . import frames
 from .broadcast import AGENTS_GROUP, group_send_on_commit
 from .models import Conversation, Message
+from .monitoring import services as monitoring_services
 from .review import services as review_services
-from .review.selectors import display_name
+from .review.selectors import display_name, reply_intent
 from .selectors import (
     SHUTDOWN_FINISH_REASON,
+    TAKEN_OVER_FINISH_REASON,
     messages_after,
     model_version_for_label,
     prompt_messages,
@@ -205,6 +207,7 @@ def conversation_handoff(*, conversation: Conversation, reason: str) -> bool:
     )
     review_services.queue_item_add_handoff(conversation=conversation, reason=reason)
     review_services.waiting_count_announce()
+    monitoring_services.reply_outcome_after_handoff(conversation=conversation)
     return True
 
 
@@ -295,6 +298,8 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
     if existing is not None:
         return existing, False
     body = _message_body(client_id=client_id, text=text)
+    # Labelled before the transaction: the detector takes about a millisecond, no lock needed.
+    labels = monitoring_services.message_segments_label(body)
     try:
         with transaction.atomic():
             # The row's status, not the caller's copy: an agent may have closed it since
@@ -309,7 +314,7 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
                     extra={"client_id": client_id},
                 )
             message = Message.objects.create(
-                conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id
+                conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id, **labels
             )
             Conversation.objects.filter(pk=conversation.pk).update(last_message_at=message.created_at)
             group_send_on_commit(
@@ -353,6 +358,7 @@ def csat_record(*, conversation: Conversation | None, message_id: int, helpful: 
     message.save(update_fields=["helpful", "helpful_at"])
     if not helpful:
         review_services.queue_item_add(message=message, source="not_helpful")
+    monitoring_services.reply_outcome_refresh(message_id=message.pk)
     group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
     return message
 
@@ -475,14 +481,24 @@ def bot_reply_start(
 
 
 def bot_reply_heartbeat(*, message_id: int, body: str, seq: int) -> bool:
-    """Save the text streamed so far and prove the writer alive; False if the reply is no longer streaming."""
-    message = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).only("generation").first()
+    """Save the text streamed so far and prove the writer alive.
+
+    False if the writer should stop: the reply is no longer streaming, or its
+    conversation is no longer the bot's (an agent took it over, or it was closed).
+    """
+    message = (
+        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING)
+        .select_related("conversation")
+        .only("generation", "conversation__status")
+        .first()
+    )
     if message is None:
         return False
     generation = {**(message.generation or {}), "heartbeat": timezone.now().isoformat(), "seq": seq}
-    return bool(
-        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(body=body, generation=generation)
+    saved = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
+        body=body, generation=generation
     )
+    return bool(saved) and message.conversation.status == Conversation.Status.BOT
 
 
 def _reply_close(message: Message, *, status: str, generation: dict[str, Any], **fields: Any) -> None:
@@ -543,13 +559,18 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     )
     conversation = message.conversation
     if ok:
+        monitoring_services.reply_intent_record(message=message, intent=reply_intent(message))
         review_services.queue_items_for_finished_reply(message=message)
-    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON):
+    # A cancel (the customer left), a shutdown (the next server answers again) or an
+    # agent's takeover (a human has the conversation) is no reason to call a human.
+    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON, TAKEN_OVER_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
     elif ok and (done.handoff or (done.source != "retrieved" and _unsure(done.mean_logprob))):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)
     if ok and done.source == "retrieved":
         log.info("Reply %s: source=retrieved origin=%s (%s)", message.pk, done.source_origin, done.policy.get("reason"))
+    # The segments and outcome the monitoring dashboard counts (none for a failed reply).
+    monitoring_services.reply_outcome_refresh(message_id=message.pk)
     return message
 
 

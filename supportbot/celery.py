@@ -1,9 +1,14 @@
 """The Celery application. Configuration comes from Django settings (``CELERY_*``).
 
 Start a worker with ``make worker``, i.e.
-``celery -A supportbot worker --pool=solo --loglevel=INFO``: the solo pool,
+``celery -A supportbot worker --pool=solo -Q default,training --loglevel=INFO``: the solo pool,
 because torch and OpenMP can hang in a forked prefork child, and training uses
 every core anyway.
+
+Queues: retrain tasks go to ``training`` (``SUPPORTBOT_TRAINING_QUEUE``), everything
+else to ``default`` (settings ``CELERY_TASK_ROUTES``). In production a GPU box runs
+``celery -A supportbot worker --pool=solo -Q training -c 1`` and CPU boxes run
+``-Q default`` (docs/deploy.md); one process may consume both, as ``make worker`` does.
 """
 
 import os

@@ -255,6 +255,17 @@ def _chromium_driver(chromium_paths):
 # --- processes on the test database --------------------------------------------------
 
 
+# Training runs probe their new version for bias; in tests a tiny model answers 20 requests
+# (the fewest that give a verdict) in 23 variants, 16 tokens each, instead of 54 x 64 tokens.
+SMALL_BIAS_PROBES = {"SUPPORTBOT_BIAS_PROBE_REQUESTS": "20", "SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS": "16"}
+
+
+@pytest.fixture(autouse=True)
+def _small_bias_probes(settings):
+    for name, value in SMALL_BIAS_PROBES.items():
+        setattr(settings, name, int(value))
+
+
 def child_process_env(**extra: str) -> dict[str, str]:
     """Environment for a child process (worker, daphne) that must share the test database."""
     env = dict(os.environ)
@@ -267,6 +278,7 @@ def child_process_env(**extra: str) -> dict[str, str]:
         env["DATABASE_URL"] = f"sqlite:///{Path(db['NAME']).resolve()}"
     env["DJANGO_SETTINGS_MODULE"] = "supportbot.settings"
     env["PYTHONPATH"] = str(ROOT)
+    env.update(SMALL_BIAS_PROBES)
     env.update(extra)
     return env
 

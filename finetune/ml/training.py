@@ -54,7 +54,7 @@ from .prompting import (
     render_example,
     tokenize_example,
 )
-from .quality import QualityEvaluation
+from .quality import QualityEvaluation, cached_rows, settings_key
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class TrainConfig:
 class ProgressEvent:
     """What ``on_progress`` receives: at every optimizer step, and at each phase change."""
 
-    phase: str  # loading, evaluating_before, training, evaluating_after, saving, done
+    phase: str  # loading, evaluating_before, training, evaluating_after, evaluating_active, saving, done
     progress: float  # 0..1 over the whole run, evaluation and saving included
     step: int = 0
     total_steps: int = 0
@@ -227,10 +227,12 @@ class ProgressEvent:
     loss: float | None = None  # mean reply-token loss since the last loss point; None between points
     learning_rate: float | None = None
     message: str = ""  # a log line for people, when there is something to say
-    # Evaluation progress: replies generated so far out of ``total`` in this phase
-    # ("Evaluating the base model: 12/32 replies"); 0/0 outside evaluation.
+    # Evaluation progress: replies generated so far out of ``total`` in this phase, and what is
+    # being evaluated: f"{activity}: {done}/{total} replies" reads "Evaluating the base model: 12/32
+    # replies". 0/0 and "" outside evaluation.
     done: int = 0
     total: int = 0
+    activity: str = ""
 
 
 @dataclass
@@ -297,6 +299,23 @@ def load_conversations(dataset_path: str | Path) -> tuple[list[list[dict]], list
     if not splits["train"]:
         raise DatasetError(f"The train split of {path} is empty: nothing to learn from. {hint}")
     return splits["train"], splits["validation"]
+
+
+# The demo's quick adapter (scripts/demo.d/20-finetune.sh passes the same as options; bench_quality.py
+# --train-quick trains it): LoRA on the top 8 of SmolLM2's 30 layers (backward stops there, no
+# activations kept below), no gradient checkpointing (nothing below to recompute), no dropout,
+# a high learning rate for few steps, one epoch over 40 grounded examples: what fits ~3 minutes
+# of two loaded cores (docs/quality-research.md: recipe, E3-E5).
+QUICK_RECIPE: dict[str, Any] = {
+    "lora_layers": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 1e-3,
+    "batch_size": 4,
+    "grad_accum_steps": 1,
+    "epochs": 1.0,
+    "max_examples": 40,
+    "gradient_checkpointing": False,
+}
 
 
 def _question_text(turns: Sequence[Mapping[str, str]]) -> str:
@@ -530,8 +549,9 @@ class _Emitter:
     WEIGHTS = (
         ("loading", 0.03),
         ("evaluating_before", 0.05),
-        ("training", 0.80),
+        ("training", 0.76),
         ("evaluating_after", 0.08),
+        ("evaluating_active", 0.04),
         ("saving", 0.04),
     )
 
@@ -559,7 +579,9 @@ def attach_lora(model, config: TrainConfig):
     """Wrap a causal LM with peft LoRA adapters; only the adapters are trainable."""
     from peft import LoraConfig, get_peft_model
 
-    if config.gradient_checkpointing:
+    # With LoRA on the top layers only nothing below them keeps activations for backward, so
+    # recomputing them (checkpointing) would only cost time (docs/quality-research.md).
+    if config.gradient_checkpointing and not config.lora_layers:
         # Non-reentrant checkpointing lets gradients reach the adapters although the inputs are frozen.
         # Newer transformers renamed it; the old name still works there but warns.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -748,8 +770,13 @@ def train_lora(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     *,
     should_stop: Callable[[], bool] | None = None,
+    compare_with: Sequence[tuple[str, str, str | Path]] = (),
 ) -> TrainResult:
     """Fine-tune ``config.base_model`` with LoRA on the dataset and save adapter, merged model and metrics.
+
+    ``compare_with``: ``(name, label, merged model dir)`` of versions to evaluate on the same
+    validation sample (the active version, for the quality gate); their rows join
+    ``metrics["quality"]["rows"]`` and are cached in their own directories.
 
     ``should_stop`` is called before every optimizer step and between phases; when it
     returns True the run raises TrainingCancelled. On any failure ``output_dir`` is
@@ -763,14 +790,21 @@ def train_lora(
     output.mkdir(parents=True, exist_ok=True)
     _write_json(output / "train_config.json", _run_config_json(config, Path(dataset_path)))
     try:
-        return _train(config, Path(dataset_path), output, _Emitter(on_progress), should_stop or (lambda: False))
+        return _train(
+            config, Path(dataset_path), output, _Emitter(on_progress), should_stop or (lambda: False), compare_with
+        )
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)
         raise
 
 
 def _train(
-    config: TrainConfig, dataset_path: Path, output: Path, emit: _Emitter, stop: Callable[[], bool]
+    config: TrainConfig,
+    dataset_path: Path,
+    output: Path,
+    emit: _Emitter,
+    stop: Callable[[], bool],
+    compare_with: Sequence[tuple[str, str, str | Path]] = (),
 ) -> TrainResult:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
@@ -844,27 +878,36 @@ def _train(
         result = evaluate_loss(model, _eval_batches(validation, eval_batch, pad_id), device=device, autocast=autocast)
         emit(phase, 0.1)
         who = "the base model" if phase == "evaluating_before" else "the fine-tuned model"
-
-        def progress(done: int, total: int) -> None:
-            emit(
-                phase,
-                0.1 + 0.9 * done / max(total, 1),
-                done=done,
-                total=total,
-                message=f"Evaluating {who}: {done}/{total} replies",
-            )
+        progress = _evaluation_progress(emit, phase, f"Evaluating {who}", 0.1)
 
         row = None
         if quality.examples:
-            row = quality.model_row(
-                "base" if phase == "evaluating_before" else "candidate",
-                "Base model" if phase == "evaluating_before" else "Candidate",
-                model,
-                tokenizer,
-                device=device,
-                autocast=autocast,
-                progress=progress,
-            ).to_json()
+            before = phase == "evaluating_before"
+
+            def score() -> list:
+                return [
+                    quality.model_row(
+                        "base" if before else "candidate",
+                        "Base model" if before else "Candidate",
+                        model,
+                        tokenizer,
+                        device=device,
+                        autocast=autocast,
+                        progress=progress,
+                    )
+                ]
+
+            if before:
+                # The base model answers a dataset's sample the same way every run: scored once per dataset.
+                key = settings_key(
+                    sample=quality.key,
+                    base=name,
+                    config={k: v for k, v in config.to_json().items() if k.startswith(("eval_", "prompt", "prime"))},
+                    grounding=(quality.grounded, config.grounding_neighbours),
+                )
+                row = cached_rows(dataset_path, f"{key}-base", score)[0]
+            else:
+                row = score()[0].to_json()
         values = {
             "eval_loss": result.loss,
             "perplexity": result.perplexity,
@@ -890,6 +933,19 @@ def _train(
     after, candidate_row = evaluate("evaluating_after")
     check_stop()
 
+    compared = {}
+    for name_, label, model_dir in compare_with:
+        emit("evaluating_active", 0.0, message=f"Evaluating {label} on the same validation replies")
+        compared[name_] = compare_version(
+            model_dir,
+            dataset_path,
+            config,
+            name=name_,
+            label=label,
+            progress=_evaluation_progress(emit, "evaluating_active", f"Evaluating {label}", 0.0),
+        )
+        check_stop()
+
     emit("saving", 0.0, message=f"Saving the adapter to {output}")
     adapter_dir = output / "adapter"
     merged_dir = output / "merged" if config.merge else None
@@ -905,7 +961,7 @@ def _train(
         "rouge_l": after.get("rouge_l"),
         "intent_accuracy": after.get("intent_accuracy"),
         "rouge_l_retrieval": quality.retrieval[0]["rouge_l"] if quality.retrieval else None,
-        "quality": quality.summary(candidate=candidate_row, base=base_row),
+        "quality": quality.summary(candidate=candidate_row, base=base_row, **compared),
         "before": before,
         "after": after,
         "train_loss_first": stats.first_loss,
@@ -946,6 +1002,84 @@ def _train(
     _write_json(output / "metrics.json", metrics)
     emit("done", 1.0, step=total_steps, total_steps=total_steps, message=f"Done in {metrics['seconds']:.0f} s")
     return TrainResult(output_dir=output, adapter_dir=adapter_dir, merged_dir=merged_dir, metrics=metrics)
+
+
+def _evaluation_progress(emit: _Emitter, phase: str, activity: str, start: float) -> Callable[[int, int], None]:
+    """A (done, total) callback for quality.generate_scored: progress events, one log line at the end."""
+
+    def progress(done: int, total: int) -> None:
+        emit(
+            phase,
+            start + (1 - start) * done / max(total, 1),
+            done=done,
+            total=total,
+            activity=activity,
+            message=f"{activity}: {done}/{total} replies" if done == total else "",
+        )
+
+    return progress
+
+
+def compare_version(
+    model_dir: str | Path,
+    dataset_path: str | Path,
+    config: TrainConfig,
+    *,
+    name: str = "active",
+    label: str = "Active version",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any] | None:
+    """Another version's quality row on this run's validation sample (cached in its directory).
+
+    It is evaluated the way it serves: grounded (on this dataset's index, so none of the
+    validation questions is in it) only when it carries an index, with its own grounding
+    settings, and this run's decoding and reply policy. None when its model is missing.
+    """
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .quality import cached_rows
+
+    if not model_dir or not Path(model_dir).is_dir():
+        return None
+    theirs = load_knowledge(model_dir)
+    grounding = theirs.grounding
+    reference = dataclasses.replace(
+        config,
+        grounding_neighbours=grounding.neighbours if theirs.grounded and grounding else 0,
+        prompt_budget=grounding.max_prompt_tokens if grounding else config.prompt_budget,
+        prime_reply=grounding.prime if grounding else False,
+    )
+    train_rows, val_rows = load_conversations(dataset_path)
+    tokenizer = load_tokenizer(str(model_dir))
+    quality = QualityEvaluation.for_dataset(
+        dataset_path, val_rows, train_rows, tokenizer, reference, load_knowledge(dataset_path)
+    )
+    if not quality.examples:
+        return None
+
+    def compute():
+        device, amp_dtype = device_and_precision(config)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+        row = quality.model_row(
+            name,
+            label,
+            model,
+            tokenizer,
+            device=device,
+            autocast=_autocast_factory(device, amp_dtype),
+            progress=progress,
+        )
+        return [row]
+
+    root = theirs.root or Path(model_dir)
+    if (root / "train_config.json").exists():  # a trained version's directory: cache the row there
+        row = cached_rows(root, f"{quality.key}-{name}", compute)[0]
+    else:  # a plain model directory is not ours to write into
+        row = compute()[0].to_json()
+    return {**row, "name": name, "label": label}
 
 
 def _run_config_json(config: TrainConfig, dataset_path: Path) -> dict[str, Any]:
