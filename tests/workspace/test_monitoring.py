@@ -19,6 +19,13 @@ from tests.factories import ConversationFactory, ModelVersionFactory, bot_reply
 
 pytestmark = pytest.mark.django_db
 
+
+@pytest.fixture(autouse=True)
+def _own_cache(settings):
+    """A cache of this test's own: clearing the Redis one would flush the shared Redis database."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "mon"}}
+
+
 Z = 1.959963984540054  # the 97.5% normal quantile
 
 
