@@ -289,7 +289,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._send_direct(frames.message_frame(message))
 
     def _request_reply(self) -> None:
-        if self.conversation is not None and self.conversation.status == Conversation.Status.BOT:
+        """Ask for a bot reply; whether one is due is read from the database by the runner.
+
+        Not from ``self.conversation.status``: that is what this socket last heard, and a
+        lost hand-back frame would keep the bot quiet until the customer reconnects.
+        (``replies._conversation_needing_reply`` checks, ``services.bot_reply_start``
+        decides under the row lock.)
+        """
+        if self.conversation is not None:
             replies.reply_request(
                 conversation_id=str(self.conversation.pk), send=self._send_direct, origin=self.channel_name
             )
@@ -335,6 +342,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if frame.get("type") == "handoff":
             self.conversation.status, self.conversation.handoff_reason = frame["status"], frame["reason"]
             self.conversation.agent_display_name = frame.get("agent_name", "")
+            if frame["status"] != Conversation.Status.BOT:
+                # A human has it now: a reply this process is still writing stops here.
+                await replies.reply_cut(str(self.conversation.pk))
         await self.send_json(frame)
 
     async def chat_tokens(self, event: dict[str, Any]) -> None:

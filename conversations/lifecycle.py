@@ -3,7 +3,8 @@
 ``supportbot/asgi.py`` calls ``install_server_hooks()``. Under daphne (a Twisted reactor
 over the asyncio loop) it registers:
 
-- **at start** (``reactor.callWhenRunning``): every reply still ``streaming`` whose writer
+- **at start** (``reactor.callWhenRunning``): the steps ``asgi.py`` passes (the model
+  listener and watcher), and every reply still ``streaming`` whose writer
   is gone is marked ``failed`` (``services.bot_replies_sweep``). Several daphne processes
   may share the database, so a reply is swept only when its process has surely ended
   (same machine and PID namespace, PID free: ``replies.process_gone``) or its heartbeat
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -95,6 +97,11 @@ def _log_failure(task: asyncio.Task) -> None:
         log.error("The startup sweep of dead replies failed", exc_info=task.exception())
 
 
+def _log_start_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("A start-up step of the server failed", exc_info=task.exception())
+
+
 def _stop_listening(reactor) -> None:
     from twisted.internet import tcp
 
@@ -104,14 +111,20 @@ def _stop_listening(reactor) -> None:
     log.info("Shutdown: stopped accepting connections")
 
 
-def install_server_hooks() -> bool:
-    """Register the start and stop steps with daphne's reactor; False when not under daphne."""
+def install_server_hooks(*, also_on_start: Sequence[Callable[[], Awaitable]] = ()) -> bool:
+    """Register the start and stop steps with daphne's reactor; False when not under daphne.
+
+    ``also_on_start``: more coroutine functions to run on the server's loop once it runs
+    (the model watcher of ``finetune.serving.runtime``).
+    """
     if "twisted.internet.reactor" not in sys.modules:
         return False  # importing it would install a reactor where none is wanted
     from twisted.internet import defer, reactor
 
     def on_start() -> None:
         asyncio.ensure_future(_sweeps()).add_done_callback(_log_failure)
+        for start in also_on_start:
+            asyncio.ensure_future(start()).add_done_callback(_log_start_failure)
 
     def on_stop():
         global draining

@@ -24,7 +24,10 @@ from django.utils import timezone
 class BotProfile(models.Model):
     """What the bot says about itself: company name, system prompt and policy, edited in the admin.
 
-    One row (``key='default'``); the prompt builder reads it for every reply.
+    One row (``key='default'``); the prompt builder reads it for every reply. The company's
+    facts (phone, e-mail, website, hours, returns address) fill the template slots of
+    replies (``{{Customer Support Phone Number}}`` -> the phone written here); a fact left
+    empty becomes neutral words ("our customer support phone line").
     """
 
     key = models.CharField(max_length=32, unique=True, default="default", editable=False)
@@ -38,6 +41,15 @@ class BotProfile(models.Model):
     )
     policy_text = models.TextField(blank=True, help_text="Policies the bot must follow (refunds, shipping…).")
     blocked_terms = models.TextField(blank=True, help_text="One term per line; masked in every bot reply.")
+    support_phone = models.CharField(
+        max_length=64, blank=True, help_text="Fills {{Customer Support Phone Number}} and {{PHONE}} in replies."
+    )
+    support_email = models.EmailField(blank=True, help_text="Fills {{Customer Support Email}} in replies.")
+    website_url = models.URLField(blank=True, help_text="Fills {{Website URL}} in replies.")
+    support_hours = models.CharField(
+        max_length=200, blank=True, help_text='Fills {{Customer Support Hours}}, e.g. "Monday to Friday, 9:00-17:00".'
+    )
+    returns_address = models.TextField(blank=True, help_text="Fills {{Returns Address}} in replies.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -150,6 +162,11 @@ class Message(models.Model):
     first_token_ms = models.PositiveIntegerField(null=True, blank=True)
     token_count = models.PositiveIntegerField(null=True, blank=True)
     mean_logprob = models.FloatField(null=True, blank=True, help_text="Mean token log-probability of a bot reply.")
+    grounding = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="The past exchanges a bot reply was grounded on: [{origin, score, intent, question, answer}].",
+    )
     helpful = models.BooleanField(null=True, blank=True, help_text="The customer's 'Was this helpful?' answer.")
     helpful_at = models.DateTimeField(null=True, blank=True)
     # Segment labels of a customer message, computed when it is saved

@@ -20,6 +20,13 @@ when the asking socket closes: the reply is saved, and a reloaded page gets it b
 which ``resume`` uses to send their text so far and recovery uses to tell a live
 reply from a dead one.
 
+When the conversation leaves the bot while a reply streams (an agent takes it over),
+``reply_cut`` stops the engine at once; the consumer calls it when the status change
+reaches the socket, and the heartbeat checks the conversation too, so a reply whose
+socket has gone is stopped within ``REPLY_HEARTBEAT_S``. The cut reply is saved
+``failed`` with its text so far (finish reason ``taken_over``): the bot never goes on
+writing in a conversation a human has.
+
 When the server shuts down (``conversations.lifecycle``), ``replies_stop`` lets
 running replies finish within a grace period and cuts off the rest: each is saved
 as ``failed`` with its text so far (finish reason ``shutdown``), and the next server
@@ -51,7 +58,7 @@ from finetune.serving.runtime import get_engine
 from . import frames, services
 from .broadcast import group_has_other_members
 from .models import Conversation, Message
-from .selectors import SHUTDOWN_FINISH_REASON, replies_to, reply_target
+from .selectors import SHUTDOWN_FINISH_REASON, TAKEN_OVER_FINISH_REASON, replies_to, reply_target
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +154,18 @@ class _Runner:
         self.origin = origin
         self.wanted = True
         self.task: asyncio.Task | None = None
+        # The reply being streamed: its engine and request id, so ``cut`` can stop it.
+        self.streaming: tuple[Any, str] | None = None
+        self.cut_reason = ""
+
+    async def cut(self, reason: str) -> bool:
+        """Stop the reply being streamed (if any); it is saved with finish reason ``reason``."""
+        if self.streaming is None or self.cut_reason:
+            return False
+        self.cut_reason = reason
+        engine, request_id = self.streaming
+        await engine.cancel(request_id)
+        return True
 
     async def run(self) -> None:
         try:
@@ -197,17 +216,30 @@ class _Runner:
         finally:
             live_replies.pop(message.pk, None)
         await self.send(frames.reply_done_frame(final))
+        if final.status == Message.Status.FAILED and (final.generation or {}).get("finish_reason") == "error":
+            # The model failed (a vLLM server died mid-reply, say): say so, not only a
+            # greyed-out reply. The customer's message is saved; the chat went to a person.
+            await self.send(
+                frames.error_frame(
+                    "reply_failed",
+                    "The bot could not finish this reply. Your message is saved and a person will answer.",
+                    reply_id=final.pk,
+                )
+            )
         return True
 
     async def _stream(self, engine, message: Message, prompt, params: GenerationParams, live: LiveReply) -> Message:
         request = GenerationRequest(key=self.conversation_id, messages=prompt, params=params)
-        heartbeat = asyncio.create_task(_heartbeat(live))
+        self.streaming, self.cut_reason = (engine, request.request_id), ""
+        heartbeat = asyncio.create_task(_heartbeat(live, self))
         copies = _TokenBroadcast(self.group, self.origin)
         done: GenerationDone | None = None
         error = ""
         try:
             async with asyncio.timeout(params.timeout_s + STREAM_GRACE_S):
                 async for event in engine.stream(request):
+                    if self.cut_reason:
+                        break  # tokens the engine made before it heard the cancel are not sent
                     if isinstance(event, TokenDelta):
                         if event.text:
                             live.parts.append(event.text)
@@ -237,8 +269,20 @@ class _Runner:
             error = f"The model failed: {type(exc).__name__}."
         finally:
             heartbeat.cancel()
+            self.streaming = None
         # The group hears every token before it hears the saved reply.
         await copies.drain()
+        if self.cut_reason:
+            done = GenerationDone(
+                text=live.text,
+                finish_reason=self.cut_reason,
+                token_count=live.seq,
+                mean_logprob=None,
+                model_label=engine.model_label,
+                first_token_ms=None,
+                latency_ms=0,
+                error=CUT_ERRORS[self.cut_reason],
+            )
         if done is not None:
             return await database_sync_to_async(services.bot_reply_finish)(
                 message_id=message.pk, done=done, seq=live.seq
@@ -347,15 +391,33 @@ def _conversation_needing_reply(conversation_id: str) -> Conversation | None:
     return conversation
 
 
-async def _heartbeat(live: LiveReply) -> None:
+async def _heartbeat(live: LiveReply, runner: _Runner) -> None:
     while True:
         await asyncio.sleep(services.REPLY_HEARTBEAT_S)
         try:
-            await database_sync_to_async(services.bot_reply_heartbeat)(
+            still_bots = await database_sync_to_async(services.bot_reply_heartbeat)(
                 message_id=live.message_id, body=live.text, seq=live.seq
             )
         except Exception:  # noqa: BLE001 - a missed heartbeat only risks an early "failed" flag
             log.warning("Heartbeat of reply %s failed", live.message_id, exc_info=True)
+            continue
+        if not still_bots:
+            # Taken over (or closed) while nobody here heard the status change: stop writing.
+            await runner.cut(TAKEN_OVER_FINISH_REASON)
+            return
+
+
+CUT_ERRORS = {TAKEN_OVER_FINISH_REASON: "An agent took the conversation over; the bot stopped writing."}
+
+
+async def reply_cut(conversation_id: str, reason: str = TAKEN_OVER_FINISH_REASON) -> bool:
+    """Stop this process's reply streaming in the conversation, if any (an agent took it over).
+
+    The reply is saved ``failed`` with its text so far and finish reason ``reason``;
+    True if a reply was stopped.
+    """
+    runner = _runners.get(conversation_id)
+    return runner is not None and await runner.cut(reason)
 
 
 async def _save_cut_off(message_id: int, live: LiveReply) -> Message | None:

@@ -24,6 +24,7 @@ Review queues, claims and reviews are in ``review/services.py``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import unicodedata
 import uuid
@@ -46,6 +47,7 @@ from .review import services as review_services
 from .review.selectors import display_name, reply_intent
 from .selectors import (
     SHUTDOWN_FINISH_REASON,
+    TAKEN_OVER_FINISH_REASON,
     messages_after,
     model_version_for_label,
     prompt_messages,
@@ -54,6 +56,8 @@ from .selectors import (
 )
 
 # A streaming reply's text and heartbeat are saved this often...
+log = logging.getLogger(__name__)
+
 REPLY_HEARTBEAT_S = 5.0
 # ...so one whose heartbeat is older than this has no process writing it any more.
 REPLY_STALE_AFTER_S = 20.0
@@ -477,14 +481,24 @@ def bot_reply_start(
 
 
 def bot_reply_heartbeat(*, message_id: int, body: str, seq: int) -> bool:
-    """Save the text streamed so far and prove the writer alive; False if the reply is no longer streaming."""
-    message = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).only("generation").first()
+    """Save the text streamed so far and prove the writer alive.
+
+    False if the writer should stop: the reply is no longer streaming, or its
+    conversation is no longer the bot's (an agent took it over, or it was closed).
+    """
+    message = (
+        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING)
+        .select_related("conversation")
+        .only("generation", "conversation__status")
+        .first()
+    )
     if message is None:
         return False
     generation = {**(message.generation or {}), "heartbeat": timezone.now().isoformat(), "seq": seq}
-    return bool(
-        Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(body=body, generation=generation)
+    saved = Message.objects.filter(pk=message_id, status=Message.Status.STREAMING).update(
+        body=body, generation=generation
     )
+    return bool(saved) and message.conversation.status == Conversation.Status.BOT
 
 
 def _reply_close(message: Message, *, status: str, generation: dict[str, Any], **fields: Any) -> None:
@@ -506,10 +520,17 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     A reply is ``complete`` when the model stopped by itself or at its token limit
     and said something; an error, timeout, cancel, shutdown or empty text makes it
     ``failed``, and all but a cancel or a shutdown (the next server answers again)
-    hand the customer to a human. A complete reply whose mean token
-    log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD`` is kept but also
-    hands the conversation to a human. Finishing a reply that recovery already
-    marked failed (a slow writer, not a dead one) completes it after all.
+    hand the customer to a human. A complete reply of the model whose mean token
+    log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD``, or that the reply
+    policy found unusable (``done.handoff``), is kept but also hands the conversation to a
+    human; a retrieved past answer sent instead of unsure model words does not. Finishing
+    a reply that recovery already marked failed (a slow writer, not a dead one) completes
+    it after all.
+
+    What the reply leaned on is kept with it for the agents: ``grounding`` (the past
+    exchanges in its prompt) and, in ``generation``, its ``source`` ("model" or
+    "retrieved" with ``source_origin``), the policy's reason and where a repeating reply
+    was cut (``cut_reason``).
     """
     message = Message.objects.select_for_update().select_related("conversation").get(pk=message_id)
     text = done.text.strip()
@@ -522,8 +543,14 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
             "error": done.error or ("" if ok or text else "The model produced no text."),
             "seq": seq,
             "model_label": done.model_label or (message.generation or {}).get("model_label"),
+            "source": done.source,
+            "source_origin": done.source_origin,
+            "cut_reason": done.cut_reason,
+            **({"policy": done.policy} if done.policy else {}),
+            **({"intent": done.policy["intent"]} if done.policy.get("intent") else {}),
         },
         body=text,
+        grounding=list(done.grounding),
         model_version=model_version_for_label(done.model_label) or message.model_version,
         latency_ms=max(0, done.latency_ms),
         first_token_ms=done.first_token_ms,
@@ -534,13 +561,21 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     if ok:
         monitoring_services.reply_intent_record(message=message, intent=reply_intent(message))
         review_services.queue_items_for_finished_reply(message=message)
-    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON):
+    # A cancel (the customer left), a shutdown (the next server answers again) or an
+    # agent's takeover (a human has the conversation) is no reason to call a human.
+    if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON, TAKEN_OVER_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
-    elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
+    elif ok and (done.handoff or (done.source != "retrieved" and _unsure(done.mean_logprob))):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)
+    if ok and done.source == "retrieved":
+        log.info("Reply %s: source=retrieved origin=%s (%s)", message.pk, done.source_origin, done.policy.get("reason"))
     # The segments and outcome the monitoring dashboard counts (none for a failed reply).
     monitoring_services.reply_outcome_refresh(message_id=message.pk)
     return message
+
+
+def _unsure(mean_logprob: float | None) -> bool:
+    return mean_logprob is not None and mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD
 
 
 def bot_reply_fail(*, message_id: int, error: str, body: str = "", seq: int = 0) -> Message:

@@ -248,6 +248,97 @@ def model_version_comparison(version: ModelVersion, active: ModelVersion | None 
     return rows
 
 
+# --- reply quality (issue 10) ---------------------------------------------------------
+
+# Columns of the quality table, in order: the version, what it is compared with, and context.
+_QUALITY_COLUMNS = ("candidate", "active", "retrieval", "retrieval-consensus", "base")
+
+
+@dataclass(frozen=True)
+class QualityColumn:
+    name: str
+    label: str
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QualityExample:
+    question: str
+    reference: str
+    replies: list[dict[str, Any]]  # one per column: label, reply, source, origin
+
+
+@dataclass(frozen=True)
+class QualityTable:
+    columns: list[QualityColumn]
+    metrics: list[tuple[str, list[str]]]  # (metric, one text per column)
+    examples: list[QualityExample]
+    examples_scored: int
+    grounded: bool
+    gate: dict[str, Any] | None  # the reply_quality gate's stored result
+
+
+def model_version_quality(version: ModelVersion) -> QualityTable | None:
+    """The version's served replies beside the active version's and retrieval's, with examples (None: not scored)."""
+    quality = (version.metrics or {}).get("quality") or {}
+    rows = quality.get("rows") or {}
+    if not rows.get("candidate"):
+        return None
+    columns = []
+    for name in _QUALITY_COLUMNS:
+        row = rows.get(name)
+        if not row:
+            continue
+        label = f"{version.label} ({version.get_status_display().lower()})" if name == "candidate" else row["label"]
+        columns.append(QualityColumn(name, label, row))
+
+    def text(value: Any, digits: int = 3) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    def sources(row: dict[str, Any]) -> str:
+        if row.get("name", "").startswith("retrieval"):
+            return f"{row.get('retrieved', 0)} past answers"
+        return f"{row.get('model_replies', 0)} model / {row.get('retrieved', 0)} past answers / " + (
+            f"{row.get('handoffs', 0)} handoffs"
+        )
+
+    metrics = [
+        ("ROUGE-L", [text(c.row.get("rouge_l")) for c in columns]),
+        ("Intent accuracy", [text(c.row.get("intent_accuracy")) for c in columns]),
+        ("Replies showing a template slot", [text(c.row.get("slot_leaks")) for c in columns]),
+        ("Replies repeating themselves", [text(c.row.get("repeats")) for c in columns]),
+        ("Replies sent", [sources(c.row) for c in columns]),
+    ]
+    count = max((len(c.row.get("examples") or []) for c in columns), default=0)
+    examples = []
+    for i in range(count):
+        first = next(c.row["examples"][i] for c in columns if len(c.row.get("examples") or []) > i)
+        replies = []
+        for column in columns:
+            items = column.row.get("examples") or []
+            item = items[i] if i < len(items) else {}
+            replies.append(
+                {
+                    "label": column.label,
+                    "reply": item.get("reply", ""),
+                    "source": item.get("source", ""),
+                    "origin": item.get("origin", ""),
+                }
+            )
+        examples.append(QualityExample(first.get("question", ""), first.get("reference", ""), replies))
+    gate = ((version.gate_results or {}).get("gates") or {}).get("reply_quality")
+    return QualityTable(
+        columns=columns,
+        metrics=metrics,
+        examples=examples,
+        examples_scored=int(rows["candidate"].get("n") or 0),
+        grounded=bool(quality.get("grounded")),
+        gate=gate,
+    )
+
+
 def bias_thresholds():
     """The alert rule's thresholds from settings (``SUPPORTBOT_BIAS_*``), for the dashboard and the probes."""
     from django.conf import settings

@@ -1,4 +1,5 @@
-"""Celery tasks of the fine-tuning app: ``retrain(run_id)``, and reaping dead runs when a worker starts.
+"""Celery tasks of the fine-tuning app: ``retrain(run_id)``, and reaping dead runs in every worker
+(at start, then periodically).
 
 Run training workers with ``--pool=solo`` (``make worker``): torch and OpenMP can
 hang in a forked prefork child, and one training uses every core anyway.
@@ -51,11 +52,14 @@ def retrain(self, run_id: int) -> dict:
 
 @worker_ready.connect
 def _reap_stale_runs_on_start(**kwargs) -> None:
-    """A worker that starts may be the replacement of one that died mid-run: fail its runs now."""
-    from .services.training_runs import training_runs_reap_stale
+    """A worker that starts may be the replacement of one that died mid-run: fail its runs now,
+    and from then on every ``SUPPORTBOT_TRAINING_REAP_INTERVAL_S`` (a run whose worker dies
+    later, or whose heartbeat was still fresh now, is failed within a minute or two)."""
+    from .services.training_runs import stale_run_reaper_start, training_runs_reap_stale
 
     try:
         for run in training_runs_reap_stale():
             log.warning("Marked training run #%s failed: its worker had died", run.pk)
     except Exception:  # a database hiccup at start-up must not stop the worker from serving
         log.exception("Could not check for training runs of dead workers")
+    stale_run_reaper_start()

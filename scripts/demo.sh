@@ -23,7 +23,7 @@ for step in scripts/demo.d/*.sh; do
 done
 
 echo "==> Starting the Celery worker (log: var/log/worker.log)"
-"$BIN/celery" -A supportbot worker --pool=solo --loglevel=INFO >var/log/worker.log 2>&1 &
+"$BIN/celery" -A supportbot worker --pool=solo -Q default,training --loglevel=INFO >var/log/worker.log 2>&1 &
 WORKER=$!
 echo "==> Starting daphne on http://$HOST:$PORT (log: var/log/daphne.log)"
 "$BIN/daphne" -b "$HOST" -p "$PORT" --websocket-max-message-size "$WS_MAX_MESSAGE" \

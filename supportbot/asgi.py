@@ -3,13 +3,20 @@
 ``get_asgi_application()`` runs first so the app registry is ready before
 consumers (which import models) are imported. With ``SUPPORTBOT_PRELOAD_MODEL`` on
 (the default), the process starts loading the active model version in the
-background as it starts, instead of on the first customer's reply.
+background as it starts, instead of on the first customer's reply. Under daphne it
+also starts following promotions at once (``model_listener_start``: the channel-layer
+event and a periodic check of the active version), not at the first reply.
 """
 
 import logging
 import os
 
-from django.core.asgi import get_asgi_application
+# Before torch is imported (its OpenMP pool reads this once): generation shares the cores
+# with the Celery worker, and spinning OpenMP threads triple the CPU time of the same work
+# under contention (docs/quality-research.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "supportbot.settings")
 # Tells settings this process is the ASGI server (DJANGO_DB_POOL=auto pools connections
@@ -29,7 +36,7 @@ from django.urls import re_path  # noqa: E402
 
 from conversations.lifecycle import install_server_hooks  # noqa: E402
 from conversations.routing import websocket_urlpatterns  # noqa: E402
-from finetune.serving.runtime import preload_start  # noqa: E402
+from finetune.serving.runtime import model_listener_start, preload_start  # noqa: E402
 from workspace.routing import websocket_urlpatterns as workspace_websocket_urlpatterns  # noqa: E402
 
 
@@ -57,5 +64,7 @@ application = ProtocolTypeRouter(
 
 if settings.SUPPORTBOT_PRELOAD_MODEL:
     preload_start()
-# Under daphne: sweep replies dead processes left streaming at start; drain on SIGTERM.
-install_server_hooks()
+# Under daphne: at start, listen for promotions and watch the active version (so this
+# process follows a promotion made anywhere) and sweep replies dead processes left
+# streaming; drain on SIGTERM.
+install_server_hooks(also_on_start=[model_listener_start])

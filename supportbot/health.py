@@ -1,9 +1,10 @@
 """Readiness checks for ``/healthz``: database, channel layer, Celery broker, active model.
 
 Each check returns ``{"ok": bool, ...details}`` and never raises; the view answers
-200 when the database, channel layer and broker are all usable, 503 otherwise. A
-missing model version is reported but does not make the service unhealthy: the chat
-still works and offers a human.
+200 when the database, channel layer and broker are all usable and this process
+serves the active model version (or is loading it), 503 otherwise. A missing model
+version is reported but does not make the service unhealthy: the chat still works and
+offers a human; a process still serving a replaced version does.
 
 What failed is public; why is not: an error's text names hosts, ports, users and
 paths, so it is shown to staff and, with ``SUPPORTBOT_HEALTHZ_DETAILS``, to everyone
@@ -96,25 +97,41 @@ def broker_check() -> dict:
 
 
 def model_check() -> dict:
-    """The active version (database) and what this answering process serves (memory)."""
-    from finetune.serving.runtime import engine_status
+    """The active version (database), what this answering process serves (memory), and each vLLM server.
+
+    ok only when this process serves the active version or says it is loading it (or
+    loads it on the first reply); a process still serving an older version is not ok.
+    With ``SUPPORTBOT_ENGINE=vllm``, ``vllm_servers`` lists every configured server:
+    whether it answers, and the model names it serves.
+    """
+    from finetune.serving.runtime import engine_converged, engine_status, vllm_health
 
     here = {"this_process": engine_status()}
+    servers = vllm_health()
+    if servers is not None:
+        here["vllm_servers"] = servers
     try:
         from finetune.selectors import model_version_active
 
         version = model_version_active()
     except Exception as exc:  # noqa: BLE001
         return {"ok": False, "active_version": None, "error": f"{type(exc).__name__}: {exc}", **here}
+    converged, why = engine_converged(version.label if version else None)
+    note = {"note": why} if why else {}
     if version is None:
-        return {"ok": True, "active_version": None, "note": "No model version is active; chat offers a human.", **here}
-    return {"ok": True, "active_version": version.label, "base_model": version.base_model, **here}
+        if converged:
+            note = {"note": "No model version is active; chat offers a human."}
+        return {"ok": converged, "active_version": None, **note, **here}
+    return {"ok": converged, "active_version": version.label, "base_model": version.base_model, **note, **here}
 
 
 def _without_error_details(check: dict) -> dict:
     public = {key: (PUBLIC_ERROR if key == "error" and value else value) for key, value in check.items()}
     if isinstance(check.get("this_process"), dict):
         public["this_process"] = _without_error_details(check["this_process"])
+    if isinstance(check.get("vllm_servers"), list):
+        # Server URLs name hosts and ports: staff only, like error texts.
+        public["vllm_servers"] = [{"ok": server["ok"]} for server in check["vllm_servers"]]
     return public
 
 
@@ -129,11 +146,15 @@ async def health_report(*, details: bool = True) -> tuple[bool, dict]:
         sync_to_async(broker_check, thread_sensitive=False)(),
         sync_to_async(model_check)(),
     )
-    healthy = db["ok"] and layer["ok"] and broker["ok"]
+    healthy = db["ok"] and layer["ok"] and broker["ok"] and model["ok"]
     checks = {"database": db, "channel_layer": layer, "celery_broker": broker, "model": model}
     if not details:
         for name, check in checks.items():
-            if check.get("error") or (check.get("this_process") or {}).get("error"):
+            if (
+                check.get("error")
+                or (check.get("this_process") or {}).get("error")
+                or not all(server["ok"] for server in check.get("vllm_servers") or [])
+            ):
                 log.warning("Health check %s failed: %s", name, check)
         checks = {name: _without_error_details(check) for name, check in checks.items()}
     return healthy, {"status": "ok" if healthy else "unavailable", "checks": checks}

@@ -225,14 +225,20 @@ if not (CELERY_VISIBILITY_TIMEOUT > SUPPORTBOT_TRAINING_TIME_LIMIT > SUPPORTBOT_
 # A training worker writes a heartbeat this often; a running run whose heartbeat is
 # older than STALE_AFTER belongs to a dead worker and is failed by the reaper.
 SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = env_float("SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL", 5.0)
-SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 120.0)
+# 60 s: twelve missed heartbeats, and a killed run is failed within about a minute.
+SUPPORTBOT_TRAINING_STALE_AFTER = env_float("SUPPORTBOT_TRAINING_STALE_AFTER", 60.0)
 if SUPPORTBOT_TRAINING_STALE_AFTER < 3 * SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL:
     raise ImproperlyConfigured(
         "SUPPORTBOT_TRAINING_STALE_AFTER must be at least 3 x SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL, "
         "or a live run with one slow heartbeat is failed as dead."
     )
-# Queue that retrain tasks are sent to; empty: Celery's default queue.
-SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "")
+# Every worker looks for runs with a stale heartbeat this often (a thread beside the tasks).
+SUPPORTBOT_TRAINING_REAP_INTERVAL_S = env_float("SUPPORTBOT_TRAINING_REAP_INTERVAL_S", 15.0)
+# Queues (docs/deploy.md): training runs hours on a GPU box, so retrain tasks go to a queue
+# of their own that only training workers consume (`celery worker -Q training -c 1`);
+# everything else goes to the default queue, served by CPU workers, and never waits behind
+# a training run. One worker may consume both (`-Q default,training`, as `make worker` does).
+SUPPORTBOT_TRAINING_QUEUE = os.environ.get("SUPPORTBOT_TRAINING_QUEUE", "training")
 
 CELERY_BROKER_DIR = VAR_DIR / "celery"
 if REDIS_URL:
@@ -257,6 +263,9 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", CELERY_BROKER_URL)
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", CELERY_RESULT_BACKEND)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One message reserved per worker process: a training worker must not hold a second run
+# hostage for hours while it trains the first, and a default worker must not queue short
+# tasks behind a long one it already took.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
@@ -266,7 +275,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TIMEZONE = "UTC"
 # Tests give their worker a queue of its own, so a demo worker on the same broker cannot take their tasks.
-CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SUPPORTBOT_CELERY_QUEUE", "celery")
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SUPPORTBOT_CELERY_QUEUE", "default")
+# Retrain tasks by name (finetune.services.training_runs.RETRAIN_TASK), also when sent
+# without an explicit queue (e.g. from a shell with `send_task`).
+CELERY_TASK_ROUTES = {"finetune.retrain": {"queue": SUPPORTBOT_TRAINING_QUEUE}} if SUPPORTBOT_TRAINING_QUEUE else {}
 
 # --- Auth, i18n, static -----------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -328,6 +340,9 @@ LOGGING = {
 # --- SupportBot -----------------------------------------------------------------
 # Where built datasets and trained adapters are written.
 SUPPORTBOT_DATASET_DIR = Path(os.environ.get("SUPPORTBOT_DATASET_DIR", VAR_DIR / "datasets"))
+# Every process that trains or serves reads and writes versions here: with training and
+# web processes (and vLLM servers) on several machines it must be one shared path (an NFS
+# or similar mount at the same path everywhere), since versions are recorded by path.
 SUPPORTBOT_MODEL_STORE = Path(os.environ.get("SUPPORTBOT_MODEL_STORE", VAR_DIR / "models"))
 # "auto": gpt2 when cached or reachable, else the bundled SmolLM2-135M-Instruct.
 SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
@@ -336,6 +351,17 @@ SUPPORTBOT_BASE_MODEL = os.environ.get("SUPPORTBOT_BASE_MODEL", "auto")
 SUPPORTBOT_HEALTHZ_DETAILS = env_bool("SUPPORTBOT_HEALTHZ_DETAILS", False)
 # With this set, tests that need PostgreSQL, Redis or Chromium fail instead of skipping (CI).
 SUPPORTBOT_REQUIRE_SERVICES = env_bool("SUPPORTBOT_REQUIRE_SERVICES", False)
+
+# Reply quality gate (issue 10, finetune.services.gates): a candidate's served replies on
+# its validation sample must beat the retrieval baseline (the nearest past answer) on
+# ROUGE-L and on intent accuracy (or reach SUPPORTBOT_GATE_INTENT_ACCURACY), with no
+# template slot and no repeated sentence, and may fall below the active version's by at
+# most this margin on either (two intents in a 100-reply sample).
+SUPPORTBOT_GATE_QUALITY_MARGIN = env_float("SUPPORTBOT_GATE_QUALITY_MARGIN", 0.02)
+SUPPORTBOT_GATE_INTENT_ACCURACY = env_float("SUPPORTBOT_GATE_INTENT_ACCURACY", 0.95)
+# Gates listed here are evaluated and shown but do not block automatic promotion (test set-ups
+# whose tiny models cannot answer anything; never in production: a person then promotes by hand).
+SUPPORTBOT_GATES_ADVISORY = env_list("SUPPORTBOT_GATES_ADVISORY", [])
 
 # --- Chat (issue 5) -------------------------------------------------------------
 # A bot reply whose mean token log-probability is below this hands the conversation
@@ -369,12 +395,28 @@ SUPPORTBOT_WIDGET_FRAME_ANCESTORS = env_list("SUPPORTBOT_WIDGET_FRAME_ANCESTORS"
 # "batched" steps every running reply together over a shared KV cache (several times the
 # throughput of "naive" under concurrent chats, see docs/benchmarks.md); "naive" runs one
 # model.generate() at a time, the simple reference.
+# "vllm" sends replies to the vLLM servers of SUPPORTBOT_VLLM_URLS (docs/deploy.md): past one
+# machine, and on GPUs.
 SUPPORTBOT_ENGINE = os.environ.get("SUPPORTBOT_ENGINE", "batched").strip().lower()
-if SUPPORTBOT_ENGINE not in {"batched", "naive"}:
-    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched or naive.")
+if SUPPORTBOT_ENGINE not in {"batched", "naive", "vllm"}:
+    raise ImproperlyConfigured(f"SUPPORTBOT_ENGINE={SUPPORTBOT_ENGINE!r}; use batched, naive or vllm.")
+# Base URLs of the OpenAI-compatible vLLM servers, comma-separated (http://gpu-1:8000,...).
+# Every server serves every version; a conversation sticks to one (its prefix cache).
+SUPPORTBOT_VLLM_URLS = env_list("SUPPORTBOT_VLLM_URLS", [])
+if SUPPORTBOT_ENGINE == "vllm" and not SUPPORTBOT_VLLM_URLS:
+    raise ImproperlyConfigured("SUPPORTBOT_ENGINE=vllm needs SUPPORTBOT_VLLM_URLS, the base URLs of the vLLM servers.")
+# A vLLM server that sends nothing for this long during a reply is treated as dead. Under
+# load a reply can queue on the server before its first token: keep it well above that.
+SUPPORTBOT_VLLM_READ_TIMEOUT_S = env_float("SUPPORTBOT_VLLM_READ_TIMEOUT_S", 60.0)
+# How long a promotion waits for a server to load an adapter (a few seconds for a LoRA).
+SUPPORTBOT_VLLM_LOAD_TIMEOUT_S = env_float("SUPPORTBOT_VLLM_LOAD_TIMEOUT_S", 120.0)
 # Load the active model version when the ASGI app starts (in a background thread), so the
 # first customer after a restart does not wait seconds for the load. Off: load on first reply.
 SUPPORTBOT_PRELOAD_MODEL = env_bool("SUPPORTBOT_PRELOAD_MODEL", True)
+# Each chat server reads the active model version's id this often and reloads when it
+# changed: the model.changed event cannot reach other processes on the in-memory channel
+# layer (the default), and channel layers may drop it. One indexed query per process.
+SUPPORTBOT_MODEL_CHECK_S = env_float("SUPPORTBOT_MODEL_CHECK_S", 5.0)
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)

@@ -13,7 +13,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('conversations', '0003_agent_workspace'),
+        ('conversations', '0004_botprofile_facts_message_grounding'),
         ('finetune', '0001_initial'),
     ]
 

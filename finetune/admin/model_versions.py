@@ -1,4 +1,5 @@
-"""Admin pages of model versions: the comparison, "Promote" (gates, reason), "Roll back", "Restore"."""
+"""Admin pages of model versions: the comparison, reply quality beside the active version and
+retrieval (with example replies and the gate's verdict), "Promote" (gates, reason), "Roll back", "Restore"."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from django.urls import path, reverse
 
 from finetune.forms import PromoteForm, RollbackForm
 from finetune.models import ModelVersion, ModelVersionEvent
-from finetune.selectors import bias_report_latest, bias_report_table, model_version_active, model_version_comparison
+from finetune.selectors import (
+    bias_report_latest,
+    bias_report_table,
+    model_version_active,
+    model_version_comparison,
+    model_version_quality,
+)
 from finetune.services.gates import model_version_gates_evaluate
 from finetune.services.model_versions import model_version_promote, model_version_restorable, model_version_rollback
 from supportbot.errors import ApplicationError
@@ -123,6 +130,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
                     "restore_url": reverse("admin:finetune_modelversion_restore", args=[version.pk]),
                     "restorable": model_version_restorable(version),
                     "comparison": model_version_comparison(version),
+                    "quality": model_version_quality(version),
                     "active_version": model_version_active(),
                 }
             )
@@ -154,6 +162,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
             "version": version,
             "active_version": active,
             "comparison": model_version_comparison(version, active),
+            "quality": model_version_quality(version),
             "gates": gates,
             "form": form,
         }

@@ -4,7 +4,9 @@ Plain Python, no Django: :func:`build_dataset` takes any iterable of
 :class:`SourceConversation` (the service streams them from the database), a
 tokenizer and :class:`BuildOptions`, and writes a ``datasets.DatasetDict`` with
 ``train`` and ``validation`` splits plus ``card.json`` and ``README.md``, in the
-format of docs/dataset-format.md. Rendering and tokenizing go through
+format of docs/dataset-format.md, and beside them ``retrieval/`` (the index of the
+train split's exchanges that grounds every reply) and ``intent/`` (the reply intent
+classifier the quality gate scores with; ``finetune.ml.knowledge``). Rendering and tokenizing go through
 ``finetune.ml.prompting`` only, so training sees exactly the text chat produces.
 
 Memory stays small however many conversations come in: examples are written by
@@ -43,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .knowledge import build_knowledge
 from .prompting import (
     IGNORE_INDEX,
     ROLE_AGENT,
@@ -581,6 +584,17 @@ def build_dataset(
         # load_from_disk then fails (IndexError); one explicit shard keeps it loadable.
         splits.save_to_disk(str(data_dir), num_shards={name: 1 for name, split in splits.items() if len(split) == 0})
 
+        # The retrieval index and the intent classifier derive from the rows (hashed below),
+        # so they need no hash of their own (finetune.ml.knowledge).
+        knowledge_card = build_knowledge(
+            work,
+            splits[SPLIT_TRAIN]["messages"],
+            splits[SPLIT_TRAIN]["intent"],
+            splits[SPLIT_TRAIN]["origin"],
+            splits[SPLIT_VALIDATION]["messages"],
+            splits[SPLIT_VALIDATION]["intent"],
+        )
+
         hasher = hashlib.sha256()
         for index in (*train_idx, *val_idx):
             hasher.update(builder.row_digests[index * 32 : (index + 1) * 32])
@@ -621,6 +635,7 @@ def build_dataset(
             "truncated": builder.truncated,
             "redactions": dict(sorted(builder.redactions.items())),
             "dropped": dict(sorted(builder.dropped.items())),
+            **knowledge_card,
         }
         shutil.rmtree(work / "cache", ignore_errors=True)
         # The DatasetDict files sit at the top of the folder, beside the card, so

@@ -18,10 +18,8 @@ from typing import Any
 from finetune.ml.prompting import IGNORE_INDEX, ROLE_AGENT, normalise_messages, render_example, tokenize_examples
 from finetune.ml.training import Example
 
-from .grounding import GroundingConfig, ground
+from .grounding import SEARCH_K, GroundingConfig, ground
 from .retrieval import RetrievalIndex, retrieval_query
-
-SEARCH_K = 8  # candidates fetched per example; grounding keeps those of the voted intent
 
 
 def grounded_examples(
@@ -61,9 +59,9 @@ def grounded_examples(
     for turns, found, query in zip(turns_list, hits, queries, strict=True):
         reply = turns[-1]
         reply_tokens = len(tokenizer(reply["content"], add_special_tokens=False)["input_ids"]) + 8
-        prompt = ground(
-            turns[:-1], found, tokenizer, config=config, max_prompt_tokens=max(32, max_length - reply_tokens)
-        )
+        # The serving budget, unless the reply needs more of max_length: then the prompt gives way.
+        budget = max(32, min(config.max_prompt_tokens, max_length - reply_tokens))
+        prompt = ground(turns[:-1], found, tokenizer, config=config, max_prompt_tokens=budget)
         try:
             rendered.append(render_example([*prompt.turns, reply], tokenizer))
         except ValueError:
@@ -86,3 +84,27 @@ def grounded_examples(
             )
         )
     return examples
+
+
+def own_positions(conversations: Sequence[Any], index: RetrievalIndex) -> list[int | None]:
+    """Each conversation's own row in ``index`` (None when it is not there), matched on question and reply.
+
+    The dataset's index is built from the train split with ``exchanges_from_conversations``,
+    which skips unusable rows, so row numbers cannot be assumed; the content can. Identical
+    exchanges map to one row each, in order.
+    """
+    rows: dict[tuple[str, str], list[int]] = {}
+    for position, exchange in enumerate(index.exchanges):
+        rows.setdefault((exchange.question, exchange.reply), []).append(position)
+    taken: dict[tuple[str, str], int] = {}
+    positions: list[int | None] = []
+    for raw in conversations:
+        key = None
+        if isinstance(raw, list) and raw and isinstance(raw[-1], dict) and raw[-1].get("role") == ROLE_AGENT:
+            key = (retrieval_query(raw[:-1]), (raw[-1].get("content") or "").strip())
+        found = rows.get(key, []) if key else []
+        used = taken.get(key, 0) if key else 0
+        positions.append(found[used] if used < len(found) else None)
+        if key and found:
+            taken[key] = used + 1
+    return positions

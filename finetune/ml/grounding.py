@@ -5,8 +5,9 @@ adapter is trained on exactly the prompts it is later asked to continue:
 
 - training: ``ground(turns_before_reply, index.search(query, k, exclude=own_row), ...)``,
   then ``finetune.ml.prompting.render_example`` on the grounded turns plus the reply;
-- evaluation and serving: ``ground(conversation, index.search(query, k), ...)``, then
-  ``finetune.ml.prompting.render_prompt`` (``GroundedPrompt.text``).
+- evaluation and serving: ``ground_conversation(conversation, index, ...)`` (search, then
+  ``ground``), whose ``GroundedPrompt.text`` is ``finetune.ml.prompting.render_prompt``
+  of the grounded turns.
 
 The past exchanges go into the system turn, after the bot profile's prompt, as a
 block of question/answer pairs, the closest last (small models copy most from what
@@ -32,7 +33,9 @@ from dataclasses import dataclass, field
 
 from finetune.ml.prompting import ROLE_AGENT, ROLE_SYSTEM, normalise_messages, render_prompt
 
-from .retrieval import Neighbour, intent_vote
+from .retrieval import Neighbour, intent_vote, retrieval_query
+
+SEARCH_K = 8  # neighbours fetched per conversation; grounding and the reply policy keep the voted intent's
 
 BLOCK_HEADER = "Answers our support team gave to similar questions. Adapt the closest one to this customer:"
 
@@ -48,6 +51,12 @@ class GroundingConfig:
     min_score: float = 0.05  # a neighbour sharing almost no n-gram with the question only misleads
     same_intent: bool = True  # only neighbours of the intent most of the nearest five share
     vote_top: int = 5  # neighbours that vote on the intent
+    # Prompt budget in tokens (training, evaluation and serving; serving also keeps room for the
+    # reply: min(this, window - max_new_tokens)). 768 fits 2 answers of 200 tokens and a long question.
+    max_prompt_tokens: int = 768
+    # The reply starts with the closest answer's first sentence (``reply_prime``): with it SmolLM2's
+    # replies had the customer's intent 97% of the time, without it 50% (docs/quality-research.md, E4).
+    prime: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,27 @@ def ground(
             if n == 1 and start != starts[-1]:
                 break  # not even one neighbour fits: drop old turns before dropping the last neighbour
     raise AssertionError("unreachable: the last attempt always returns")
+
+
+def ground_conversation(
+    messages: Sequence[Mapping[str, str]],
+    index,
+    tokenizer,
+    *,
+    config: GroundingConfig | None = None,
+    max_prompt_tokens: int,
+    k: int = SEARCH_K,
+    exclude: int | None = None,
+) -> tuple[GroundedPrompt, list[Neighbour]]:
+    """Search ``index`` for the conversation and ground it: the one entry point of training, evaluation and serving.
+
+    Returns the grounded prompt and every hit (the reply policy chooses among them).
+    ``index`` None (a version trained before grounding) gives the plain prompt of the
+    conversation and no hits. ``exclude`` is the conversation's own row in the index
+    (training only: an example is never grounded on itself).
+    """
+    hits = index.search(retrieval_query(messages), k, exclude=exclude) if index is not None else []
+    return ground(messages, hits, tokenizer, config=config, max_prompt_tokens=max_prompt_tokens), hits
 
 
 def reply_prime(prompt: GroundedPrompt) -> str:

@@ -44,16 +44,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .evaluation import RetrievalBaseline, evaluate_loss, generate_replies, mean_rouge_l, reply_token_loss_sum
+from .evaluation import evaluate_loss, reply_token_loss_sum
+from .knowledge import RETRIEVAL_DIR, config_to_json, copy_knowledge, load_knowledge
 from .prompting import (
     IGNORE_INDEX,
     ROLE_AGENT,
     ROLE_SYSTEM,
     normalise_messages,
     render_example,
-    stop_sequences,
     tokenize_example,
 )
+from .quality import QualityEvaluation, cached_rows, settings_key
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class TrainConfig:
     num_threads: int | None = None  # CPU threads; None: every core the process may use
     max_eval_examples: int = 256  # validation examples for the loss: a stable mean in bounded time
     eval_generate_samples: int = 16  # generated replies scored with ROUGE-L (generation is the slow part)
-    eval_max_new_tokens: int = 96  # a support reply of a few sentences
+    eval_max_new_tokens: int = 160  # as serving (GenerationParams.max_new_tokens): replies are scored whole
     eval_before: bool = True  # also evaluate the base model, to show what fine-tuning changed
     merge: bool = True  # write the merged model for fast inference (an unmerged adapter costs ~7%/token)
     # Recompute activations in backward: SmolLM2 at batch 4 x ~190 tokens peaks at 2.2 GB with it,
@@ -108,6 +109,15 @@ class TrainConfig:
     # lower layers keep no activations anyway (docs/quality-research.md, training throughput).
     gradient_checkpointing: bool = True
     log_every_steps: int | None = None  # None: about 200 loss points per run, whatever its length
+    # Grounding (issue 10): when the dataset has a retrieval index, every example's prompt holds the
+    # nearest other exchanges (grounded_data.grounded_examples). 0 trains and serves ungrounded.
+    grounding_neighbours: int = 2
+    # Tokens per grounded example: the conversation, up to grounding_neighbours answers of 200 tokens
+    # and the reply; the prompt itself stays within prompt_budget (as in serving).
+    grounded_max_length: int = 1024
+    prompt_budget: int = 768  # grounded prompt tokens in training, evaluation and serving
+    prime_reply: bool = True  # the reply starts with the closest answer's first sentence (research E4)
+    reply_policy: str = "consensus"  # finetune.ml.reply_policy mode: consensus, fallback or model
 
     LIMITS = {
         "lora_r": (1, 512),
@@ -127,6 +137,9 @@ class TrainConfig:
         "eval_max_new_tokens": (1, 4096),
         "num_threads": (1, 1024),
         "lora_layers": (1, 1024),
+        "grounding_neighbours": (0, 8),
+        "grounded_max_length": (64, 32768),
+        "prompt_budget": (32, 32768),
     }
 
     @classmethod
@@ -178,6 +191,8 @@ class TrainConfig:
                 problems.append(f"{name}={value} is outside {low}..{high}")
         if self.mixed_precision not in {"auto", "bf16", "no"}:
             problems.append(f"mixed_precision={self.mixed_precision!r} must be auto, bf16 or no")
+        if self.reply_policy not in {"consensus", "fallback", "model"}:
+            problems.append(f"reply_policy={self.reply_policy!r} must be consensus, fallback or model")
         if problems:
             raise ValueError("Invalid training settings: " + "; ".join(problems) + ".")
 
@@ -186,12 +201,25 @@ class TrainConfig:
         data["target_modules"] = list(self.target_modules) if self.target_modules else None
         return data
 
+    def grounding_config(self):
+        """The GroundingConfig this run trains with and its version serves with."""
+        from .grounding import GroundingConfig
+
+        return GroundingConfig(
+            neighbours=self.grounding_neighbours, max_prompt_tokens=self.prompt_budget, prime=self.prime_reply
+        )
+
+    def policy_config(self):
+        from .reply_policy import ReplyPolicyConfig
+
+        return ReplyPolicyConfig(mode=self.reply_policy)
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
     """What ``on_progress`` receives: at every optimizer step, and at each phase change."""
 
-    phase: str  # loading, evaluating_before, training, evaluating_after, saving, done
+    phase: str  # loading, evaluating_before, training, evaluating_after, evaluating_active, saving, done
     progress: float  # 0..1 over the whole run, evaluation and saving included
     step: int = 0
     total_steps: int = 0
@@ -199,6 +227,12 @@ class ProgressEvent:
     loss: float | None = None  # mean reply-token loss since the last loss point; None between points
     learning_rate: float | None = None
     message: str = ""  # a log line for people, when there is something to say
+    # Evaluation progress: replies generated so far out of ``total`` in this phase, and what is
+    # being evaluated: f"{activity}: {done}/{total} replies" reads "Evaluating the base model: 12/32
+    # replies". 0/0 and "" outside evaluation.
+    done: int = 0
+    total: int = 0
+    activity: str = ""
 
 
 @dataclass
@@ -267,6 +301,23 @@ def load_conversations(dataset_path: str | Path) -> tuple[list[list[dict]], list
     return splits["train"], splits["validation"]
 
 
+# The demo's quick adapter (scripts/demo.d/20-finetune.sh passes the same as options; bench_quality.py
+# --train-quick trains it): LoRA on the top 8 of SmolLM2's 30 layers (backward stops there, no
+# activations kept below), no gradient checkpointing (nothing below to recompute), no dropout,
+# a high learning rate for few steps, one epoch over 40 grounded examples: what fits ~3 minutes
+# of two loaded cores (docs/quality-research.md: recipe, E3-E5).
+QUICK_RECIPE: dict[str, Any] = {
+    "lora_layers": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 1e-3,
+    "batch_size": 4,
+    "grad_accum_steps": 1,
+    "epochs": 1.0,
+    "max_examples": 40,
+    "gradient_checkpointing": False,
+}
+
+
 def _question_text(turns: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(t["content"] for t in turns if t["role"] != ROLE_SYSTEM)
 
@@ -278,8 +329,28 @@ def prepare_examples(
     max_length: int,
     limit: int | None = None,
     seed: int = 0,
+    index=None,
+    grounding=None,
+    exclude_self: bool = False,
 ) -> tuple[list[Example], Counter]:
-    """Render and tokenize conversations; malformed ones are skipped and counted by reason."""
+    """Render and tokenize conversations; malformed ones are skipped and counted by reason.
+
+    With ``index`` (a ``RetrievalIndex``) every prompt is grounded on the nearest exchanges
+    (``grounding``: a ``GroundingConfig``), built by ``grounding.ground`` as in serving;
+    ``exclude_self`` (the training split, whose rows are in the index) never shows an
+    example its own exchange.
+    """
+    if index is not None:
+        return _prepare_grounded(
+            conversations,
+            tokenizer,
+            max_length=max_length,
+            limit=limit,
+            seed=seed,
+            index=index,
+            grounding=grounding,
+            exclude_self=exclude_self,
+        )
     indices = list(range(len(conversations)))
     if limit is not None and limit < len(indices):
         indices = sorted(random.Random(seed).sample(indices, limit))  # noqa: S311 - reproducible sampling, not security
@@ -308,6 +379,25 @@ def prepare_examples(
                 reference=turns[-1]["content"] if turns[-1]["role"] == ROLE_AGENT else "",
             )
         )
+    return examples, dropped
+
+
+def _prepare_grounded(
+    conversations, tokenizer, *, max_length, limit, seed, index, grounding, exclude_self
+) -> tuple[list[Example], Counter]:
+    from .grounded_data import grounded_examples, own_positions
+
+    usable = [c for c in conversations if isinstance(c, list) and c and all(isinstance(m, Mapping) for m in c)]
+    dropped: Counter = Counter()
+    if len(usable) < len(conversations):
+        dropped["messages is not a list of {role, content} objects"] += len(conversations) - len(usable)
+    positions = own_positions(usable, index) if exclude_self else [None] * len(usable)
+    examples = grounded_examples(
+        usable, index, tokenizer, max_length=max_length, config=grounding, positions=positions, limit=limit, seed=seed
+    )
+    expected = min(len(usable), limit) if limit is not None else len(usable)
+    if len(examples) < expected:
+        dropped["not a customer turn followed by an agent reply, or no reply token left"] += expected - len(examples)
     return examples, dropped
 
 
@@ -459,8 +549,9 @@ class _Emitter:
     WEIGHTS = (
         ("loading", 0.03),
         ("evaluating_before", 0.05),
-        ("training", 0.80),
+        ("training", 0.76),
         ("evaluating_after", 0.08),
+        ("evaluating_active", 0.04),
         ("saving", 0.04),
     )
 
@@ -488,7 +579,9 @@ def attach_lora(model, config: TrainConfig):
     """Wrap a causal LM with peft LoRA adapters; only the adapters are trainable."""
     from peft import LoraConfig, get_peft_model
 
-    if config.gradient_checkpointing:
+    # With LoRA on the top layers only nothing below them keeps activations for backward, so
+    # recomputing them (checkpointing) would only cost time (docs/quality-research.md).
+    if config.gradient_checkpointing and not config.lora_layers:
         # Non-reentrant checkpointing lets gradients reach the adapters although the inputs are frozen.
         # Newer transformers renamed it; the old name still works there but warns.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -677,8 +770,13 @@ def train_lora(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     *,
     should_stop: Callable[[], bool] | None = None,
+    compare_with: Sequence[tuple[str, str, str | Path]] = (),
 ) -> TrainResult:
     """Fine-tune ``config.base_model`` with LoRA on the dataset and save adapter, merged model and metrics.
+
+    ``compare_with``: ``(name, label, merged model dir)`` of versions to evaluate on the same
+    validation sample (the active version, for the quality gate); their rows join
+    ``metrics["quality"]["rows"]`` and are cached in their own directories.
 
     ``should_stop`` is called before every optimizer step and between phases; when it
     returns True the run raises TrainingCancelled. On any failure ``output_dir`` is
@@ -690,16 +788,23 @@ def train_lora(
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"The output directory {output} is not empty; give a new one.")
     output.mkdir(parents=True, exist_ok=True)
-    _write_json(output / "train_config.json", {**config.to_json(), "dataset_path": str(dataset_path)})
+    _write_json(output / "train_config.json", _run_config_json(config, Path(dataset_path)))
     try:
-        return _train(config, Path(dataset_path), output, _Emitter(on_progress), should_stop or (lambda: False))
+        return _train(
+            config, Path(dataset_path), output, _Emitter(on_progress), should_stop or (lambda: False), compare_with
+        )
     except BaseException:
         shutil.rmtree(output, ignore_errors=True)
         raise
 
 
 def _train(
-    config: TrainConfig, dataset_path: Path, output: Path, emit: _Emitter, stop: Callable[[], bool]
+    config: TrainConfig,
+    dataset_path: Path,
+    output: Path,
+    emit: _Emitter,
+    stop: Callable[[], bool],
+    compare_with: Sequence[tuple[str, str, str | Path]] = (),
 ) -> TrainResult:
     import torch
     from transformers import AutoModelForCausalLM, set_seed
@@ -720,11 +825,23 @@ def _train(
     emit("loading", 0.0, message=f"Loading dataset {dataset_path} and base model {name} on {device}")
     train_rows, val_rows = load_conversations(dataset_path)
     tokenizer = load_tokenizer(config.base_model)
+    knowledge = load_knowledge(dataset_path, strict=True)
+    grounding = config.grounding_config()
+    index = knowledge.index if config.grounding_neighbours > 0 else None
+    length = config.grounded_max_length if index is not None else config.max_length
     train, dropped_train = prepare_examples(
-        train_rows, tokenizer, max_length=config.max_length, limit=config.max_examples, seed=config.seed
+        train_rows,
+        tokenizer,
+        max_length=length,
+        limit=config.max_examples,
+        seed=config.seed,
+        index=index,
+        grounding=grounding,
+        exclude_self=True,
     )
+    all_val_rows = val_rows
     val_rows = val_rows[: config.max_eval_examples]
-    validation, dropped_val = prepare_examples(val_rows, tokenizer, max_length=config.max_length)
+    validation, dropped_val = prepare_examples(val_rows, tokenizer, max_length=length, index=index, grounding=grounding)
     if not train:
         reasons = "; ".join(f"{count} x {reason}" for reason, count in dropped_train.most_common(5))
         raise DatasetError(
@@ -754,39 +871,58 @@ def _train(
     )
 
     pad_id = tokenizer.pad_token_id
-    stops = tuple(dict.fromkeys((*stop_sequences(tokenizer), tokenizer.eos_token or "", tokenizer.pad_token or "")))
     eval_batch = max(config.batch_size, 8)
-    samples = validation[: config.eval_generate_samples]
-    baseline_rouge = None
-    if samples:
-        baseline = RetrievalBaseline([e.question for e in train], [e.reference for e in train])
-        baseline_rouge = mean_rouge_l(baseline.predict([e.question for e in samples]), [e.reference for e in samples])
+    quality = QualityEvaluation.for_dataset(dataset_path, all_val_rows, train_rows, tokenizer, config, knowledge)
 
-    def evaluate(phase: str) -> tuple[dict[str, Any], list[str]]:
+    def evaluate(phase: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         result = evaluate_loss(model, _eval_batches(validation, eval_batch, pad_id), device=device, autocast=autocast)
-        emit(phase, 0.5)
-        replies: list[str] = []
-        if samples:
-            replies = generate_replies(
-                model,
-                tokenizer,
-                [e.prompt for e in samples],
-                stops=stops,
-                max_new_tokens=config.eval_max_new_tokens,
-                batch_size=eval_batch,
-                device=device,
-                autocast=autocast,
-            )
-        rouge = mean_rouge_l(replies, [e.reference for e in samples]) if samples else None
-        values = {"eval_loss": result.loss, "perplexity": result.perplexity, "rouge_l": rouge}
+        emit(phase, 0.1)
+        who = "the base model" if phase == "evaluating_before" else "the fine-tuned model"
+        progress = _evaluation_progress(emit, phase, f"Evaluating {who}", 0.1)
+
+        row = None
+        if quality.examples:
+            before = phase == "evaluating_before"
+
+            def score() -> list:
+                return [
+                    quality.model_row(
+                        "base" if before else "candidate",
+                        "Base model" if before else "Candidate",
+                        model,
+                        tokenizer,
+                        device=device,
+                        autocast=autocast,
+                        progress=progress,
+                    )
+                ]
+
+            if before:
+                # The base model answers a dataset's sample the same way every run: scored once per dataset.
+                key = settings_key(
+                    sample=quality.key,
+                    base=name,
+                    config={k: v for k, v in config.to_json().items() if k.startswith(("eval_", "prompt", "prime"))},
+                    grounding=(quality.grounded, config.grounding_neighbours),
+                )
+                row = cached_rows(dataset_path, f"{key}-base", score)[0]
+            else:
+                row = score()[0].to_json()
+        values = {
+            "eval_loss": result.loss,
+            "perplexity": result.perplexity,
+            "rouge_l": row["rouge_l"] if row else None,
+            "intent_accuracy": row["intent_accuracy"] if row else None,
+        }
         shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None) or "no validation data"
         emit(phase, 1.0, message=f"{'Before' if phase == 'evaluating_before' else 'After'} training: {shown}")
-        return values, replies
+        return values, row
 
     before: dict[str, Any] = {}
+    base_row = None
     if config.eval_before:
         emit("evaluating_before", 0.0, message="Evaluating the base model on the validation split")
-        before, _ = evaluate("evaluating_before")
+        before, base_row = evaluate("evaluating_before")
         check_stop()
 
     stats = fit(model, train, config, device=device, autocast=autocast, pad_id=pad_id, emit=emit, check_stop=check_stop)
@@ -794,8 +930,21 @@ def _train(
     check_stop()
 
     emit("evaluating_after", 0.0, message="Evaluating the fine-tuned model on the validation split")
-    after, replies = evaluate("evaluating_after")
+    after, candidate_row = evaluate("evaluating_after")
     check_stop()
+
+    compared = {}
+    for name_, label, model_dir in compare_with:
+        emit("evaluating_active", 0.0, message=f"Evaluating {label} on the same validation replies")
+        compared[name_] = compare_version(
+            model_dir,
+            dataset_path,
+            config,
+            name=name_,
+            label=label,
+            progress=_evaluation_progress(emit, "evaluating_active", f"Evaluating {label}", 0.0),
+        )
+        check_stop()
 
     emit("saving", 0.0, message=f"Saving the adapter to {output}")
     adapter_dir = output / "adapter"
@@ -810,7 +959,9 @@ def _train(
         "eval_loss": after.get("eval_loss"),
         "perplexity": after.get("perplexity"),
         "rouge_l": after.get("rouge_l"),
-        "rouge_l_retrieval": baseline_rouge,
+        "intent_accuracy": after.get("intent_accuracy"),
+        "rouge_l_retrieval": quality.retrieval[0]["rouge_l"] if quality.retrieval else None,
+        "quality": quality.summary(candidate=candidate_row, base=base_row, **compared),
         "before": before,
         "after": after,
         "train_loss_first": stats.first_loss,
@@ -827,22 +978,18 @@ def _train(
         "device": device,
         "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "no",
         "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "samples": [
-            {"question": e.question, "reference": e.reference, "model": r}
-            for e, r in zip(samples[:5], replies[:5], strict=False)
-        ],
+        "samples": quality.samples(candidate_row),
         "config": config.to_json(),
+        "grounded": index is not None,
     }
-    if samples:
-        metrics["samples"] = [
-            {**s, "retrieval": b}
-            for s, b in zip(metrics["samples"], baseline.predict([e.question for e in samples[:5]]), strict=False)
-        ]
     adapter_dir.mkdir(parents=True)
     model.save_pretrained(adapter_dir)  # peft writes adapter_model.safetensors + adapter_config.json
     tokenizer.save_pretrained(adapter_dir)
     _write_json(adapter_dir / "metrics.json", metrics)
     shutil.copy(output / "train_config.json", adapter_dir / "train_config.json")
+    # The version serves with what it was trained with: the index (only when trained grounded)
+    # and the intent classifier travel with the weights (finetune.ml.knowledge).
+    copy_knowledge(dataset_path, output, retrieval=index is not None)
     emit("saving", 0.4)
     if merged_dir is not None:
         emit("saving", 0.5, message="Merging the adapter into the base model (merge_and_unload)")
@@ -855,6 +1002,98 @@ def _train(
     _write_json(output / "metrics.json", metrics)
     emit("done", 1.0, step=total_steps, total_steps=total_steps, message=f"Done in {metrics['seconds']:.0f} s")
     return TrainResult(output_dir=output, adapter_dir=adapter_dir, merged_dir=merged_dir, metrics=metrics)
+
+
+def _evaluation_progress(emit: _Emitter, phase: str, activity: str, start: float) -> Callable[[int, int], None]:
+    """A (done, total) callback for quality.generate_scored: progress events, one log line at the end."""
+
+    def progress(done: int, total: int) -> None:
+        emit(
+            phase,
+            start + (1 - start) * done / max(total, 1),
+            done=done,
+            total=total,
+            activity=activity,
+            message=f"{activity}: {done}/{total} replies" if done == total else "",
+        )
+
+    return progress
+
+
+def compare_version(
+    model_dir: str | Path,
+    dataset_path: str | Path,
+    config: TrainConfig,
+    *,
+    name: str = "active",
+    label: str = "Active version",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any] | None:
+    """Another version's quality row on this run's validation sample (cached in its directory).
+
+    It is evaluated the way it serves: grounded (on this dataset's index, so none of the
+    validation questions is in it) only when it carries an index, with its own grounding
+    settings, and this run's decoding and reply policy. None when its model is missing.
+    """
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .quality import cached_rows
+
+    if not model_dir or not Path(model_dir).is_dir():
+        return None
+    theirs = load_knowledge(model_dir)
+    grounding = theirs.grounding
+    reference = dataclasses.replace(
+        config,
+        grounding_neighbours=grounding.neighbours if theirs.grounded and grounding else 0,
+        prompt_budget=grounding.max_prompt_tokens if grounding else config.prompt_budget,
+        prime_reply=grounding.prime if grounding else False,
+    )
+    train_rows, val_rows = load_conversations(dataset_path)
+    tokenizer = load_tokenizer(str(model_dir))
+    quality = QualityEvaluation.for_dataset(
+        dataset_path, val_rows, train_rows, tokenizer, reference, load_knowledge(dataset_path)
+    )
+    if not quality.examples:
+        return None
+
+    def compute():
+        device, amp_dtype = device_and_precision(config)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+        row = quality.model_row(
+            name,
+            label,
+            model,
+            tokenizer,
+            device=device,
+            autocast=_autocast_factory(device, amp_dtype),
+            progress=progress,
+        )
+        return [row]
+
+    root = theirs.root or Path(model_dir)
+    if (root / "train_config.json").exists():  # a trained version's directory: cache the row there
+        row = cached_rows(root, f"{quality.key}-{name}", compute)[0]
+    else:  # a plain model directory is not ours to write into
+        row = compute()[0].to_json()
+    return {**row, "name": name, "label": label}
+
+
+def _run_config_json(config: TrainConfig, dataset_path: Path) -> dict[str, Any]:
+    """train_config.json: the TrainConfig, and what serving reads back (``knowledge.load_knowledge``)."""
+    from .decoding import DecodingConfig
+
+    grounded = config.grounding_neighbours > 0 and (dataset_path / RETRIEVAL_DIR / "index.json").exists()
+    return {
+        **config.to_json(),
+        "dataset_path": str(dataset_path),
+        "grounding": config_to_json(config.grounding_config()) if grounded else None,
+        "decoding": config_to_json(DecodingConfig()),
+        "reply_policy": config.policy_config().to_json(),
+    }
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

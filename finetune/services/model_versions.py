@@ -8,6 +8,11 @@
 
 Each is one transaction; after commit, running chat servers are told to reload through
 the channel layer (group ``MODEL_EVENTS_GROUP``, event ``MODEL_CHANGED_EVENT``).
+
+With ``SUPPORTBOT_ENGINE=vllm`` a version goes live only once every vLLM server lists
+its name (``supportbot-v<N>``): a promotion loads its adapter where missing, and a
+server that cannot serve it refuses the promotion (or rollback) with what to do
+(``finetune.serving.vllm``). A rollback to a name the servers still list loads nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -44,6 +50,20 @@ def _require_files(version: ModelVersion) -> None:
             "Retrain to create a new version.",
             code="version_files_missing",
         )
+
+
+def _serving_prepare(version: ModelVersion) -> None:
+    """With vLLM: make ``version``'s name live on every server, or refuse with what is wrong."""
+    if settings.SUPPORTBOT_ENGINE != "vllm":
+        return
+    from finetune.serving.runtime import vllm_servers
+    from finetune.serving.vllm import VLLMError, served_version
+
+    served = served_version(label=version.label, adapter_path=version.adapter_path, merged_path=version.merged_path)
+    try:
+        vllm_servers().publish(served)
+    except VLLMError as exc:
+        raise ApplicationError(str(exc), code="vllm_not_serving") from exc
 
 
 def _activate(
@@ -121,6 +141,7 @@ def model_version_promote(
                 extra={"gates": gates},
             )
         overridden = True
+    _serving_prepare(version)
     return _activate(
         version,
         previous=active,
@@ -173,6 +194,7 @@ def model_version_rollback(*, actor=None, to_version: ModelVersion | None = None
     if refusal is not None:
         raise refusal
     _require_files(target)
+    _serving_prepare(target)
     return _activate(
         target,
         previous=active,

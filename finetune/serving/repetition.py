@@ -131,12 +131,24 @@ def has_repetition(text: str) -> bool:
 
 
 class RepetitionGuard:
-    """Streams a reply through ``cut_repetition``: text is released once it can no longer be cut.
+    """Streams a reply through ``cut_repetition``: text is released as soon as no cut can remove it.
 
     ``push(delta)`` returns the text that is final; when a repetition shows, ``cut``
     turns True and the engine should stop generating. ``finish()`` returns the rest.
-    Text is held back from the start of the current sentence (a sentence is judged
-    when it ends) and from the last ``ngram`` words (a repeat of them may be starting).
+
+    Streaming stays word by word: only text that may turn out to be a repetition waits,
+    which is, at the end of what was written so far,
+
+    - the sentence being written while its words are the start of an earlier sentence
+      (it may become that sentence again),
+    - words that repeat the ones just before them (a loop may be starting), and
+    - words that repeat the start of an earlier ``ngram``-word run (a paragraph may be
+      said again),
+
+    plus the last, maybe unfinished, word. So a repeated sentence, loop or paragraph is
+    never shown. The one difference from ``cut_repetition`` on the whole reply: a loop or
+    repeated run that starts inside a sentence ends the reply there (the words before it
+    were already shown), where ``cut_repetition`` would go back to the last full sentence.
     """
 
     def __init__(self, *, min_sentence_words: int = MIN_SENTENCE_WORDS, ngram: int = NGRAM):
@@ -170,16 +182,62 @@ class RepetitionGuard:
         return self.raw[: self.sent]
 
     def _safe_end(self) -> int:
-        # Up to the start of the sentence still being written...
-        ends = [m.end() for m in _SENTENCE_END_RE.finditer(self.raw)]
-        end = ends[-1] if ends else 0
-        # ...and before the last ngram words, which a later repeat could still start with.
-        words = _words(self.raw[:end])
-        if len(words) >= self.ngram:
-            end = min(end, words[-self.ngram + 1][1]) if self.ngram > 1 else end
-        else:
-            end = 0
-        return max(end, self.sent)
+        """Where the text that may still be cut starts (see the class docstring)."""
+        raw = self.raw
+        words = _words(raw)
+        if not words:
+            return self.sent
+        n = len(words)
+        # No space after the last word yet: it may go on ("l'" of "l'adresse", "e-" of "e-mail").
+        open_last = not any(c.isspace() for c in raw[words[-1][2] :])
+
+        def same(i: int, j: int) -> bool:
+            """Whether word ``j`` (a later one) equals word ``i``; an unfinished last word may still become it."""
+            if j == n - 1 and open_last:
+                return words[i][0].startswith(words[j][0])
+            return words[i][0] == words[j][0]
+
+        hold = words[-1][1] if open_last else len(raw)
+        # 1. The sentence being written, while it is the start of an earlier sentence.
+        ends = [m.end() for m in _SENTENCE_END_RE.finditer(raw)]
+        start = ends[-1] if ends else 0
+        current = [i for i, w in enumerate(words) if w[1] >= start]
+        if current:
+            first = current[0]
+            size = len(current)
+            earlier_start = 0
+            for end in [*ends, None]:
+                if end is None or end > start:
+                    break
+                sentence = [i for i, w in enumerate(words) if earlier_start <= w[1] < end]
+                earlier_start = end
+                if len(sentence) >= self.min_sentence_words and size <= len(sentence):
+                    if all(same(sentence[k], first + k) for k in range(size)):
+                        hold = min(hold, words[first][1])
+                        break
+        # 2. Words repeating the block of 1..LOOP_MAX_BLOCK words just before them.
+        for block in range(1, LOOP_MAX_BLOCK + 1):
+            j = n - 1
+            while j - block >= 0 and same(j - block, j):
+                j -= 1
+            if j + 1 < n:
+                hold = min(hold, words[j + 1][1])
+        # 3. A tail that repeats the start of an earlier, non-overlapping ngram-word run.
+        positions: dict[str, list[int]] = {}
+        for i, (word, _, _) in enumerate(words):
+            positions.setdefault(word, []).append(i)
+        for length in range(min(self.ngram - 1, n), 0, -1):
+            p = n - length
+            if words[p][1] >= hold:
+                continue
+            candidates = positions.get(words[p][0], []) if not (p == n - 1 and open_last) else range(n)
+            if any(i + self.ngram <= p and all(same(i + k, p + k) for k in range(length)) for i in candidates if i < p):
+                hold = min(hold, words[p][1])
+                break
+        # Spaces go out with the word after them: a cut drops the spaces before it.
+        while hold > self.sent and raw[hold - 1].isspace():
+            hold -= 1
+        return max(hold, self.sent)
 
     def _release(self, end: int, final: str | None = None) -> str:
         source = final if final is not None else self.raw

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from finetune.ml.prompting import ROLE_AGENT, ROLE_SYSTEM, normalise_messages, render_prompt
+from finetune.ml.quality import prime_join
 
 from .loading import LoadedModel
 
@@ -28,11 +29,14 @@ class ReplyText:
     ``push(token_id)`` returns the text that is now safe to show: text that cannot
     turn out to be the start of a stop string. ``stopped`` becomes True when a stop
     string appears; the stop string and anything after it are never emitted.
+    ``prefix`` is reply text that was not generated (a primed reply's start,
+    ``GenerationRequest.prime``): it leads the first delta.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
+    def __init__(self, tokenizer, stops: tuple[str, ...], prefix: str = ""):
         self.tokenizer = tokenizer
         self.stops = tuple(s for s in stops if s)
+        self.prefix = (prefix or "").strip()
         self.ids: list[int] = []
         self.emitted = 0  # characters of the reply already returned
         self.text = ""
@@ -42,7 +46,7 @@ class ReplyText:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        decoded = self.prefix + self.tokenizer.decode(self.ids, skip_special_tokens=False)
         if decoded.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         cut = len(decoded)
@@ -67,6 +71,8 @@ class ReplyText:
 
     def flush(self) -> str:
         """Text held back at the end of generation (it turned out not to be a stop string)."""
+        if not self.ids and not self.stopped:
+            self.text = self.prefix  # nothing was generated after the prime
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
@@ -124,13 +130,21 @@ def trim_messages(messages: Iterable[Mapping[str, str]], tokenizer, max_prompt_t
     return [*system, last]
 
 
-def prompt_ids_for(loaded: LoadedModel, messages: list[dict[str, str]], max_prompt_tokens: int) -> list[int]:
-    """Trim the conversation to fit (``trim_messages``), render and tokenize it.
+def prompt_ids_for(
+    loaded: LoadedModel, messages: list[dict[str, str]], max_prompt_tokens: int, prime: str = ""
+) -> list[int]:
+    """Trim the conversation to fit (``trim_messages``), render it with the ``prime`` and tokenize it.
 
+    The prime (the reply's given start) follows the prompt, joined as training joins a reply
+    (``finetune.ml.quality.prime_join``, as the evaluation joins it), and counts against the budget.
     Keeping only the newest ``max_prompt_tokens`` tokens afterwards is the last guard,
     reached only when the system prompt alone does not fit.
     """
-    turns = trim_messages(messages, loaded.tokenizer, max_prompt_tokens)
-    text = render_prompt(turns, loaded.tokenizer)
+    tail = prime_join(prime, loaded.tokenizer)
+    tail_ids = loaded.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    budget = max(MIN_PROMPT_TOKENS, max_prompt_tokens - len(tail_ids))
+    turns = trim_messages(messages, loaded.tokenizer, budget)
+    # Tokenized in one piece with the prime, as the evaluation tokenizes its primed prompts.
+    text = render_prompt(turns, loaded.tokenizer) + tail
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_tokens:]

@@ -19,6 +19,7 @@ from channels.db import database_sync_to_async
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from conversations import services
 from conversations.models import Conversation, Message
 from tests.conversations.conftest import LOW_CONFIDENCE_OFF
 from tests.factories import ConversationFactory
@@ -331,4 +332,45 @@ async def test_healthz_stays_green_while_chat_sockets_read_the_layer(daphne_fact
     for report in (before, *after):
         assert report["checks"]["channel_layer"]["ok"], report
         assert report["status"] == "ok", report
+    await ws.close()
+
+
+async def test_the_bot_answers_after_a_hand_back_whose_frame_never_reached_the_socket(
+    daphne_factory, served_model, agent
+):
+    """Whether the bot answers is read from the database, not from what the socket last heard.
+
+    daphne runs on the in-memory channel layer (the default), so the hand-back this test
+    process makes (as an agent's server would) never reaches the customer's socket: it
+    still believes an agent has the conversation."""
+    base = daphne_factory(**SERVER_ENV, REDIS_URL="")
+    token = await asyncio.to_thread(chat_token, base)
+    ws, _ = await open_socket(base, token)
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+    conversation_id = (await until(ws, lambda f: f["type"] == "conversation" and f["id"]))[-1]["id"]
+    await until(ws, is_done)
+    await ws.close()
+
+    await database_sync_to_async(services.conversation_take_over)(conversation_id=conversation_id, agent=agent)
+    ws, hello = await open_socket(base, token)
+    assert (hello["id"], hello["status"]) == (conversation_id, "with_agent")
+    # Written while the agent has the conversation: the bot stays quiet.
+    await ws.send(json.dumps({"type": "message", "client_id": "c-2", "text": "Can I change my address?"}))
+    ack = (await until(ws, lambda f: f.get("client_id") == "c-2"))[-1]
+    assert await silent(ws, 2.0)
+    await database_sync_to_async(services.conversation_hand_back)(conversation_id=conversation_id, agent=agent)
+    assert await silent(ws, 1.0)  # the hand-back frame is lost
+
+    # The widget resumes (as after a network blip): the handed-back conversation's
+    # unanswered message is the bot's now, as it would be after a reconnect.
+    await ws.send(json.dumps({"type": "resume", "after": ack["id"]}))
+    frames = await until(ws, is_done, timeout=90)
+    handoff = next(f for f in frames if f["type"] == "handoff")
+    assert handoff["status"] == "bot"
+    assert (frames[-1]["status"], frames[-1]["model_version"]) == ("complete", served_model.label)
+
+    # And the next message is answered too.
+    await ws.send(json.dumps({"type": "message", "client_id": "c-3", "text": "How do I reset my password?"}))
+    done = (await until(ws, is_done, timeout=90))[-1]
+    assert done["status"] == "complete"
     await ws.close()

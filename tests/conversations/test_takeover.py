@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
 from django.utils import timezone
 
-from conversations import services
+from conversations import replies, services
 from conversations.models import Conversation, Message, QueueItem
 from conversations.review import services as review
 from finetune.serving.runtime import model_listener_stop
@@ -177,4 +178,73 @@ async def test_the_customer_sees_the_takeover_and_the_agents_messages_live_and_t
         assert done[-1]["status"] == "complete"
     finally:
         await comm.disconnect()
+        await model_listener_stop()
+
+
+class _SlowEngine:
+    """The real engine with a pause before every event: a reply still streams when the agent steps in."""
+
+    def __init__(self, engine, delay_s: float):
+        self._engine, self._delay_s = engine, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    async def stream(self, request):
+        async for event in self._engine.stream(request):
+            await asyncio.sleep(self._delay_s)
+            yield event
+
+
+@pytest.fixture
+def slow_replies(monkeypatch):
+    real = replies.get_engine
+
+    async def slow_get_engine():
+        engine = await real()
+        return None if engine is None else _SlowEngine(engine, 0.4)
+
+    monkeypatch.setattr(replies, "get_engine", slow_get_engine)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_reply_streaming_when_an_agent_takes_over_stops(active_model, agent, slow_replies):
+    token = token_for(await database_sync_to_async(new_session_key)())
+    comm, _ = await open_chat(token)
+    try:
+        conversation_id = await start_conversation(comm, "Where is my order?", client_id="c-1")
+        await receive_until(comm, lambda f: f["type"] == "token")
+        await database_sync_to_async(services.conversation_take_over)(conversation_id=conversation_id, agent=agent)
+        frames = await receive_until(comm, lambda f: f["type"] == "reply_done", timeout=60)
+        assert frames[-1]["status"] == "failed"
+        reply = await database_sync_to_async(Message.objects.get)(conversation_id=conversation_id, role="bot")
+        assert reply.generation["finish_reason"] == "taken_over"
+        assert reply.generation["error"].startswith("An agent took the conversation over")
+        conversation = await database_sync_to_async(Conversation.objects.get)(pk=conversation_id)
+        assert (conversation.status, conversation.handoff_reason) == (
+            "with_agent",
+            "agent_takeover",
+        )  # no error handoff
+        assert await comm.receive_nothing(timeout=1.0)  # no token after the reply ended
+    finally:
+        await comm.disconnect()
+        await model_listener_stop()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_reply_whose_socket_left_stops_at_its_next_heartbeat_after_a_takeover(
+    active_model, agent, slow_replies, monkeypatch
+):
+    monkeypatch.setattr(services, "REPLY_HEARTBEAT_S", 0.5)
+    token = token_for(await database_sync_to_async(new_session_key)())
+    comm, _ = await open_chat(token)
+    conversation_id = await start_conversation(comm, "Where is my order?", client_id="c-1")
+    await receive_until(comm, lambda f: f["type"] == "token")
+    await comm.disconnect()  # the runner goes on writing with nobody here to hear the status change
+    try:
+        await database_sync_to_async(services.conversation_take_over)(conversation_id=conversation_id, agent=agent)
+        await replies.replies_wait(timeout=60)
+        reply = await database_sync_to_async(Message.objects.get)(conversation_id=conversation_id, role="bot")
+        assert (reply.status, reply.generation["finish_reason"]) == ("failed", "taken_over")
+    finally:
         await model_listener_stop()

@@ -93,6 +93,15 @@ def dataset_settings(settings, tmp_path, ticket_lm_dir):
     return settings
 
 
+@pytest.fixture
+def quality_gate_advisory(settings):
+    """The reply-quality gate is shown but does not block: for tests of other gates and of the
+    promotion flow, whose tiny models cannot beat retrieval (tests/finetune/services/test_quality_gate.py
+    tests that gate itself). Workers started by ``training_worker`` inherit it."""
+    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
+    return settings
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 with a tokenizer trained on the exchanges above (built once per session)."""
@@ -161,6 +170,7 @@ def training_worker(transactional_db, tmp_path, settings) -> Iterator:
             "SUPPORTBOT_TRAINING_STALE_AFTER": "2",
             "SUPPORTBOT_CELERY_QUEUE": queue,
             "HF_HUB_OFFLINE": "1",
+            "SUPPORTBOT_GATES_ADVISORY": ",".join(settings.SUPPORTBOT_GATES_ADVISORY),
         }
         process = subprocess.Popen(
             celery_worker_command(queue, f"{queue}-{len(started)}@%h"),

@@ -168,7 +168,7 @@ def test_promote_over_a_failed_gate_needs_a_reason_then_roll_back(client, model_
 
 
 @pytest.mark.slow
-def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, training_worker):
+def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, quality_gate_advisory, training_worker):
     """Retrain from the admin, follow the run to its end through the progress endpoint, promote the result."""
     user = staff(MODEL_ADMINS, "flowadmin")
     client.force_login(user)
@@ -207,7 +207,7 @@ def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, trainin
 @pytest.mark.slow
 @pytest.mark.browser
 def test_progress_page_updates_live_in_a_browser(
-    chromium, live_server, model_store, dataset_dir, training_worker, settings
+    chromium, live_server, model_store, dataset_dir, quality_gate_advisory, training_worker, settings
 ):
     from selenium.webdriver.common.by import By
 

@@ -134,7 +134,9 @@ def test_finetune_without_a_dataset_says_what_to_do(model_store):
     assert TrainingRun.objects.get().status == TrainingRun.Status.FAILED
 
 
-def test_finetune_trains_and_promotes_with_a_progress_bar(transactional_db, model_store, dataset_dir, settings):
+def test_finetune_trains_and_promotes_with_a_progress_bar(
+    transactional_db, model_store, dataset_dir, settings, quality_gate_advisory
+):
     settings.SUPPORTBOT_TRAINING_HEARTBEAT_INTERVAL = 0.2
     dataset = dataset_version_create(dataset_dir, name="june")
     out, err = StringIO(), StringIO()
@@ -149,6 +151,9 @@ def test_finetune_trains_and_promotes_with_a_progress_bar(transactional_db, mode
     assert version.status == ModelVersion.Status.ACTIVE
     assert f"Run #{run.pk} succeeded: v1 (active, passed the gates)" in out.getvalue()
     assert "validation loss:" in out.getvalue()
+    # The replies customers would get, beside the retrieval baseline (the quality gate's rows).
+    assert "candidate            ROUGE-L" in out.getvalue()
+    assert "retrieval            ROUGE-L" in out.getvalue()
     assert "training:" in err.getvalue()  # tqdm's bar
 
     out = StringIO()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from asgiref.sync import async_to_sync
 from celery.result import AsyncResult
 from django.conf import settings as django_settings
 
@@ -39,7 +42,7 @@ def test_the_service_queues_the_task_this_module_defines():
 
 
 def test_retrain_in_a_worker_promotes_then_a_corrupt_dataset_fails_without_harm(
-    model_store, dataset_dir, training_worker, tmp_path
+    model_store, dataset_dir, quality_gate_advisory, training_worker, tmp_path
 ):
     worker = training_worker()
     dataset_version_create(dataset_dir)
@@ -115,3 +118,91 @@ def test_killed_worker_fails_the_run_and_a_redelivery_does_not_rerun_it(
     assert "stopped responding" in run.error
     assert not run_dir.exists()
     assert ModelVersion.objects.count() == 1
+
+
+def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
+    model_store, dataset_dir, quality_gate_advisory, training_worker, tiny_base, daphne_factory
+):
+    """The embedded default: each process has its own in-memory channel layer, so the worker's
+    ``model.changed`` event never reaches daphne. daphne must still converge on the version
+    the worker promoted (checking the active version itself), and /healthz says when it has not."""
+    from tests.conversations.test_real_server import chat_token, health, is_done, open_socket, until
+    from tests.factories import ModelVersionFactory
+
+    v1 = ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, base_model=str(tiny_base), merged_path=str(tiny_base), adapter_path=""
+    )
+    base = daphne_factory(
+        REDIS_URL="",  # the default: in-memory channel layer, one per process
+        SUPPORTBOT_MODEL_CHECK_S="1",
+        SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD="-1000",
+        SUPPORTBOT_REVIEW_SAMPLE_SHARE="0",
+    )
+    wait_for(lambda: health(base)["checks"]["model"]["this_process"]["serving"] == v1.label, timeout=120)
+    assert health(base)["status"] == "ok"
+
+    dataset_version_create(dataset_dir)
+    worker = training_worker()
+    run = finished(training_run_request(hyperparameters=FAST).pk, timeout=240)
+    assert run.status == TrainingRun.Status.SUCCEEDED, f"{run.error}\n{worker.text()[-3000:]}"
+    v2 = ModelVersion.objects.get(status=ModelVersion.Status.ACTIVE)
+    assert v2.training_run == run, v2.gate_results
+
+    def converged():
+        report = health(base)
+        model = report["checks"]["model"]
+        here = model["this_process"]
+        # Never "ok" while this process serves v1 and is not loading v2.
+        if here["serving"] != v2.label and here["loading"] != v2.label:
+            assert report["status"] != "ok", report
+            assert model["ok"] is False, report
+        return here["serving"] == v2.label and report["status"] == "ok"
+
+    wait_for(converged, timeout=120, interval=0.5, message=f"daphne to serve {v2.label}")
+
+    async def ask() -> dict:
+        token = await asyncio.to_thread(chat_token, base)
+        ws, _ = await open_socket(base, token)
+        await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Where is my order?"}))
+        done = (await until(ws, is_done))[-1]
+        await ws.close()
+        return done
+
+    reply = async_to_sync(ask)()
+    assert reply["status"] == "complete", reply
+    assert reply["model_version"] == v2.label
+
+
+def test_a_running_worker_fails_a_killed_workers_run_on_its_own_timer(
+    model_store, dataset_dir, training_worker, tmp_path
+):
+    """kill -9 mid-training while another worker runs (its start-up check long done): the run
+    is failed by that worker's periodic reaper, not left ``running`` until the next restart."""
+    active = version_with_files(tmp_path, status=ModelVersion.Status.ACTIVE)
+    weights = Path(active.merged_path, "model.safetensors")
+    weights.write_bytes(b"the active model's weights")
+    dataset_version_create(dataset_dir)
+    timers = {"SUPPORTBOT_TRAINING_STALE_AFTER": "10", "SUPPORTBOT_TRAINING_REAP_INTERVAL_S": "1"}
+    trainer = training_worker(**timers)
+    run = training_run_request(hyperparameters={**FAST, "epochs": 100})
+    run_dir = model_store.resolve() / "runs" / str(run.pk)
+    wait_for(lambda: TrainingRun.objects.get(pk=run.pk).current_step >= 2, timeout=120, message="training steps")
+    bystander = training_worker(**timers)  # started while the run is healthy: its start-up check finds nothing
+    assert "Marked training run" not in bystander.text()
+
+    trainer.kill()
+    assert TrainingRun.objects.get(pk=run.pk).status == TrainingRun.Status.RUNNING
+
+    failed = wait_for(
+        lambda: TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.FAILED).first(),
+        timeout=150,
+        message="the dead run to be failed by the running worker",
+    )
+    assert "stopped responding" in failed.error
+    assert f"Marked training run #{run.pk} failed" in bystander.text()
+    assert not run_dir.exists()
+    active.refresh_from_db()
+    assert active.status == ModelVersion.Status.ACTIVE
+    assert weights.read_bytes() == b"the active model's weights"
+    assert not ModelVersion.objects.exclude(pk=active.pk).exists()
+    assert bystander.process.poll() is None  # the reaper lives beside the worker, it does not stop it

@@ -31,16 +31,28 @@ def test_healthz_green_with_postgres_and_redis(client, postgres, redis_url):
     assert body["status"] == "ok"
 
 
-def test_healthz_reports_active_model_version(client):
+def test_healthz_reports_active_model_version(client, settings):
     ModelVersionFactory(number=7, status="active", base_model="gpt2")
-    engine_reset()  # this process serves nothing yet: the model loads on the first reply
-    model = client.get("/healthz").json()["checks"]["model"]
-    assert model == {
+    engine_reset()  # this process serves nothing yet
+    settings.SUPPORTBOT_PRELOAD_MODEL = False  # so the model loads on the first reply: that is fine
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["checks"]["model"] == {
         "ok": True,
         "active_version": "v7",
         "base_model": "gpt2",
+        "note": "Loads the active version on the first reply (SUPPORTBOT_PRELOAD_MODEL is off).",
         "this_process": {"serving": None, "loading": None, "error": None},
     }
+
+    # A server that preloads and serves neither the active version nor is loading it is not ok.
+    settings.SUPPORTBOT_PRELOAD_MODEL = True
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["model"]["ok"] is False
+    assert "not the active v7" in body["checks"]["model"]["note"]
 
 
 def test_healthz_503_when_redis_is_dead(client):

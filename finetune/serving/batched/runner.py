@@ -4,7 +4,9 @@
 and runs on the generation thread only. For requests the scheduler admitted, it
 builds each prompt (trimmed to the context window), reuses cached prefix keys and
 values, prefills the prompts in the groups the scheduler chose, and takes each
-reply's first token; each decode step then gives every row its next token. A row
+reply's first token; each decode step then gives every row its next token, chosen
+after the version's repetition controls have seen that row's generated tokens
+(``finetune.ml.decoding.apply_to_row``, as ``NaiveEngine`` and the evaluation apply them). A row
 leaves its batch when its reply stops, reaches its length, is cancelled or times
 out; its request gets the held-back text and ``GenerationDone``.
 """
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from finetune.ml.decoding import apply_to_row, repetition_processors
 from finetune.ml.prompting import stop_sequences
 
 from ..interface import GenerationDone, GenerationParams, TokenDelta
@@ -42,6 +45,8 @@ class Row:
     logprob_sum: float = 0.0
     logprob_n: int = 0
     first_at: float | None = None
+    processors: object = None  # repetition controls (a LogitsProcessorList over ``generated``), or None
+    generated: list[int] = field(default_factory=list)  # reply token ids so far (what the controls see)
 
 
 @dataclass(eq=False)
@@ -105,16 +110,18 @@ class Runner:
             if job.cancelled or time.monotonic() > job.deadline:
                 self.finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
                 continue
-            reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(job.request.params.stop))
+            stops = stop_sequences(loaded.tokenizer) + tuple(job.request.params.stop)
+            reply = ReplyText(loaded.tokenizer, stops, job.request.prime)
             try:
                 max_prompt, max_new = token_budget(context_window(loaded), job.request.params.max_new_tokens)
-                ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+                ids = prompt_ids_for(loaded, job.request.messages, max_prompt, job.request.prime)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("Building the prompt failed for %s", job.request.key)
                 self.finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
                 continue
             reused, layers = batch.prefixes.lookup(job.request.key, ids)
             row = Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
+            row.processors = repetition_processors(0, loaded.decoding) or None
             ready.append(Prefill(row=row, reused=reused, layers=layers))
         for group in grouping(ready):
             self._prefill(group, batch)
@@ -210,11 +217,12 @@ class Runner:
             self._finish_row(row, "stop", loaded)
             return True
         row.count += 1
+        row.generated.append(token)
         if row.first_at is None:
             row.first_at = time.monotonic()
         delta = row.reply.push(token)
         if delta:
-            row.job.emit(TokenDelta(delta))
+            row.job.emit(TokenDelta(delta, mean_logprob=_mean(row.logprob_sum, row.logprob_n)))
         if row.reply.stopped:
             self._finish_row(row, "stop", loaded)
             return True
@@ -294,12 +302,17 @@ def _mean(total: float, count: int) -> float | None:
 def _choose(logits, rows: list[Row]) -> tuple[list[int], list[float]]:
     """Each row's next token (greedy, or sampled with its temperature and top-p) and its log-probability.
 
-    The log-probability is that of the model's own distribution (before temperature),
-    the confidence measure the low-confidence handoff reads.
+    Each row's repetition controls act on its logits first (one small operation per row
+    with controls). The log-probability is that of the distribution the token is chosen
+    from before temperature, as ``NaiveEngine`` reports it: the confidence measure the
+    reply policy and the low-confidence handoff read.
     """
     import torch
 
     logits = logits.float()
+    for i, row in enumerate(rows):
+        if row.processors is not None and row.generated:
+            logits[i] = apply_to_row(row.processors, row.generated, logits[i])
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = torch.argmax(logits, dim=-1)
     for i, row in enumerate(rows):

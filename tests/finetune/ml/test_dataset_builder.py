@@ -268,3 +268,32 @@ def test_customer_fields_are_redacted_in_every_turn(tmp_path, ticket_tokenizer):
         {"role": "agent", "content": "Thanks {{NAME}}, I mailed {{EMAIL}}."},
     ]
     assert summary.card["redactions"] == {"NAME": 2, "ACCOUNT_ID": 1, "EMAIL": 1}
+
+
+def test_retrieval_index_and_intent_classifier_come_from_the_train_split_only(sample_build):
+    from finetune.ml.knowledge import load_knowledge
+
+    card = sample_build.card
+    train = load_from_disk(str(sample_build.path))["train"]
+    validation = load_from_disk(str(sample_build.path))["validation"]
+    knowledge = load_knowledge(sample_build.path, strict=True)
+
+    assert card["retrieval"]["exchanges"] == len(knowledge.index) == card["num_train"]
+    assert {e.origin for e in knowledge.index.exchanges} == set(train["origin"])
+    assert not {e.origin for e in knowledge.index.exchanges} & set(validation["origin"])
+    assert card["intent_classifier"]["intents"] == len(set(train["intent"]))
+    assert card["intent_classifier"]["validation_accuracy"] > 0.5
+    # A validation question finds training exchanges, best first.
+    hits = knowledge.index.search(validation[0]["messages"][-2]["content"], k=3)
+    assert hits
+    assert hits[0].score >= hits[-1].score
+
+
+def test_one_intent_builds_an_index_but_no_classifier(tmp_path, ticket_tokenizer):
+    conversations = [conv(f"t:{i}", f"where is my parcel number {i} please", f"It ships on day {i}.") for i in range(6)]
+
+    summary = build(conversations, ticket_tokenizer, tmp_path / "ds", val_fraction=0.2)
+
+    assert summary.card["retrieval"]["exchanges"] == summary.num_train
+    assert "intent_classifier" not in summary.card
+    assert not (summary.path / "intent").exists()

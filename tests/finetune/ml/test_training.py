@@ -95,8 +95,20 @@ def test_metrics_compare_with_retrieval_baseline(tiny_base, dataset_dir, tmp_pat
     assert 0.0 <= metrics["rouge_l"] <= 1.0
     assert 0.0 <= metrics["rouge_l_retrieval"] <= 1.0
     sample = metrics["samples"][0]
-    assert set(sample) == {"question", "reference", "model", "retrieval"}
+    assert set(sample) == {"question", "reference", "model", "source", "retrieval"}
     assert sample["retrieval"] in {a for _, a in EXCHANGES[:8]}  # lookup answers with a training reply
+    # An old dataset (no retrieval index saved with it): the model is evaluated ungrounded, its
+    # words always go out, and the retrieval baseline is built from the train split on the fly.
+    quality = metrics["quality"]
+    assert quality["grounded"] is False
+    assert set(quality["rows"]) == {"base", "candidate", "retrieval", "retrieval-consensus"}
+    candidate = quality["rows"]["candidate"]
+    assert candidate["n"] == quality["examples"] == 2
+    assert candidate["retrieved"] == 0  # no index, no past answer can go out
+    assert candidate["model_replies"] + candidate["handoffs"] == 2  # the unsure tiny model hands off
+    assert candidate["rouge_l"] == metrics["rouge_l"]
+    assert quality["rows"]["retrieval"]["rouge_l"] == metrics["rouge_l_retrieval"]
+    assert candidate["intent_accuracy"] is None  # no classifier without intents
     assert metrics["padding_fraction"] < 0.5
     assert (result.output_dir / "metrics.json").exists()
 
@@ -208,3 +220,21 @@ def test_llama_style_base_trains_through_its_chat_template(tmp_path):
     assert any("o_proj.lora_B" in k for k in adapter)
     assert result.metrics["eval_loss"] is not None
     assert (result.merged_dir / "config.json").exists()
+
+
+def test_the_demo_trains_the_quick_recipe():
+    """scripts/demo.d/20-finetune.sh passes QUICK_RECIPE as options (checkpointing goes off with lora_layers)."""
+    import re
+
+    from finetune.ml.training import QUICK_RECIPE
+    from tests.conftest import ROOT
+
+    config = TrainConfig.from_overrides(QUICK_RECIPE)
+    assert config.lora_layers == 8
+    assert config.gradient_checkpointing is False
+    script = (ROOT / "scripts" / "demo.d" / "20-finetune.sh").read_text()
+    options = dict(re.findall(r"--([a-z-]+) ([0-9.e-]+)", script))
+    for name, value in QUICK_RECIPE.items():
+        if name == "gradient_checkpointing":
+            continue  # not an option: off by itself with lora_layers (attach_lora)
+        assert float(options[name.replace("_", "-")]) == pytest.approx(float(value)), name

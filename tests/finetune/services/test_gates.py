@@ -16,7 +16,9 @@ from tests.finetune.fixtures import FAST, ModelEvents, dataset_version_create
 pytestmark = pytest.mark.django_db
 
 
-def test_worse_candidate_fails_the_gate_and_needs_a_reason(transactional_db, model_store, dataset_dir, fast_heartbeat):
+def test_worse_candidate_fails_the_gate_and_needs_a_reason(
+    transactional_db, model_store, dataset_dir, fast_heartbeat, quality_gate_advisory
+):
     dataset_version_create(dataset_dir)
     first = training_run_execute(run_id=training_run_request(hyperparameters=FAST, enqueue=False).pk)
     v1 = ModelVersion.objects.get(training_run=first)
@@ -68,7 +70,7 @@ def test_worse_candidate_fails_the_gate_and_needs_a_reason(transactional_db, mod
 
 
 def test_a_registered_gate_blocks_automatic_promotion(
-    transactional_db, model_store, dataset_dir, fast_heartbeat, monkeypatch
+    transactional_db, model_store, dataset_dir, fast_heartbeat, monkeypatch, quality_gate_advisory
 ):
     monkeypatch.setattr(gates, "_PROMOTION_GATES", dict(gates._PROMOTION_GATES))
 

@@ -69,7 +69,7 @@ def test_cancel_of_a_finished_run_is_refused():
 
 
 def test_run_trains_creates_a_version_and_promotes_the_first(
-    transactional_db, model_store, dataset_dir, fast_heartbeat, tiny_base
+    transactional_db, model_store, dataset_dir, fast_heartbeat, tiny_base, quality_gate_advisory
 ):
     dataset = dataset_version_create(dataset_dir)
     listener = ModelEvents()

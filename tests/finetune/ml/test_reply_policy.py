@@ -1,0 +1,129 @@
+"""The reply policy: model reply, a retrieved answer or a handoff, decided the same way in evaluation and serving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.ml.reply_policy import (
+    SOURCE_HANDOFF,
+    SOURCE_MODEL,
+    SOURCE_RETRIEVED,
+    ReplyPolicyConfig,
+    choose_reply,
+    consensus,
+    sentences,
+    usable_answers,
+)
+from finetune.ml.retrieval import Exchange, Neighbour
+
+TRACK_1 = "Your parcel is with the courier. Track it with the link in your e-mail under Orders."
+TRACK_2 = "Your parcel is with the courier. The tracking link in your e-mail shows where it is."
+TRACK_3 = "Your order left our warehouse. Track the parcel with the courier link in your e-mail."
+REFUND = "Refunds are issued to your card within five days of the return arriving."
+
+
+def hit(reply, intent, score, origin, position=0):
+    return Neighbour(Exchange("where is my parcel", reply, intent, origin), score, position)
+
+
+HITS = [
+    hit(TRACK_1, "track_order", 0.8, "ticket:bitext:1", 1),
+    hit(REFUND, "get_refund", 0.75, "ticket:bitext:2", 2),
+    hit(TRACK_2, "track_order", 0.7, "ticket:bitext:3", 3),
+    hit(TRACK_3, "track_order", 0.6, "ticket:bitext:4", 4),
+]
+
+
+def test_usable_answers_keep_the_voted_intent_closest_first():
+    answers, intent = usable_answers(HITS)
+    assert intent == "track_order"
+    assert [a.exchange.origin for a in answers] == ["ticket:bitext:1", "ticket:bitext:3", "ticket:bitext:4"]
+
+
+def test_consensus_picks_the_candidate_most_like_the_others():
+    assert consensus(["something else entirely about the weather", TRACK_1, TRACK_2, TRACK_3]) in (1, 2, 3)
+    assert consensus(["only", "two"]) == 0
+
+
+def test_consensus_sends_a_model_reply_that_agrees_with_the_answers():
+    reply = "Your parcel is with the courier. Track it with the tracking link in your e-mail."
+
+    choice = choose_reply(reply, -0.9, HITS)
+
+    assert choice.source == SOURCE_MODEL
+    assert choice.text == reply
+    assert choice.intent == "track_order"
+
+
+def test_consensus_replaces_a_reply_that_answers_another_question():
+    reply = "You can get a refund for damaged items by visiting the website of the manufacturer of the item."
+
+    choice = choose_reply(reply, -0.2, HITS)
+
+    assert choice.source == SOURCE_RETRIEVED
+    assert choice.origin in {"ticket:bitext:1", "ticket:bitext:3", "ticket:bitext:4"}
+    assert choice.text in {TRACK_1, TRACK_2, TRACK_3}
+    assert choice.intent == "track_order"
+    assert choice.score is not None
+
+
+def test_fallback_mode_replaces_an_unsure_reply_with_a_close_answer():
+    config = ReplyPolicyConfig(mode="fallback", fallback_logprob=-0.5, fallback_score=0.3)
+    reply = "I'm here to help you with anything you need."
+
+    unsure = choose_reply(reply, -0.9, HITS, config)
+    sure = choose_reply(reply, -0.2, HITS, config)
+    far = choose_reply(reply, -0.9, [hit(TRACK_1, "track_order", 0.2, "ticket:x:9")], config)
+
+    assert (unsure.source, unsure.origin, unsure.text) == (SOURCE_RETRIEVED, "ticket:bitext:1", TRACK_1)
+    assert "-0.90" in unsure.reason
+    assert sure.source == SOURCE_MODEL
+    assert far.source == SOURCE_MODEL
+
+
+def test_consensus_with_one_answer_behaves_like_fallback():
+    one = [hit(TRACK_1, "track_order", 0.8, "ticket:bitext:1")]
+    assert choose_reply("Hello there, happy to help.", -0.9, one).source == SOURCE_RETRIEVED
+    assert choose_reply("Hello there, happy to help.", -0.1, one).source == SOURCE_MODEL
+
+
+def test_no_close_neighbour_keeps_the_old_handoff_rule():
+    far = [hit(TRACK_1, "track_order", 0.01, "ticket:bitext:1")]
+
+    assert choose_reply("A reply.", -3.0, far).source == SOURCE_HANDOFF
+    assert choose_reply("A reply.", -3.0, []).source == SOURCE_HANDOFF
+    assert choose_reply("A reply.", -1.0, []).source == SOURCE_MODEL
+    assert choose_reply("A reply.", None, []).source == SOURCE_MODEL
+    assert choose_reply("", -0.1, []).source == SOURCE_HANDOFF
+    assert choose_reply("A reply.", float("nan"), []).source == SOURCE_HANDOFF
+
+
+def test_an_empty_model_reply_takes_the_closest_answer():
+    choice = choose_reply("  ", -0.1, HITS)
+    assert (choice.source, choice.origin) == (SOURCE_RETRIEVED, "ticket:bitext:1")
+
+
+def test_model_mode_always_sends_the_model_reply():
+    assert choose_reply("Anything.", -5.0, HITS, ReplyPolicyConfig(mode="model")).source == SOURCE_MODEL
+
+
+def test_partial_compares_first_sentences_only():
+    # One sentence against whole answers: without partial the answers' extra words weigh against it.
+    first = "Your parcel is with the courier."
+    assert choose_reply(first, -0.3, HITS, partial=True).source == SOURCE_MODEL
+    assert choose_reply(first, -0.3, HITS).source == SOURCE_RETRIEVED
+
+
+def test_sentences_split_on_ends_and_lines():
+    assert sentences("One. Two!\nThree? four") == ["One.", "Two!", "Three?", "four"]
+    assert sentences("Version 1.5 is out.") == ["Version 1.5 is out."]
+
+
+def test_config_round_trips_and_rejects_unknown_modes():
+    config = ReplyPolicyConfig(mode="fallback", fallback_logprob=-0.4)
+    assert ReplyPolicyConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert ReplyPolicyConfig.from_json({"mode": "model", "future_field": 1}).mode == "model"
+    with pytest.raises(ValueError, match="Unknown reply policy mode"):
+        ReplyPolicyConfig(mode="random")

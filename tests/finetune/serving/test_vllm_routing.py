@@ -1,0 +1,75 @@
+"""The vLLM engine's choices that need no vLLM server: server per conversation, served names, LoRA or merged.
+
+The engine against real vLLM servers: test_vllm.py (marked ``vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from finetune.serving.vllm import VLLMError, VLLMServers, served_name, served_version
+
+URLS = ["http://vllm-a:8000", "http://vllm-b:8000", "http://vllm-c:8000"]
+
+
+def test_each_conversation_sticks_to_one_server_and_they_spread():
+    servers = VLLMServers(URLS)
+    keys = [str(uuid.uuid4()) for _ in range(300)]
+    first = {key: servers.ranked(key)[0] for key in keys}
+    assert first == {key: VLLMServers(URLS).ranked(key)[0] for key in keys}  # stable across processes
+    counts = {url: list(first.values()).count(url) for url in URLS}
+    assert all(60 < count < 140 for count in counts.values()), counts
+
+
+def test_a_dead_servers_conversations_move_and_only_theirs():
+    servers = VLLMServers(URLS, retry_after_s=60)
+    keys = [str(uuid.uuid4()) for _ in range(300)]
+    before = {key: servers.ranked(key)[0] for key in keys}
+    servers.mark_down("http://vllm-b:8000")
+    after = {key: servers.ranked(key)[0] for key in keys}
+    for key in keys:
+        if before[key] == "http://vllm-b:8000":
+            assert after[key] != "http://vllm-b:8000"
+            assert servers.ranked(key)[-1] == "http://vllm-b:8000"  # still tried, last
+        else:
+            assert after[key] == before[key]
+    moved = [after[key] for key in keys if before[key] == "http://vllm-b:8000"]
+    assert set(moved) == {"http://vllm-a:8000", "http://vllm-c:8000"}
+    servers.mark_up("http://vllm-b:8000")
+    assert {key: servers.ranked(key)[0] for key in keys} == before
+
+
+def test_no_server_configured_is_a_clear_error():
+    with pytest.raises(VLLMError, match="SUPPORTBOT_VLLM_URLS"):
+        VLLMServers([])
+
+
+def _adapter(tmp_path, model_type: str):
+    base = tmp_path / f"base-{model_type}"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": model_type}))
+    adapter = tmp_path / f"adapter-{model_type}"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    return adapter
+
+
+def test_llama_versions_are_adapters_and_gpt2_versions_merged_exports(tmp_path):
+    llama = served_version(label="v3", adapter_path=str(_adapter(tmp_path, "llama")))
+    assert (llama.name, llama.lora_path) == ("supportbot-v3", llama.files)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    gpt2 = served_version(label="v4", adapter_path=str(_adapter(tmp_path, "gpt2")), merged_path=str(merged))
+    assert (gpt2.name, gpt2.lora_path, gpt2.files) == ("supportbot-v4", None, str(merged))
+    assert served_name("v17") == "supportbot-v17"
+
+
+def test_a_merged_version_no_server_lists_blocks_with_what_to_start(tmp_path):
+    """Nothing answers here: the message names the server and says it did not answer."""
+    servers = VLLMServers(["http://127.0.0.1:9"], connect_timeout_s=1)
+    version = served_version(label="v4", adapter_path=str(_adapter(tmp_path, "gpt2")), merged_path="/models/v4")
+    with pytest.raises(VLLMError, match=r"v4 cannot go live.*127\.0\.0\.1:9 did not answer"):
+        servers.publish(version)
