@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from finetune.models import ModelVersion, ModelVersionEvent
+from finetune.models import BiasReport, ModelVersion, ModelVersionEvent
 from finetune.services.gates import model_version_gates_evaluate
 from finetune.services.model_versions import model_version_promote
 from supportbot.errors import ApplicationError
@@ -124,6 +124,7 @@ def test_a_version_without_a_quality_evaluation_is_not_promoted_automatically(tm
 def test_advisory_gates_are_shown_but_do_not_block(tmp_path, settings):
     settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
     below = version(tmp_path, row("candidate", 0.1, 0.5))
+    BiasReport.objects.create(version=below, status=BiasReport.Status.PASS)  # the other gates pass
     summary = model_version_gates_evaluate(version=below, save=False)
     assert summary["gates"]["reply_quality"]["passed"] is False
     assert summary["gates"]["reply_quality"]["advisory"] is True
