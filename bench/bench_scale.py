@@ -80,6 +80,9 @@ def start_vllm(model: Path, work: Path, args) -> tuple[subprocess.Popen, str, fl
     # vLLM keeps one core out of its compute threads by default (for its API server); the
     # in-process engine computes on every core, so by default vLLM does too.
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
+    if args.threads:
+        # As many compute threads as the in-process engine gets: cores 0..threads-1.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
     log = (work / "vllm.log").open("w")
     started = time.monotonic()
     process = subprocess.Popen(
@@ -145,7 +148,7 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
 
     out: dict = {"batched": [], "vllm": [], "load_before": load()}
     loaded = load_for_inference(str(model), label="base", device="cpu")
-    engine = BatchedEngine(loaded, max_batch_size=args.max_batch_size)
+    engine = BatchedEngine(loaded, max_batch_size=args.max_batch_size, num_threads=args.threads or None)
     try:
         await run_level(engine, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
         for level in args.levels:
@@ -337,7 +340,7 @@ def parse_args(argv=None):
     parser.add_argument("--stagger-ms", type=float, default=200.0, help="conversations start within this window")
     parser.add_argument("--exchanges", type=int, default=400, help="Bitext exchanges to draw questions from")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads of the in-process engine (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="compute threads of both engines (0: all cores)")
     parser.add_argument("--model-dir", help="a Hugging Face model directory (default: the bundled SmolLM2 export)")
     parser.add_argument("--model-store", default=str(ROOT / "var" / "models"))
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
