@@ -147,16 +147,18 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     out: dict = {"batched": [], "vllm": [], "load_before": load()}
-    loaded = load_for_inference(str(model), label="base", device="cpu")
-    engine = BatchedEngine(loaded, max_batch_size=args.max_batch_size, num_threads=args.threads or None)
-    try:
-        await run_level(engine, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
-        for level in args.levels:
-            out["batched"].append(await run_level(engine, exchanges, level, _level_args(args), random.Random(level)))
-            print(json.dumps({"batched": out["batched"][-1]}), file=sys.stderr)
-    finally:
-        engine.close(timeout=30)
-    del loaded, engine
+    if not args.skip_engines:
+        loaded = load_for_inference(str(model), label="base", device="cpu")
+        engine = BatchedEngine(loaded, max_batch_size=args.max_batch_size, num_threads=args.threads or None)
+        try:
+            await run_level(engine, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
+            for level in args.levels:
+                result = await run_level(engine, exchanges, level, _level_args(args), random.Random(level))
+                out["batched"].append(result)
+                print(json.dumps({"batched": result}), file=sys.stderr)
+        finally:
+            engine.close(timeout=30)
+        del loaded, engine
     out["load_between"] = load()
 
     process, url, startup_s = start_vllm(model, work, args)
@@ -166,7 +168,7 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
         version = ServedVersion(label="base", name="supportbot-base", files=str(model), lora_path=None)
         vllm = VLLMEngine(servers, version, AutoTokenizer.from_pretrained(model), max_model_len=args.max_model_len)
         await run_level(vllm, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
-        for level in args.levels:
+        for level in [] if args.skip_engines else args.levels:
             out["vllm"].append(await run_level(vllm, exchanges, level, _level_args(args), random.Random(level)))
             print(json.dumps({"vllm": out["vllm"][-1]}), file=sys.stderr)
         out["vllm_memory_mb"] = vllm_memory_mb(process)
@@ -191,7 +193,7 @@ def _level_args(args, turns: int | None = None):
 # --- web processes ----------------------------------------------------------------------------
 
 
-def _web_env(vllm_url: str) -> dict[str, str]:
+def _web_env(vllm_url: str, args) -> dict[str, str]:
     env = dict(os.environ)
     if not env.get("DATABASE_URL", "").startswith("postgres") or not env.get("REDIS_URL"):
         raise SystemExit("The web part needs DATABASE_URL (PostgreSQL, a database of its own) and REDIS_URL.")
@@ -206,6 +208,7 @@ def _web_env(vllm_url: str) -> dict[str, str]:
         SUPPORTBOT_REVIEW_SAMPLE_SHARE="0",
         SUPPORTBOT_DOUBLE_REVIEW_SHARE="0",
         SUPPORTBOT_GENERATION_TIMEOUT_S="3600",
+        SUPPORTBOT_MAX_NEW_TOKENS=str(args.max_new_tokens),
         DJANGO_LOG_LEVEL="WARNING",
     )
     return env
@@ -286,7 +289,7 @@ def _r(value):
 
 
 async def web_part(vllm_url: str, model: Path, args, work: Path) -> dict:
-    env = _web_env(vllm_url)
+    env = _web_env(vllm_url, args)
     _prepare_database(env, model)
     exchanges, _ = load_exchanges(args.exchanges, args.seed)
     out: dict = {"runs": [], "load_before": load()}
@@ -347,6 +350,7 @@ def parse_args(argv=None):
     parser.add_argument("--vllm-dtype", default="float32", help="float32 (default: as the in-process engine)")
     parser.add_argument("--vllm-reserved-cpus", type=int, default=0, help="cores vLLM keeps from compute")
     parser.add_argument("--skip-web", action="store_true", help="engines only, no daphne processes")
+    parser.add_argument("--skip-engines", action="store_true", help="the web part only (vLLM still starts)")
     parser.add_argument("--work", default=str(ROOT / "var" / "bench" / "scale"))
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args(argv)
