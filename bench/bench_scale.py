@@ -220,9 +220,8 @@ def _prepare_database(env: dict[str, str], model: Path) -> None:
     activate = (
         "from finetune.models import ModelVersion as M\n"
         "M.objects.filter(status='active').update(status='retired')\n"
-        "M.objects.filter(number=1).delete()\n"
-        f"M.objects.create(number=1, status='active', base_model='smollm2', adapter_path={str(model)!r}, "
-        f"merged_path={str(model)!r}, notes='bench_scale')\n"
+        f"M.objects.update_or_create(number=1, defaults=dict(status='active', base_model='smollm2', "
+        f"adapter_path={str(model)!r}, merged_path={str(model)!r}, notes='bench_scale'))\n"
     )
     subprocess.run([sys.executable, "manage.py", "shell", "-c", activate], cwd=ROOT, env=env, check=True)
 
