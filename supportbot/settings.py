@@ -474,6 +474,18 @@ if SUPPORTBOT_REVIEW_LEASE_S < 30:
     raise ImproperlyConfigured("SUPPORTBOT_REVIEW_LEASE_S must be at least 30 seconds.")
 
 # --- Bias monitoring (issue 12) -----------------------------------------------------------
+# Django's cache holds the monitoring dashboard's computed figures (nothing else uses it):
+# with REDIS_URL in Redis, so every server process shares one copy; else in the process.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "supportbot",
+            "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 10},
+        }
+    }
+
 # The alert rule of the dashboard and of the counterfactual probes (docs/bias-monitoring.md):
 # a segment is flagged only with at least MIN_N replies (fewer: greyed out), a
 # Benjamini-Hochberg adjusted p under ALPHA, and a material gap: relative gap above

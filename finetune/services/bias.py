@@ -31,7 +31,6 @@ from finetune.models import BiasReport, ModelVersion
 log = logging.getLogger(__name__)
 
 Generate = Callable[[list[str]], list[str]]
-INTENT_DIR = "intent"  # beside the version's adapter/ and merged/ folders
 PROBE_BATCH = 16  # replies generated at once: CPU-friendly, and a GPU is far from full at 64 tokens
 
 
@@ -76,6 +75,7 @@ def version_generator(version: ModelVersion, *, max_new_tokens: int) -> Generate
 def intent_classifier_for(version: ModelVersion) -> tuple[Callable[[str], str] | None, str]:
     """The reply-intent predictor for keeps-the-intent, and where it came from."""
     from finetune.ml.intent import IntentClassifier, IntentClassifierError
+    from finetune.ml.knowledge import INTENT_DIR  # beside the version's adapter/ and merged/ folders
 
     for base in (version.adapter_path, version.merged_path):
         if base and (Path(base).parent / INTENT_DIR).is_dir():

@@ -49,7 +49,13 @@ class ReplyText:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        decoded = self.prefix + self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        continuation = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        # The prime is a whole sentence: what follows it is kept apart by a space unless it
+        # brings its own or is punctuation (as the evaluation joins them, ``quality.join_prime``).
+        joint = " " if self.prefix and continuation and not continuation[0].isspace() else ""
+        if joint and continuation[0] in ".,;:!?)":
+            joint = ""
+        decoded = self.prefix + joint + continuation
         if decoded.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         cut = len(decoded)

@@ -98,7 +98,15 @@ def quality_gate_advisory(settings):
     """The reply-quality gate is shown but does not block: for tests of other gates and of the
     promotion flow, whose tiny models cannot beat retrieval (tests/finetune/services/test_quality_gate.py
     tests that gate itself). Workers started by ``training_worker`` inherit it."""
-    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
+    settings.SUPPORTBOT_GATES_ADVISORY = [*settings.SUPPORTBOT_GATES_ADVISORY, "reply_quality"]
+    return settings
+
+
+@pytest.fixture
+def model_gates_advisory(settings):
+    """The gates that need a model's replies (reply quality, bias probe) are shown but do not block:
+    for tests of promotion and rollback on version rows without a trained model behind them."""
+    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality", "bias_probe"]
     return settings
 
 

@@ -85,3 +85,21 @@ async def test_both_engines_trim_an_overlong_conversation_the_same_way(engine, g
     (want,) = await naive_replies(gpt2, [messages], max_new_tokens=40)
     _, got = await collect(engine, request("long", messages, max_new_tokens=40))
     assert_same_reply(got, want)
+
+
+def test_a_primed_reply_starts_with_the_prime_and_keeps_the_continuation_apart():
+    from finetune.serving.text import ReplyText
+    from tests.finetune.serving.engine_models import load, tiny_gpt2_dir
+
+    tokenizer = load(tiny_gpt2_dir()).tokenizer
+    for continuation, expected in (
+        ("Your order", "Sure. Your order"),  # no space of its own: one is put in
+        (" Your order", "Sure. Your order"),
+        (", your order", "Sure., your order"),  # punctuation stays attached
+    ):
+        reply = ReplyText(tokenizer, ("\nCustomer:",), prefix="Sure. ")
+        shown = "".join(reply.push(i) for i in tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        shown += reply.flush()
+        assert shown == reply.text == expected
+    empty = ReplyText(tokenizer, (), prefix="Sure.")
+    assert empty.flush() == "Sure."  # the model ended at once: the prime is the reply
