@@ -246,8 +246,14 @@ def test_progress_page_updates_live_in_a_browser(
     wait_for(lambda: status.text == "Succeeded", timeout=600, interval=1.0, message="the page to show the finished run")
     assert chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="percent"]').text == "100%"
     assert chromium.find_elements(By.CSS_SELECTOR, "#run-progress svg polyline")
-    assert "v1" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="version"]').text
-    assert "is now active" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="log"]').text
+    # The automatic promotion follows the run's end (after the bias probe): the page polls until it is settled.
+    wait_for(
+        lambda: "is now active" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="log"]').text,
+        timeout=600,
+        interval=1.0,
+        message="the page to show the promotion",
+    )
+    assert "v1 (Active)" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="version"]').text
     assert f"Run #{run.pk} (Succeeded)" in chromium.find_element(By.CSS_SELECTOR, ".breadcrumbs").text
     assert not chromium.find_elements(By.ID, "cancel-run")  # a finished run cannot be cancelled
     chromium.save_screenshot(str(model_store.parent / "progress.png"))

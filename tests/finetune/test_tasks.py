@@ -145,8 +145,12 @@ def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
     worker = training_worker()
     run = finished(training_run_request(hyperparameters=FAST).pk, timeout=240)
     assert run.status == TrainingRun.Status.SUCCEEDED, f"{run.error}\n{worker.text()[-3000:]}"
-    v2 = ModelVersion.objects.get(status=ModelVersion.Status.ACTIVE)
-    assert v2.training_run == run, v2.gate_results
+    # The automatic promotion follows the run's end (after the bias probe).
+    v2 = wait_for(
+        lambda: ModelVersion.objects.filter(training_run=run, status=ModelVersion.Status.ACTIVE).first(),
+        timeout=300,
+        message=f"the worker to promote the new version: {TrainingRun.objects.get(pk=run.pk).log_tail[-500:]}",
+    )
 
     def converged():
         report = health(base)
