@@ -168,7 +168,7 @@ def test_promote_over_a_failed_gate_needs_a_reason_then_roll_back(client, model_
 
 
 @pytest.mark.slow
-def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, quality_gate_advisory, training_worker):
+def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, model_gates_advisory, training_worker):
     """Retrain from the admin, follow the run to its end through the progress endpoint, promote the result."""
     user = staff(MODEL_ADMINS, "flowadmin")
     client.force_login(user)
@@ -218,7 +218,7 @@ def browser_login(chromium, live_server, user, password: str, next_url: str) -> 
 @pytest.mark.slow
 @pytest.mark.browser
 def test_progress_page_updates_live_in_a_browser(
-    chromium, live_server, model_store, dataset_dir, quality_gate_advisory, training_worker, settings
+    chromium, live_server, model_store, dataset_dir, model_gates_advisory, training_worker, settings
 ):
     from selenium.webdriver.common.by import By
 
@@ -247,6 +247,12 @@ def test_progress_page_updates_live_in_a_browser(
     assert chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="percent"]').text == "100%"
     assert chromium.find_elements(By.CSS_SELECTOR, "#run-progress svg polyline")
     assert "v1" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="version"]').text
+    # The bias probe and the promotion follow the run's end (the page stops polling at "Succeeded"):
+    # once the run's log has them, the page shows them.
+    wait_for(
+        lambda: "is now active" in TrainingRun.objects.get().log_tail, timeout=120, message="the promotion's log line"
+    )
+    chromium.refresh()
     assert "is now active" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="log"]').text
     assert f"Run #{run.pk} (Succeeded)" in chromium.find_element(By.CSS_SELECTOR, ".breadcrumbs").text
     assert not chromium.find_elements(By.ID, "cancel-run")  # a finished run cannot be cancelled
