@@ -133,6 +133,11 @@ class TrainingRun(models.Model):
     total_steps = models.PositiveIntegerField(default=0)
     current_epoch = models.FloatField(default=0.0)
     loss_history = models.JSONField(default=list, blank=True, help_text="[{step, epoch, loss}, …]")
+    phase = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="What the run does now: {name, text, done, total} (the phase's own progress).",
+    )
     eval_metrics = models.JSONField(default=dict, blank=True)
     log_tail = models.TextField(blank=True)
     error = models.TextField(blank=True)

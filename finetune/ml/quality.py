@@ -113,6 +113,21 @@ def prime_join(prime: str, tokenizer) -> str:
     return prime if uses_chat_template(tokenizer) else " " + prime
 
 
+def join_prime(prime: str, continuation: str) -> str:
+    """The whole reply: the prime, then what the model generated after it.
+
+    The prime is a whole sentence (or line), and the generated text comes back stripped,
+    so a space (a line break after a line) keeps them apart: "…order 123. I'm here…",
+    not "…order 123.I'm here…".
+    """
+    head, tail = prime.rstrip(), continuation.strip()
+    if not tail:
+        return head.strip()
+    if tail[0] in ".,;:!?)":
+        return (head + tail).strip()
+    return (head + ("\n" if prime.endswith("\n") else " ") + tail).strip()
+
+
 def quality_examples(
     conversations: Sequence[Sequence[dict[str, str]]],
     intents: Sequence[str],
@@ -372,7 +387,7 @@ def generate_for(
     )
     seconds = time.perf_counter() - started
     for prime, result in zip(primes, generated, strict=True):
-        raw = (prime_join(prime, tokenizer) + result["text"]).strip() if prime else result["text"]
+        raw = join_prime(prime, result["text"]) if prime else result["text"]
         trimmed = cut_repetition(raw)
         result.update(text=trimmed.text, cut=bool(trimmed.cut), raw=raw)
     return generated, seconds

@@ -118,6 +118,7 @@ def _make_engine(loaded):
         loaded,
         max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE,
         prefix_cache_mb=settings.SUPPORTBOT_PREFIX_CACHE_MB,
+        prefill_tokens=settings.SUPPORTBOT_PREFILL_TOKENS_PER_STEP,
     )
 
 
@@ -461,4 +462,5 @@ def generation_params() -> GenerationParams:
         max_new_tokens=settings.SUPPORTBOT_MAX_NEW_TOKENS,
         stop=tuple(settings.SUPPORTBOT_STOP_SEQUENCES),
         timeout_s=settings.SUPPORTBOT_GENERATION_TIMEOUT_S,
+        max_prompt_tokens=settings.SUPPORTBOT_PROMPT_MAX_TOKENS,
     )

@@ -146,3 +146,14 @@ def test_the_sample_is_seeded_and_sorted():
     assert sample_indices(10, 4, seed=1) == sample_indices(10, 4, seed=1)
     assert sample_indices(10, 4) == sorted(sample_indices(10, 4))
     assert len(sample_indices(10, 4)) == 4
+
+
+def test_the_prime_and_its_continuation_stay_apart():
+    from finetune.ml.quality import join_prime
+
+    assert join_prime("I can help you cancel order 123.", "I'm here to help.") == (
+        "I can help you cancel order 123. I'm here to help."
+    )
+    assert join_prime("Steps:\n", "1. Sign in.") == "Steps:\n1. Sign in."
+    assert join_prime("Sure.", "") == "Sure."
+    assert join_prime("Sure", ", here it is.") == "Sure, here it is."

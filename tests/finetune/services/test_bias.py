@@ -13,7 +13,7 @@ from supportbot.errors import ApplicationError
 from tests.factories import ModelVersionFactory
 from tests.finetune.ml.test_probes import biased_generator, even_generator, intent_of
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.bias_gate]  # the bias_probe gate blocks here
 
 
 def test_the_probe_flags_a_biased_generator_and_records_why(settings):
