@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('finetune', '0003_bias_report'),
+        ('finetune', '0004_trainingrun_phase'),
     ]
 
     operations = [
