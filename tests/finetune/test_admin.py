@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth.models import Group
 from django.urls import reverse
 
-from finetune.models import ModelVersion, ModelVersionEvent, TrainingRun
+from finetune.models import BiasReport, ModelVersion, ModelVersionEvent, TrainingRun
 from finetune.services.datasets import dataset_version_build
 from finetune.services.tickets import ticket_import
 from finetune.services.training_runs import training_run_request
@@ -198,6 +198,8 @@ def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, model_g
     assert run.base_model
     assert run.base_model in page  # the resolved base is shown
 
+    # The run probes its candidate for bias after it succeeded; the gate waits for that.
+    wait_for(lambda: not version.bias_reports.filter(status=BiasReport.Status.RUNNING).exists(), timeout=90)
     promote = reverse("admin:finetune_modelversion_promote", args=[version.pk])
     assert "validation_loss</strong>: passed" in client.get(promote).content.decode()
     client.post(promote, {"reason": ""})
