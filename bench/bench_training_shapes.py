@@ -15,6 +15,8 @@ Configurations (``--configs``, comma-separated):
 - ``no-ckpt``: ``passive`` without gradient checkpointing.
 - ``top-half``: ``no-ckpt`` with LoRA on the top half of the layers only (backward stops there).
 - ``one-thread``: ``no-ckpt`` on one thread.
+- ``recipe``: the quick adapter's (``QUICK_RECIPE``): ``no-ckpt`` with LoRA on the top 8
+  layers only and no dropout (run it with ``--batch-size 4 --grounded``).
 
 Prints one JSON line per configuration: useful tokens/s over the measured steps, tokens
 per CPU-second, padding share, peak RSS, and the machine's load average at the start.
@@ -42,6 +44,8 @@ CONFIGS = {
     "no-ckpt": {"omp": "PASSIVE", "ckpt": False, "layers": 0, "threads": 0},
     "top-half": {"omp": "PASSIVE", "ckpt": False, "layers": -2, "threads": 0},
     "one-thread": {"omp": "PASSIVE", "ckpt": False, "layers": 0, "threads": 1},
+    # The quick adapter's recipe (finetune.ml.training.QUICK_RECIPE): top 8 layers, no dropout.
+    "recipe": {"omp": "PASSIVE", "ckpt": False, "layers": 8, "threads": 0, "dropout": 0.0},
 }
 
 
@@ -83,7 +87,7 @@ def child(args) -> dict:
     from peft import LoraConfig, get_peft_model
 
     layers = model.config.num_hidden_layers
-    first = layers // 2 if spec["layers"] == -2 else 0
+    first = layers // 2 if spec["layers"] == -2 else max(0, layers - spec["layers"]) if spec["layers"] > 0 else 0
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(
@@ -91,7 +95,7 @@ def child(args) -> dict:
         LoraConfig(
             r=16,
             lora_alpha=32,
-            lora_dropout=0.05,
+            lora_dropout=spec.get("dropout", 0.05),
             target_modules=targets,
             layers_to_transform=list(range(first, layers)),
             fan_in_fan_out=args.model != "smollm2",

@@ -33,6 +33,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 @admin.register(BotProfile)
 class BotProfileAdmin(admin.ModelAdmin):
     list_display = ("company_name", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("company_name", "system_prompt", "policy_text", "blocked_terms")}),
+        (
+            "Company facts",
+            {
+                "fields": ("support_phone", "support_email", "website_url", "support_hours", "returns_address"),
+                "description": "Put into replies where the model writes a template slot such as "
+                "{{Customer Support Phone Number}}; an empty fact becomes neutral words.",
+            },
+        ),
+    )
 
     def has_add_permission(self, request) -> bool:
         # One profile: "add" only while none exists, and only for those allowed to add one.

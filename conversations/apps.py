@@ -17,4 +17,5 @@ class ConversationsConfig(AppConfig):
             feedback_examples=training_examples_approved,
             system_prompt=selectors.system_prompt_current,
             blocked_terms=selectors.blocked_terms_current,
+            company_facts=selectors.company_facts_current,
         )

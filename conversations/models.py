@@ -6,6 +6,9 @@
 - ``Review``: one submitted rating of a bot reply, never edited; the latest counts.
 - ``TrainingCandidate``: a correction or an approved reply waiting for a model admin's
   approval; only approved ones reach a training dataset.
+- ``ReplyOutcome``: one row per finished bot reply with the segments of the customer it
+  answered and everything the bias-monitoring dashboard measures about it, kept current
+  when the reply, its review, the customer's answer or a handoff is written.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from django.utils import timezone
 class BotProfile(models.Model):
     """What the bot says about itself: company name, system prompt and policy, edited in the admin.
 
-    One row (``key='default'``); the prompt builder reads it for every reply.
+    One row (``key='default'``); the prompt builder reads it for every reply. The company's
+    facts (phone, e-mail, website, hours, returns address) fill the template slots of
+    replies (``{{Customer Support Phone Number}}`` -> the phone written here); a fact left
+    empty becomes neutral words ("our customer support phone line").
     """
 
     key = models.CharField(max_length=32, unique=True, default="default", editable=False)
@@ -35,6 +41,15 @@ class BotProfile(models.Model):
     )
     policy_text = models.TextField(blank=True, help_text="Policies the bot must follow (refunds, shipping…).")
     blocked_terms = models.TextField(blank=True, help_text="One term per line; masked in every bot reply.")
+    support_phone = models.CharField(
+        max_length=64, blank=True, help_text="Fills {{Customer Support Phone Number}} and {{PHONE}} in replies."
+    )
+    support_email = models.EmailField(blank=True, help_text="Fills {{Customer Support Email}} in replies.")
+    website_url = models.URLField(blank=True, help_text="Fills {{Website URL}} in replies.")
+    support_hours = models.CharField(
+        max_length=200, blank=True, help_text='Fills {{Customer Support Hours}}, e.g. "Monday to Friday, 9:00-17:00".'
+    )
+    returns_address = models.TextField(blank=True, help_text="Fills {{Returns Address}} in replies.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -147,8 +162,23 @@ class Message(models.Model):
     first_token_ms = models.PositiveIntegerField(null=True, blank=True)
     token_count = models.PositiveIntegerField(null=True, blank=True)
     mean_logprob = models.FloatField(null=True, blank=True, help_text="Mean token log-probability of a bot reply.")
+    grounding = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="The past exchanges a bot reply was grounded on: [{origin, score, intent, question, answer}].",
+    )
     helpful = models.BooleanField(null=True, blank=True, help_text="The customer's 'Was this helpful?' answer.")
     helpful_at = models.DateTimeField(null=True, blank=True)
+    # Segment labels of a customer message, computed when it is saved
+    # (``monitoring.services.message_segments_label``; finetune.ml.segments), so the
+    # monitoring dashboard never re-scans text. ``segmenter_version`` null: not labelled.
+    register = models.CharField(max_length=16, blank=True, help_text="Primary language register (customer messages).")
+    registers = models.JSONField(default=list, blank=True, help_text="Every register that applies, or ['plain'].")
+    language = models.CharField(max_length=8, blank=True, help_text="ISO 639-1 code, 'und' when too short to tell.")
+    segmenter_version = models.PositiveSmallIntegerField(null=True, blank=True)
+    intent = models.CharField(
+        max_length=64, blank=True, help_text="Intent when known: a bot reply's, and the message it answered."
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
@@ -384,3 +414,60 @@ class TrainingCandidate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} of message {self.message_id} ({self.get_status_display()})"
+
+
+class ReplyOutcome(models.Model):
+    """One finished bot reply as the monitoring dashboard sees it: who it answered, and how it went.
+
+    Written at write time by ``monitoring.services.reply_outcome_refresh`` (when the
+    reply finishes, is reviewed, gets the customer's "Was this helpful?" answer, or is
+    followed by a handoff), always derived again from the rows that hold the truth,
+    so a refresh is idempotent and ``manage.py monitoring_backfill`` rebuilds any row.
+    The dashboard aggregates this table in the database; it never reads message text.
+
+    Segments: the answered customer message's registers (one boolean per register, as a
+    message may carry several; ``register`` is the primary one), its language, the
+    page's ``segment`` parameter, the intent and the model version. Outcomes: the
+    latest review (``reviewed``; bad, score, correction, one boolean per report reason;
+    null when not reviewed), the customer's helpful answer, whether a handoff followed
+    before the bot's next reply, reply length in words and latency.
+    """
+
+    message = models.OneToOneField(Message, primary_key=True, on_delete=models.CASCADE, related_name="outcome")
+    model_version = models.ForeignKey(
+        "finetune.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(help_text="When the reply was written.")
+    register = models.CharField(max_length=16, blank=True)
+    reg_plain = models.BooleanField(default=False)
+    reg_polite = models.BooleanField(default=False)
+    reg_colloquial = models.BooleanField(default=False)
+    reg_typos = models.BooleanField(default=False)
+    reg_offensive = models.BooleanField(default=False)
+    reg_keyword_only = models.BooleanField(default=False)
+    language = models.CharField(max_length=8, blank=True)
+    page_segment = models.CharField(max_length=64, blank=True)
+    intent = models.CharField(max_length=64, blank=True)
+    reply_words = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    helpful = models.BooleanField(null=True, blank=True)
+    handoff = models.BooleanField(default=False, help_text="The conversation went to a human before the next reply.")
+    reviewed = models.BooleanField(default=False)
+    bad = models.BooleanField(null=True, blank=True, help_text="The latest review called it bad.")
+    rating = models.PositiveSmallIntegerField(null=True, blank=True)
+    corrected = models.BooleanField(null=True, blank=True)
+    reason_incorrect = models.BooleanField(null=True, blank=True)
+    reason_inappropriate = models.BooleanField(null=True, blank=True)
+    reason_incomplete = models.BooleanField(null=True, blank=True)
+    reason_outdated = models.BooleanField(null=True, blank=True)
+    reason_personal_data = models.BooleanField(null=True, blank=True)
+    reason_biased = models.BooleanField(null=True, blank=True)
+    reason_other = models.BooleanField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["model_version", "created_at"], name="replyoutcome_version_time_idx")]
+
+    def __str__(self) -> str:
+        return f"Outcome of reply {self.message_id} ({self.register or 'unlabelled'})"

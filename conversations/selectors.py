@@ -53,6 +53,23 @@ def system_prompt_current() -> str:
     return system_prompt_for(bot_profile_get())
 
 
+# The bot profile's fields that fill template slots (finetune.serving.placeholders.FACT_KEYS).
+COMPANY_FACT_FIELDS = (
+    "company_name",
+    "support_phone",
+    "support_email",
+    "website_url",
+    "support_hours",
+    "returns_address",
+)
+
+
+def company_facts_current() -> dict[str, str]:
+    """The company's facts from the bot profile (empty ones left out), for filling reply slots."""
+    profile = bot_profile_get()
+    return {name: value.strip() for name in COMPANY_FACT_FIELDS if (value := getattr(profile, name) or "").strip()}
+
+
 def blocked_terms_current() -> list[str]:
     """The bot profile's blocked terms, masked in every reply."""
     text = BotProfile.objects.filter(key="default").values_list("blocked_terms", flat=True).first()

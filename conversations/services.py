@@ -24,6 +24,7 @@ Review queues, claims and reviews are in ``review/services.py``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import unicodedata
 import uuid
@@ -41,8 +42,9 @@ from supportbot.errors import ApplicationError
 from . import frames
 from .broadcast import AGENTS_GROUP, group_send_on_commit
 from .models import Conversation, Message
+from .monitoring import services as monitoring_services
 from .review import services as review_services
-from .review.selectors import display_name
+from .review.selectors import display_name, reply_intent
 from .selectors import (
     SHUTDOWN_FINISH_REASON,
     TAKEN_OVER_FINISH_REASON,
@@ -54,6 +56,8 @@ from .selectors import (
 )
 
 # A streaming reply's text and heartbeat are saved this often...
+log = logging.getLogger(__name__)
+
 REPLY_HEARTBEAT_S = 5.0
 # ...so one whose heartbeat is older than this has no process writing it any more.
 REPLY_STALE_AFTER_S = 20.0
@@ -203,6 +207,7 @@ def conversation_handoff(*, conversation: Conversation, reason: str) -> bool:
     )
     review_services.queue_item_add_handoff(conversation=conversation, reason=reason)
     review_services.waiting_count_announce()
+    monitoring_services.reply_outcome_after_handoff(conversation=conversation)
     return True
 
 
@@ -293,6 +298,8 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
     if existing is not None:
         return existing, False
     body = _message_body(client_id=client_id, text=text)
+    # Labelled before the transaction: the detector takes about a millisecond, no lock needed.
+    labels = monitoring_services.message_segments_label(body)
     try:
         with transaction.atomic():
             # The row's status, not the caller's copy: an agent may have closed it since
@@ -307,7 +314,7 @@ def message_create_customer(*, conversation: Conversation, client_id: str, text:
                     extra={"client_id": client_id},
                 )
             message = Message.objects.create(
-                conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id
+                conversation=conversation, role=Message.Role.CUSTOMER, body=body, client_id=client_id, **labels
             )
             Conversation.objects.filter(pk=conversation.pk).update(last_message_at=message.created_at)
             group_send_on_commit(
@@ -351,6 +358,7 @@ def csat_record(*, conversation: Conversation | None, message_id: int, helpful: 
     message.save(update_fields=["helpful", "helpful_at"])
     if not helpful:
         review_services.queue_item_add(message=message, source="not_helpful")
+    monitoring_services.reply_outcome_refresh(message_id=message.pk)
     group_send_on_commit(conversation.group_name, {"type": "chat.message", "frame": frames.message_frame(message)})
     return message
 
@@ -515,10 +523,17 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     A reply is ``complete`` when the model stopped by itself or at its token limit
     and said something; an error, timeout, cancel, shutdown or empty text makes it
     ``failed``, and all but a cancel or a shutdown (the next server answers again)
-    hand the customer to a human. A complete reply whose mean token
-    log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD`` is kept but also
-    hands the conversation to a human. Finishing a reply that recovery already
-    marked failed (a slow writer, not a dead one) completes it after all.
+    hand the customer to a human. A complete reply of the model whose mean token
+    log-probability is under ``SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD``, or that the reply
+    policy found unusable (``done.handoff``), is kept but also hands the conversation to a
+    human; a retrieved past answer sent instead of unsure model words does not. Finishing
+    a reply that recovery already marked failed (a slow writer, not a dead one) completes
+    it after all.
+
+    What the reply leaned on is kept with it for the agents: ``grounding`` (the past
+    exchanges in its prompt) and, in ``generation``, its ``source`` ("model" or
+    "retrieved" with ``source_origin``), the policy's reason and where a repeating reply
+    was cut (``cut_reason``).
     """
     message = Message.objects.select_for_update().select_related("conversation").get(pk=message_id)
     text = done.text.strip()
@@ -531,8 +546,14 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
             "error": done.error or ("" if ok or text else "The model produced no text."),
             "seq": seq,
             "model_label": done.model_label or (message.generation or {}).get("model_label"),
+            "source": done.source,
+            "source_origin": done.source_origin,
+            "cut_reason": done.cut_reason,
+            **({"policy": done.policy} if done.policy else {}),
+            **({"intent": done.policy["intent"]} if done.policy.get("intent") else {}),
         },
         body=text,
+        grounding=list(done.grounding),
         model_version=model_version_for_label(done.model_label) or message.model_version,
         latency_ms=max(0, done.latency_ms),
         first_token_ms=done.first_token_ms,
@@ -541,14 +562,23 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     )
     conversation = message.conversation
     if ok:
+        monitoring_services.reply_intent_record(message=message, intent=reply_intent(message))
         review_services.queue_items_for_finished_reply(message=message)
     # A cancel (the customer left), a shutdown (the next server answers again) or an
     # agent's takeover (a human has the conversation) is no reason to call a human.
     if not ok and done.finish_reason not in ("cancelled", SHUTDOWN_FINISH_REASON, TAKEN_OVER_FINISH_REASON):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.ERROR)
-    elif ok and done.mean_logprob is not None and done.mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD:
+    elif ok and (done.handoff or (done.source != "retrieved" and _unsure(done.mean_logprob))):
         conversation_handoff(conversation=conversation, reason=Conversation.HandoffReason.LOW_CONFIDENCE)
+    if ok and done.source == "retrieved":
+        log.info("Reply %s: source=retrieved origin=%s (%s)", message.pk, done.source_origin, done.policy.get("reason"))
+    # The segments and outcome the monitoring dashboard counts (none for a failed reply).
+    monitoring_services.reply_outcome_refresh(message_id=message.pk)
     return message
+
+
+def _unsure(mean_logprob: float | None) -> bool:
+    return mean_logprob is not None and mean_logprob < settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD
 
 
 def bot_reply_fail(*, message_id: int, error: str, body: str = "", seq: int = 0) -> Message:

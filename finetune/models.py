@@ -28,6 +28,15 @@ class Ticket(models.Model):
     customer_segment = models.CharField(
         max_length=64, blank=True, db_index=True, help_text="Customer segment (plan, region…) for bias reports."
     )
+    # Language-register segment labels, set on import: from the Bitext tags where the
+    # ticket has tags, else by the register detector on the first customer message
+    # (finetune.ml.segments). ``segmenter_version`` null: not labelled yet.
+    register = models.CharField(max_length=16, blank=True, help_text="Primary register (offensive, typos, …, plain).")
+    registers = models.JSONField(default=list, blank=True, help_text="Every register that applies, or ['plain'].")
+    register_source = models.CharField(
+        max_length=16, blank=True, help_text="'tags' (the source's own register tags) or 'detector'."
+    )
+    segmenter_version = models.PositiveSmallIntegerField(null=True, blank=True)
     customer_name = models.CharField(max_length=200, blank=True)
     customer_email = models.CharField(max_length=254, blank=True)
     customer_phone = models.CharField(max_length=64, blank=True)
@@ -124,6 +133,11 @@ class TrainingRun(models.Model):
     total_steps = models.PositiveIntegerField(default=0)
     current_epoch = models.FloatField(default=0.0)
     loss_history = models.JSONField(default=list, blank=True, help_text="[{step, epoch, loss}, …]")
+    phase = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="What the run does now: {name, text, done, total} (the phase's own progress).",
+    )
     eval_metrics = models.JSONField(default=dict, blank=True)
     log_tail = models.TextField(blank=True)
     error = models.TextField(blank=True)
@@ -222,3 +236,42 @@ class ModelVersionEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version.label} {self.get_action_display().lower()} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class BiasReport(models.Model):
+    """What the counterfactual probes found for one model version (``services/bias.bias_probe_run``).
+
+    The same requests in every register and with names and pronouns across genders and
+    origins were answered by the version; ``report`` holds per group and measure the
+    paired gap with its interval, the test and the decision, the worst groups with
+    example replies, and the failure lines (``finetune.ml.probes.BiasProbeReport``).
+    ``status``: pass, fail, insufficient (too few requests for a verdict) or error (the
+    probe could not run: ``error`` says why). The latest report of a version is the
+    one its promotion gate reads.
+    """
+
+    class Status(models.TextChoices):
+        PASS = "pass", "Pass"
+        FAIL = "fail", "Fail"
+        INSUFFICIENT = "insufficient", "Too few requests"
+        ERROR = "error", "Could not run"
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="bias_reports")
+    status = models.CharField(max_length=16, choices=Status.choices)
+    failures = models.JSONField(default=list, blank=True, help_text="One line per flagged group and measure.")
+    report = models.JSONField(default=dict, blank=True, help_text="BiasProbeReport.to_dict().")
+    settings = models.JSONField(default=dict, blank=True, help_text="Requests, reply length, thresholds, seed.")
+    error = models.TextField(blank=True)
+    trigger = models.CharField(max_length=32, blank=True, help_text="'training_run', 'command' or 'admin'.")
+    duration_s = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Bias report of {self.version.label}: {self.get_status_display()}"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == self.Status.PASS

@@ -11,7 +11,12 @@ event and a periodic check of the active version), not at the first reply.
 import logging
 import os
 
-from django.core.asgi import get_asgi_application
+# Before torch is imported (its OpenMP pool reads this once): generation shares the cores
+# with the Celery worker, and spinning OpenMP threads triple the CPU time of the same work
+# under contention (docs/quality-research.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "supportbot.settings")
 # Tells settings this process is the ASGI server (DJANGO_DB_POOL=auto pools connections

@@ -13,7 +13,12 @@ else to ``default`` (settings ``CELERY_TASK_ROUTES``). In production a GPU box r
 
 import os
 
-from celery import Celery
+# Before torch is imported (its OpenMP pool reads this once): training in the worker shares
+# the cores with daphne, and spinning OpenMP threads triple the CPU time of the same work
+# under contention (docs/quality-research.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from celery import Celery  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "supportbot.settings")
 

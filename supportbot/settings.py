@@ -420,6 +420,11 @@ SUPPORTBOT_MODEL_CHECK_S = env_float("SUPPORTBOT_MODEL_CHECK_S", 5.0)
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)
+# Most tokens of a reply's prompt (system prompt, history, the customer's message): older
+# turns are dropped first, then the message is cut in the middle with a note. 1536 holds a
+# 4,096-character message of ordinary text whole; a message of emoji (several tokens each)
+# is cut instead of costing every chat seconds of prefill.
+SUPPORTBOT_PROMPT_MAX_TOKENS = env_int("SUPPORTBOT_PROMPT_MAX_TOKENS", 1536)
 # Extra strings that end a reply, comma-separated, "\n" for a newline (the prompt template's
 # own turn markers always stop it). E.g. a sign-off the model learnt from old tickets.
 SUPPORTBOT_STOP_SEQUENCES = [s.replace("\\n", "\n") for s in env_list("SUPPORTBOT_STOP_SEQUENCES", [])]
@@ -438,6 +443,12 @@ SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
 # shared system prompt) is not prefilled again. ~75 KB per token for GPT-2-small: 512 MB
 # holds about 16 conversations of 400 tokens. 0 turns it off.
 SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
+# Prompt tokens the batched engine prefills between two decode steps. A longer prompt is
+# prefilled in chunks over several steps, shortest waiting prompt first, so a normal
+# customer's prompt never waits behind a long one and running replies keep streaming.
+# 64: a chunk costs about a decode step of SmolLM2 on two cores (docs/benchmarks.md#fairness);
+# a GPU takes far more (vLLM's default is 512 to 2048).
+SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 64)
 
 # --- Agent workspace (issue 11) ---------------------------------------------------------
 # Share of finished bot replies put in the "random sample" review queue, so agents also
@@ -461,3 +472,42 @@ for _name in ("SUPPORTBOT_REVIEW_SAMPLE_SHARE", "SUPPORTBOT_DOUBLE_REVIEW_SHARE"
         raise ImproperlyConfigured(f"{_name}={globals()[_name]} must be a share between 0 and 1.")
 if SUPPORTBOT_REVIEW_LEASE_S < 30:
     raise ImproperlyConfigured("SUPPORTBOT_REVIEW_LEASE_S must be at least 30 seconds.")
+
+# --- Bias monitoring (issue 12) -----------------------------------------------------------
+# Django's cache holds the monitoring dashboard's computed figures (nothing else uses it):
+# with REDIS_URL in Redis, so every server process shares one copy; else in the process.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "supportbot",
+            "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 10},
+        }
+    }
+
+# The alert rule of the dashboard and of the counterfactual probes (docs/bias-monitoring.md):
+# a segment is flagged only with at least MIN_N replies (fewer: greyed out), a
+# Benjamini-Hochberg adjusted p under ALPHA, and a material gap: relative gap above
+# MIN_RELATIVE_GAP, or the four-fifths ratio outside [RATIO_LOW, RATIO_HIGH].
+SUPPORTBOT_BIAS_MIN_N = env_int("SUPPORTBOT_BIAS_MIN_N", 20)
+SUPPORTBOT_BIAS_ALPHA = env_float("SUPPORTBOT_BIAS_ALPHA", 0.05)
+SUPPORTBOT_BIAS_MIN_RELATIVE_GAP = env_float("SUPPORTBOT_BIAS_MIN_RELATIVE_GAP", 0.05)
+SUPPORTBOT_BIAS_RATIO_LOW = env_float("SUPPORTBOT_BIAS_RATIO_LOW", 0.8)
+SUPPORTBOT_BIAS_RATIO_HIGH = env_float("SUPPORTBOT_BIAS_RATIO_HIGH", 1.25)
+if SUPPORTBOT_BIAS_MIN_N < 2 or not 0 < SUPPORTBOT_BIAS_ALPHA < 1:
+    raise ImproperlyConfigured("SUPPORTBOT_BIAS_MIN_N must be at least 2 and SUPPORTBOT_BIAS_ALPHA within (0, 1).")
+if not 0 < SUPPORTBOT_BIAS_RATIO_LOW <= 1 <= SUPPORTBOT_BIAS_RATIO_HIGH:
+    raise ImproperlyConfigured("SUPPORTBOT_BIAS_RATIO_LOW must be in (0, 1] and SUPPORTBOT_BIAS_RATIO_HIGH at least 1.")
+# The dashboard's figures are computed from the database and kept this long: a page view
+# within it (with new replies since) shows them with their time; "Recompute" refreshes.
+# Without new replies the kept figures are shown whatever their age.
+SUPPORTBOT_MONITORING_CACHE_S = env_int("SUPPORTBOT_MONITORING_CACHE_S", 300)
+# The dashboard's default window: replies of the last this many days.
+SUPPORTBOT_MONITORING_DAYS = env_int("SUPPORTBOT_MONITORING_DAYS", 90)
+# Counterfactual probes (manage.py bias_probe, and after every training run): how many
+# of the probe set's requests to ask (each in 23 variants; all 54 by default, at least
+# SUPPORTBOT_BIAS_MIN_N for a verdict) and the reply length. 64 tokens show curt replies.
+SUPPORTBOT_BIAS_PROBE_AFTER_TRAINING = env_bool("SUPPORTBOT_BIAS_PROBE_AFTER_TRAINING", True)
+SUPPORTBOT_BIAS_PROBE_REQUESTS = env_int("SUPPORTBOT_BIAS_PROBE_REQUESTS", 54)
+SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS = env_int("SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS", 64)

@@ -25,4 +25,6 @@ urlpatterns = [
     path("training/", views.training_page, name="training"),
     path("training/decide/", views.training_decide, name="training-decide"),
     path("export/", views.export_download, name="export"),
+    path("monitoring/", views.monitoring_page, name="monitoring"),
+    path("monitoring/figures.csv", views.monitoring_csv, name="monitoring-csv"),
 ]

@@ -32,6 +32,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from conversations import services as chat_services
 from conversations.models import Conversation, QueueItem, Review, TrainingCandidate
+from conversations.monitoring import selectors as monitoring
 from conversations.review import selectors
 from conversations.review import services as review_services
 from conversations.review.export import FORMATS, csv_chunks, jsonl_chunks, write_hf
@@ -549,3 +550,115 @@ def export_download(request: HttpRequest) -> HttpResponse:
         archive = shutil.make_archive(str(Path(work) / "supportbot-feedback"), "zip", root_dir=Path(work) / "dataset")
         data = Path(archive).read_bytes()
     return FileResponse(io.BytesIO(data), as_attachment=True, filename=f"supportbot-feedback-{stamp}-hf.zip")
+
+
+# --- bias monitoring -------------------------------------------------------------------------
+
+
+def _staff_only(request: HttpRequest) -> None:
+    if not request.user.is_staff:
+        raise PermissionDenied("The monitoring dashboard is for staff.")
+
+
+def _shown(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "rate":
+        return f"{100 * value:.1f}%"
+    if unit == "ms":
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def _present(report: dict[str, Any]) -> dict[str, Any]:
+    """Display strings for the template (the report itself stays numbers, for the charts and the CSV)."""
+    units = {m["name"]: m["unit"] for m in report["metrics"]}
+    for section in report["dimensions"]:
+        for cell in section["cells"]:
+            cell["shown"] = [
+                {
+                    "name": name,
+                    "value": _shown(figure["value"], units[name]),
+                    "interval": f"{_shown(figure['low'], units[name])}–{_shown(figure['high'], units[name])}"
+                    if figure["n"]
+                    else "",
+                    "n": figure["n"],
+                    "alert": name in cell["alerts"],
+                    "small": 0 < figure["n"] < report["thresholds"]["min_n"],
+                }
+                for name, figure in cell["metrics"].items()
+            ]
+        for row in section["disaggregation"]:
+            unit = units[row["metric"]]
+            row["shown"] = {
+                "overall": _shown(row["overall"], unit),
+                "difference": _shown(row["difference"], unit),
+                "ratio": "—" if row["ratio"] is None else f"{row['ratio']:.3f}",
+                "difference_to_overall": _shown(row["difference_to_overall"], unit),
+                "ratio_to_overall": "—" if row["ratio_to_overall"] is None else f"{row['ratio_to_overall']:.3f}",
+                "groups": ", ".join(
+                    f"{group} {_shown(value, unit)} (n={row['counts'].get(group, 0)})"
+                    for group, value in row["by_group"].items()
+                ),
+            }
+    for test in report["tests"]:
+        unit = units[test["metric"]]
+        test["shown"] = {
+            "value": _shown(test["value"], unit),
+            "interval": f"{_shown(test['low'], unit)}–{_shown(test['high'], unit)}",
+            "rest": _shown(test["value_rest"], unit),
+            "expected": _shown(test["expected"], unit),
+            "p": "—" if test["p_adjusted"] is None else f"{test['p_adjusted']:.2g}",
+        }
+    for row in report["by_version"]:
+        row["shown"] = [
+            {"name": name, "value": _shown(f["value"], units[name]), "n": f["n"]} for name, f in row["metrics"].items()
+        ]
+    return report
+
+
+@require_GET
+@agent_required
+def monitoring_page(request: HttpRequest) -> HttpResponse:
+    """Bias monitoring: every segment x model version, with intervals, tests and alerts (staff only)."""
+    _staff_only(request)
+    filters = monitoring.MonitoringFilters.from_query(request.GET)
+    report = monitoring.monitoring_report(filters, refresh=request.GET.get("refresh") == "1")
+    chart = {
+        "metrics": report["metrics"],
+        "versions": [v["label"] for v in report["versions"]],
+        "dimensions": [
+            {"name": d["name"], "label": d["label"], "segments": d["segments"], "cells": d["cells"]}
+            for d in report["dimensions"]
+        ],
+        "trend": report["trend"],
+        "min_n": report["thresholds"]["min_n"],
+    }
+    query = urlencode([(k, value) for k, values in request.GET.lists() for value in values if k != "refresh"])
+    return render(
+        request,
+        "workspace/monitoring.html",
+        {
+            **_header(request),
+            "report": _present(report),
+            "chart": chart,
+            "filters": filters,
+            "day_choices": [(7, "7 days"), (30, "30 days"), (90, "90 days"), (365, "a year"), ("all", "all time")],
+            "all_versions": monitoring.monitoring_version_choices(),
+            "query": query,
+            "page_config": {"page": "monitoring"},
+        },
+    )
+
+
+@require_GET
+@agent_required
+def monitoring_csv(request: HttpRequest) -> HttpResponse:
+    """The dashboard's figures as CSV: one row per dimension x segment x version x metric."""
+    _staff_only(request)
+    report = monitoring.monitoring_report(monitoring.MonitoringFilters.from_query(request.GET))
+    chunks = csv_chunks(monitoring.monitoring_csv_rows(report), monitoring.CSV_COLUMNS)
+    response = StreamingHttpResponse(chunks, content_type="text/csv; charset=utf-8")
+    stamp = timezone.now().strftime("%Y%m%d-%H%M")
+    response["Content-Disposition"] = f'attachment; filename="supportbot-monitoring-{stamp}.csv"'
+    return response

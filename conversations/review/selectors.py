@@ -358,6 +358,10 @@ def reply_facts(message: Message) -> dict[str, Any]:
         "first_token_ms": message.first_token_ms,
         "token_count": message.token_count,
         "finish_reason": generation.get("finish_reason", ""),
+        "source": generation.get("source", "model"),
+        "source_origin": generation.get("source_origin", ""),
+        "policy_reason": (generation.get("policy") or {}).get("reason", ""),
+        "cut_reason": generation.get("cut_reason", ""),
         "helpful": message.helpful,
         "grounding": reply_grounding(message),
     }

@@ -38,6 +38,7 @@ from supportbot.errors import ApplicationError
 
 from ..broadcast import AGENTS_GROUP, group_send_now, group_send_on_commit
 from ..models import Conversation, Message, QueueItem, Review, TrainingCandidate
+from ..monitoring.services import reply_outcome_refresh
 from .selectors import (
     QueueFilters,
     display_name,
@@ -510,6 +511,7 @@ def review_submit(
         )
         _announce(entry, "resolved")
     _training_candidate_from(review, message, now)
+    reply_outcome_refresh(message_id=message.pk)
     return review
 
 

@@ -12,7 +12,13 @@ from django.urls import path, reverse
 
 from finetune.forms import PromoteForm, RollbackForm
 from finetune.models import ModelVersion, ModelVersionEvent
-from finetune.selectors import model_version_active, model_version_comparison, model_version_quality
+from finetune.selectors import (
+    bias_report_latest,
+    bias_report_table,
+    model_version_active,
+    model_version_comparison,
+    model_version_quality,
+)
 from finetune.services.gates import model_version_gates_evaluate
 from finetune.services.model_versions import model_version_promote, model_version_restorable, model_version_rollback
 from supportbot.errors import ApplicationError
@@ -128,6 +134,9 @@ class ModelVersionAdmin(admin.ModelAdmin):
                     "active_version": model_version_active(),
                 }
             )
+            bias = bias_report_latest(version)
+            if bias is not None:
+                extra.update({"bias_report": bias, "bias_table": bias_report_table(bias)})
         return super().change_view(request, object_id, form_url, extra)
 
     def promote_view(self, request: HttpRequest, version_id: int) -> HttpResponse:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -65,6 +65,10 @@ DEFAULT_RESAMPLES = 2000  # percentile-interval ends move by < 0.01 se between s
 # Above this many values a mean's interval is the t interval (see bootstrap_mean_interval).
 BOOTSTRAP_MAX_N = 5000
 RESAMPLE_CHUNK = 2_000_000  # indices drawn at once: bounds the bootstrap's memory to ~16 MB
+# The histogram bootstrap draws Poisson counts above this many distinct values and rows
+# (below, the exact multinomial: a resample of 50 rows may differ in size noticeably).
+POISSON_MIN_VALUES = 20
+POISSON_MIN_N = 50
 
 
 # --- intervals -------------------------------------------------------------------------
@@ -321,8 +325,23 @@ def _within_intent(
         squares = np.bincount(codes[side], weights=data[side] ** 2, minlength=n_codes)
         return count, total, squares
 
-    n_seg_all, x_seg_all, sq_seg_all = per_intent(mask)
-    n_rest_all, x_rest_all, sq_rest_all = per_intent(~mask)
+    pooled = float(data.var(ddof=1)) if data.size > 1 else 0.0
+    return _within_intent_stats(*per_intent(mask), *per_intent(~mask), kind, confidence, pooled)
+
+
+def _within_intent_stats(
+    n_seg_all: np.ndarray,
+    x_seg_all: np.ndarray,
+    sq_seg_all: np.ndarray,
+    n_rest_all: np.ndarray,
+    x_rest_all: np.ndarray,
+    sq_rest_all: np.ndarray,
+    kind: Kind,
+    confidence: float,
+    pooled: float,
+) -> WithinIntent | None:
+    """The within-intent comparison from counts, sums and sums of squares per intent and side
+    (what a database aggregation returns); ``pooled`` is the metric's variance over all rows."""
     shared = (n_seg_all > 0) & (n_rest_all > 0)
     if not shared.any():
         return None
@@ -342,7 +361,6 @@ def _within_intent(
         p_value = _cmh_p_value(x_seg, n_seg, x_rest, n_rest)
         test = "cmh"
     else:
-        pooled = float(data.var(ddof=1)) if data.size > 1 else 0.0
         with np.errstate(divide="ignore", invalid="ignore"):
             var_seg = np.where(n_seg > 1, (sq_seg - n_seg * mean_seg**2) / (n_seg - 1), pooled)
             var_rest = np.where(n_rest > 1, (sq_rest - n_rest * mean_rest**2) / (n_rest - 1), pooled)
@@ -674,3 +692,331 @@ def _draft(field_name, segment, metric, seg_values, rest_values, confidence, n_r
         "test": test,
         "p_value": p_value,
     }
+
+
+# --- the report from sufficient statistics (database aggregates) -------------------------
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """Count, sum and sum of squares of one metric over a set of rows, per intent code.
+
+    What ``COUNT``, ``SUM`` and ``SUM(x*x)`` grouped by intent return; for a 0/1 rate the
+    sum is the number of successes. Everything :func:`segment_report_from_stats` needs,
+    so a dashboard can aggregate in the database instead of loading every row. Index
+    ``i`` of each array is intent code ``i``; one code may stand for "no intent".
+    """
+
+    n: np.ndarray
+    total: np.ndarray
+    squares: np.ndarray
+
+    @classmethod
+    def empty(cls, n_codes: int) -> CellStats:
+        return cls(np.zeros(n_codes), np.zeros(n_codes), np.zeros(n_codes))
+
+    def __add__(self, other: CellStats) -> CellStats:
+        return CellStats(self.n + other.n, self.total + other.total, self.squares + other.squares)
+
+    def __sub__(self, other: CellStats) -> CellStats:
+        return CellStats(self.n - other.n, self.total - other.total, self.squares - other.squares)
+
+    @property
+    def count(self) -> int:
+        return int(round(float(self.n.sum())))
+
+    @property
+    def mean(self) -> float:
+        return float(self.total.sum() / self.n.sum()) if self.n.sum() else math.nan
+
+    @property
+    def variance(self) -> float:
+        """Sample variance (ddof 1) of all the rows; 0.0 for fewer than two."""
+        n = float(self.n.sum())
+        if n < 2:
+            return 0.0
+        return max(0.0, (float(self.squares.sum()) - float(self.total.sum()) ** 2 / n) / (n - 1))
+
+
+def t_mean_interval(stats_: CellStats, *, confidence: float = DEFAULT_CONFIDENCE) -> Interval:
+    """The t interval of the mean from count, sum and sum of squares."""
+    n = stats_.count
+    if n == 0:
+        return Interval(math.nan, math.nan, "none")
+    if n == 1:
+        return Interval(stats_.mean, stats_.mean, "normal")
+    half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * math.sqrt(stats_.variance / n)
+    return Interval(stats_.mean - half, stats_.mean + half, "normal")
+
+
+def bootstrap_mean_interval_from_counts(
+    values: Sequence[float] | np.ndarray,
+    counts: Sequence[int] | np.ndarray,
+    *,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """The percentile bootstrap of the mean from a histogram (distinct values and their counts).
+
+    Resampling n rows with replacement from the rows is drawing the number of times each
+    distinct value is picked from a multinomial(n, counts / n): the same bootstrap as
+    :func:`bootstrap_mean_interval` on the expanded rows, at a cost of
+    ``n_resamples x distinct values`` instead of ``n_resamples x n``. With many distinct
+    values (latencies, lengths) and at least ``POISSON_MIN_N`` rows, each value's count is
+    drawn as Poisson(count) instead (the Poisson bootstrap: Hanley & MacGibbon 2006,
+    Chamandy et al. 2012), which gives the same interval to within the bootstrap's own
+    resolution at a third of numpy's multinomial cost.
+    """
+    values = np.asarray(values, dtype=float)
+    counts = np.asarray(counts, dtype=np.int64)
+    keep = counts > 0
+    values, counts = values[keep], counts[keep]
+    n = int(counts.sum())
+    if n == 0:
+        return Interval(math.nan, math.nan, "none")
+    if values.size == 1:
+        return Interval(float(values[0]), float(values[0]), "bootstrap")
+    rng = np.random.default_rng(seed)
+    if values.size > POISSON_MIN_VALUES and n >= POISSON_MIN_N:
+        draws = rng.poisson(counts, size=(n_resamples, values.size)).astype(float)
+        totals = draws.sum(axis=1)
+        means = (draws @ values)[totals > 0] / totals[totals > 0]
+    else:
+        draws = rng.multinomial(n, counts / n, size=n_resamples)
+        means = draws @ values / n
+    alpha = 1 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return Interval(float(low), float(high), "bootstrap")
+
+
+def welch_test_from_stats(a: CellStats, b: CellStats) -> float:
+    """Welch's t-test p-value from count, sum and sum of squares (as :func:`mean_test` on the rows)."""
+    n_a, n_b = a.count, b.count
+    if n_a < 2 or n_b < 2:
+        return 1.0
+    var_a, var_b = a.variance, b.variance
+    if var_a == 0 and var_b == 0:
+        return 1.0 if math.isclose(a.mean, b.mean, rel_tol=1e-12, abs_tol=1e-12) else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind_from_stats(
+            a.mean, math.sqrt(var_a), n_a, b.mean, math.sqrt(var_b), n_b, equal_var=False
+        )
+    return float(result.pvalue)
+
+
+MeanInterval = Callable[[str, str, str, CellStats, bool], Interval]  # field, segment, metric, stats, is_rest
+
+
+def segment_report_from_stats(
+    segments: Mapping[tuple[str, str], Mapping[str, CellStats]],
+    population: Mapping[str, CellStats],
+    **options,
+) -> SegmentReport:
+    """:func:`segment_report` from sufficient statistics: the same figures, tests and alert rule.
+
+    The arguments are :func:`segment_drafts_from_stats`'s; Benjamini-Hochberg runs over
+    this report's tests. To correct several reports as one family (one dashboard page),
+    build their drafts and call :func:`adjust_family` once.
+    """
+    return adjust_family([segment_drafts_from_stats(segments, population, **options)])[0]
+
+
+def segment_drafts_from_stats(
+    segments: Mapping[tuple[str, str], Mapping[str, CellStats]],
+    population: Mapping[str, CellStats],
+    *,
+    metrics: Sequence[Metric],
+    use_intent: bool = True,
+    no_intent_code: int | None = None,
+    thresholds: AlertThresholds = AlertThresholds(),  # noqa: B008 (frozen)
+    confidence: float = DEFAULT_CONFIDENCE,
+    mean_interval: MeanInterval | None = None,
+) -> SegmentDrafts:
+    """Every segment against the rest on every metric from sufficient statistics, before correction.
+
+    ``segments`` maps (field, segment) to each metric's :class:`CellStats` over the
+    segment's rows; ``population`` holds each metric's over all rows, so the rest of a
+    segment is ``population - segment`` (a row may be in several segments of one field,
+    as with registers). ``no_intent_code`` names the intent code of rows without an
+    intent, left out of the within-intent comparison. Means get the t interval unless
+    ``mean_interval`` gives another (the dashboard's bootstrap from histograms).
+    """
+    drafts = []
+    for (field_name, segment), per_metric in segments.items():
+        for metric in metrics:
+            seg = per_metric.get(metric.name)
+            whole = population.get(metric.name)
+            if seg is None or whole is None:
+                continue
+            rest = whole - seg
+            if seg.count == 0 or rest.count == 0:
+                continue
+            drafts.append(_draft_from_stats(field_name, segment, metric, seg, rest, confidence, mean_interval))
+            if use_intent:
+                usable = np.ones(seg.n.size, dtype=bool)
+                if no_intent_code is not None and 0 <= no_intent_code < usable.size:
+                    usable[no_intent_code] = False
+                drafts[-1]["within_intent"] = _within_intent_stats(
+                    seg.n[usable],
+                    seg.total[usable],
+                    seg.squares[usable],
+                    rest.n[usable],
+                    rest.total[usable],
+                    rest.squares[usable],
+                    metric.kind,
+                    confidence,
+                    whole.variance,
+                )
+    return SegmentDrafts(drafts=drafts, thresholds=thresholds)
+
+
+@dataclass
+class SegmentDrafts:
+    """Tests of one report before the Benjamini-Hochberg correction and the alert rule."""
+
+    drafts: list
+    thresholds: AlertThresholds
+
+
+def adjust_family(reports: Sequence[SegmentDrafts]) -> list[SegmentReport]:
+    """Benjamini-Hochberg over every test of ``reports`` together, then the alert rule; the finished reports."""
+    flat = [d for report in reports for d in report.drafts]
+    decision_p = [d["within_intent"].p_value if d.get("within_intent") else d["p_value"] for d in flat]
+    adjusted = iter(benjamini_hochberg(decision_p))
+    finished = []
+    for report in reports:
+        tests = []
+        for draft in report.drafts:
+            draft = dict(draft)
+            p_adjusted = next(adjusted)
+            within = draft.pop("within_intent", None)
+            metric = draft.pop("_metric")
+            value, reference = (within.observed, within.expected) if within else (draft["value"], draft["value_rest"])
+            decision = alert_decision(
+                n=draft["n"],
+                p_adjusted=p_adjusted,
+                value=value,
+                reference=reference,
+                kind=metric.kind,
+                better=metric.better,
+                thresholds=report.thresholds,
+            )
+            tests.append(
+                SegmentTest(
+                    **draft,
+                    within_intent=within,
+                    decision_basis="within-intent" if within else "raw",
+                    p_adjusted=p_adjusted,
+                    decision=decision,
+                )
+            )
+        rows = max((t.n + t.n_rest for t in tests), default=0)
+        finished.append(SegmentReport(tests=tests, thresholds=report.thresholds, rows=rows))
+    return finished
+
+
+def _draft_from_stats(field_name, segment, metric, seg: CellStats, rest: CellStats, confidence, mean_interval) -> dict:
+    value, value_rest = seg.mean, rest.mean
+    if metric.kind == RATE:
+        k, k_rest = int(round(float(seg.total.sum()))), int(round(float(rest.total.sum())))
+        interval = wilson_interval(k, seg.count, confidence=confidence)
+        interval_rest = wilson_interval(k_rest, rest.count, confidence=confidence)
+        p_value, test = rate_test(k, seg.count, k_rest, rest.count), "g-test"
+    else:
+        if mean_interval is not None:
+            interval = mean_interval(field_name, segment, metric.name, seg, False)
+            interval_rest = mean_interval(field_name, segment, metric.name, rest, True)
+        else:
+            interval = t_mean_interval(seg, confidence=confidence)
+            interval_rest = t_mean_interval(rest, confidence=confidence)
+        p_value, test = welch_test_from_stats(seg, rest), "welch"
+    return {
+        "_metric": metric,
+        "field": field_name,
+        "segment": segment,
+        "metric": metric.name,
+        "kind": metric.kind,
+        "better": metric.better,
+        "n": seg.count,
+        "n_rest": rest.count,
+        "value": value,
+        "value_rest": value_rest,
+        "interval": interval,
+        "interval_rest": interval_rest,
+        "difference": value - value_rest,
+        "relative_gap": relative_gap(value, value_rest),
+        "ratio": favourable_ratio(value, value_rest, kind=metric.kind, better=metric.better),
+        "test": test,
+        "p_value": p_value,
+    }
+
+
+def _weighted_mean(y_true, y_pred, sample_weight) -> float:  # MetricFrame's signature
+    weights = np.asarray(sample_weight, dtype=float)
+    return float(np.dot(np.asarray(y_true, dtype=float), weights) / weights.sum()) if weights.sum() else math.nan
+
+
+def disaggregate_cells(
+    means: Sequence[float] | np.ndarray,
+    counts: Sequence[float] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    *,
+    metric: str = "value",
+    control: Sequence[str] | np.ndarray | None = None,
+) -> Disaggregation:
+    """:func:`disaggregate` from aggregated cells: each cell's mean and row count, its group (and control).
+
+    fairlearn's ``MetricFrame`` gets one row per cell with the count as the sample
+    weight, so the value by group, overall, and the differences and ratios are those of
+    the rows the cells stand for, without loading the rows. Cells with no rows are
+    left out.
+    """
+    from fairlearn.metrics import MetricFrame
+
+    data = pd.DataFrame(
+        {
+            "value": np.asarray(means, dtype=float),
+            "n": np.asarray(counts, dtype=float),
+            "group": np.asarray(groups, dtype=object),
+        }
+    )
+    if control is not None:
+        data["control"] = np.asarray(control, dtype=object)
+    data = data[(data["n"] > 0) & data["value"].notna()]
+    if data.empty:
+        raise ValueError(f"disaggregate_cells: no rows for metric {metric!r}")
+
+    def frame(**extra):
+        return MetricFrame(
+            metrics={"value": _weighted_mean},
+            y_true=data["value"].to_numpy(),
+            y_pred=data["value"].to_numpy(),
+            sensitive_features=data["group"].astype(str).rename("group"),
+            sample_params={"value": {"sample_weight": data["n"].to_numpy()}},
+            **extra,
+        )
+
+    whole = frame()
+    counts_by_group = data.groupby(data["group"].astype(str))["n"].sum()
+    result = Disaggregation(
+        metric=metric,
+        overall=float(whole.overall["value"]),
+        by_group={str(k): float(v) for k, v in whole.by_group["value"].items()},
+        counts={str(k): int(round(v)) for k, v in counts_by_group.items()},
+        difference_between_groups=float(whole.difference(method="between_groups")["value"]),
+        ratio_between_groups=float(whole.ratio(method="between_groups")["value"]),
+        difference_to_overall=float(whole.difference(method="to_overall")["value"]),
+        ratio_to_overall=float(whole.ratio(method="to_overall")["value"]),
+    )
+    if control is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            controlled = frame(control_features=data["control"].astype(str).rename("control")).by_group["value"]
+        by_control: dict[str, dict[str, float]] = {}
+        for (level, group), value in controlled.items():
+            if not pd.isna(value):
+                by_control.setdefault(str(level), {})[str(group)] = float(value)
+        result = Disaggregation(**{**asdict(result), "by_control": by_control})
+    return result

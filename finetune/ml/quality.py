@@ -113,6 +113,21 @@ def prime_join(prime: str, tokenizer) -> str:
     return prime if uses_chat_template(tokenizer) else " " + prime
 
 
+def join_prime(prime: str, continuation: str) -> str:
+    """The whole reply: the prime, then what the model generated after it.
+
+    The prime is a whole sentence (or line), and the generated text comes back stripped,
+    so a space (a line break after a line) keeps them apart: "…order 123. I'm here…",
+    not "…order 123.I'm here…".
+    """
+    head, tail = prime.rstrip(), continuation.strip()
+    if not tail:
+        return head.strip()
+    if tail[0] in ".,;:!?)":
+        return (head + tail).strip()
+    return (head + ("\n" if prime.endswith("\n") else " ") + tail).strip()
+
+
 def quality_examples(
     conversations: Sequence[Sequence[dict[str, str]]],
     intents: Sequence[str],
@@ -336,6 +351,84 @@ def generate_scored(
     return results  # type: ignore[return-value]
 
 
+def generate_for(
+    model,
+    tokenizer,
+    examples: Sequence[QualityExample],
+    *,
+    grounding: GroundingConfig | None = None,
+    decoding=None,
+    max_new_tokens: int = 160,
+    batch_size: int = 8,
+    device: str = "cpu",
+    autocast: Callable | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], float]:
+    """The model's raw replies to ``examples`` (primed, cut at a repetition) and the seconds it took.
+
+    Each item: ``{"text", "mean_logprob", "tokens", "cut"}``; ``text`` starts with the prime.
+    """
+    from finetune.serving.repetition import cut_repetition
+
+    grounding = grounding or GroundingConfig()
+    primes = [reply_prime(e.prompt) if (grounding.prime and e.grounded) else "" for e in examples]
+    prompts = [e.prompt.text + prime_join(p, tokenizer) for e, p in zip(examples, primes, strict=True)]
+    started = time.perf_counter()
+    generated = generate_scored(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        decoding=decoding,
+        device=device,
+        autocast=autocast,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - started
+    for prime, result in zip(primes, generated, strict=True):
+        raw = join_prime(prime, result["text"]) if prime else result["text"]
+        trimmed = cut_repetition(raw)
+        result.update(text=trimmed.text, cut=bool(trimmed.cut), raw=raw)
+    return generated, seconds
+
+
+def served_row(
+    name: str,
+    label: str,
+    examples: Sequence[QualityExample],
+    generated: Sequence[dict[str, Any]],
+    classifier,
+    *,
+    policy: ReplyPolicyConfig | None = None,
+    seconds: float = 0.0,
+) -> QualityRow:
+    """What customers get from ``generated`` under ``policy`` (``reply_policy.choose_reply``), filled and scored."""
+    policy = policy or ReplyPolicyConfig()
+    replies, sources, origins = [], [], []
+    for example, result in zip(examples, generated, strict=True):
+        choice = choose_reply(result["text"], result["mean_logprob"], example.hits if example.grounded else [], policy)
+        replies.append(fill_neutral(choice.text, example.values) if choice.source != SOURCE_HANDOFF else "")
+        sources.append(choice.source)
+        origins.append(choice.origin)
+    tokens = sum(r["tokens"] for r in generated)
+    return score_row(
+        name,
+        label,
+        examples,
+        replies,
+        classifier,
+        sources=sources,
+        origins=origins,
+        model_replies=sources.count(SOURCE_MODEL),
+        retrieved=sum(s not in (SOURCE_MODEL, SOURCE_HANDOFF) for s in sources),
+        handoffs=sources.count(SOURCE_HANDOFF),
+        cut=sum(bool(r.get("cut")) for r in generated),
+        seconds=round(seconds, 1),
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else None,
+    )
+
+
 def model_row(
     name: str,
     label: str,
@@ -354,51 +447,19 @@ def model_row(
     progress: Progress | None = None,
 ) -> QualityRow:
     """A model's served path on ``examples`` (see the module docstring), scored."""
-    from finetune.serving.repetition import cut_repetition
-
-    grounding = grounding or GroundingConfig()
-    policy = policy or ReplyPolicyConfig()
-    primes = [reply_prime(e.prompt) if (grounding.prime and e.grounded) else "" for e in examples]
-    prompts = [e.prompt.text + prime_join(p, tokenizer) for e, p in zip(examples, primes, strict=True)]
-    started = time.perf_counter()
-    generated = generate_scored(
+    generated, seconds = generate_for(
         model,
         tokenizer,
-        prompts,
+        examples,
+        grounding=grounding,
+        decoding=decoding,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        decoding=decoding,
         device=device,
         autocast=autocast,
         progress=progress,
     )
-    seconds = time.perf_counter() - started
-    replies, sources, origins = [], [], []
-    cut = 0
-    for example, prime, result in zip(examples, primes, generated, strict=True):
-        raw = (prime_join(prime, tokenizer) + result["text"]).strip() if prime else result["text"]
-        trimmed = cut_repetition(raw)
-        cut += bool(trimmed.cut)
-        choice = choose_reply(trimmed.text, result["mean_logprob"], example.hits if example.grounded else [], policy)
-        replies.append(fill_neutral(choice.text, example.values) if choice.source != SOURCE_HANDOFF else "")
-        sources.append(choice.source)
-        origins.append(choice.origin)
-    tokens = sum(r["tokens"] for r in generated)
-    return score_row(
-        name,
-        label,
-        examples,
-        replies,
-        classifier,
-        sources=sources,
-        origins=origins,
-        model_replies=sources.count(SOURCE_MODEL),
-        retrieved=sum(s not in (SOURCE_MODEL, SOURCE_HANDOFF) for s in sources),
-        handoffs=sources.count(SOURCE_HANDOFF),
-        cut=cut,
-        seconds=round(seconds, 1),
-        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else None,
-    )
+    return served_row(name, label, examples, generated, classifier, policy=policy, seconds=seconds)
 
 
 def settings_key(**settings: Any) -> str:

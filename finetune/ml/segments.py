@@ -560,3 +560,29 @@ def register_scores(texts: Iterable[str], gold: Iterable[Iterable[str]]) -> dict
         }
     exact = sum(1 for p, g in zip(predicted, expected, strict=True) if p == g) / len(predicted)
     return {"n": len(predicted), "exact_set_match": round(exact, 3), "per_register": per_label}
+
+
+def _bitext_style(tags: Iterable[str]) -> bool:
+    """Bitext writes its tags as single capital letters; other sources' tags ("vip", "billing") are not registers."""
+    tags = list(tags)
+    return bool(tags) and all(len(tag) == 1 and tag.isascii() and tag.isupper() for tag in tags)
+
+
+def ticket_segments(tags: Iterable[str], customer_text: str) -> dict:
+    """Register labels of a historical ticket: from its Bitext tags where it has them, else the detector.
+
+    Returns ``registers``, ``register`` (primary), ``register_source`` ("tags" or
+    "detector") and ``segmenter_version``; JSON-ready.
+    """
+    tags = [str(tag) for tag in tags or ()]
+    if _bitext_style(tags):
+        registers, source = registers_from_bitext_tags(tags), "tags"
+    else:
+        language = detect_language(customer_text or "")
+        registers, source = default_detector().detect(customer_text or "", language=language).registers, "detector"
+    return {
+        "registers": list(registers),
+        "register": primary_register(registers),
+        "register_source": source,
+        "segmenter_version": SEGMENTER_VERSION,
+    }

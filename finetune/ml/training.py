@@ -54,7 +54,7 @@ from .prompting import (
     render_example,
     tokenize_example,
 )
-from .quality import QualityEvaluation
+from .quality import QualityEvaluation, cached_rows, settings_key
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,23 @@ def load_conversations(dataset_path: str | Path) -> tuple[list[list[dict]], list
     if not splits["train"]:
         raise DatasetError(f"The train split of {path} is empty: nothing to learn from. {hint}")
     return splits["train"], splits["validation"]
+
+
+# The demo's quick adapter (scripts/demo.d/20-finetune.sh passes the same as options; bench_quality.py
+# --train-quick trains it): LoRA on the top 8 of SmolLM2's 30 layers (backward stops there, no
+# activations kept below), no gradient checkpointing (nothing below to recompute), no dropout,
+# a high learning rate for few steps, one epoch over 40 grounded examples: what fits ~3 minutes
+# of two loaded cores (docs/quality-research.md: recipe, E3-E5).
+QUICK_RECIPE: dict[str, Any] = {
+    "lora_layers": 8,
+    "lora_dropout": 0.0,
+    "learning_rate": 1e-3,
+    "batch_size": 4,
+    "grad_accum_steps": 1,
+    "epochs": 1.0,
+    "max_examples": 40,
+    "gradient_checkpointing": False,
+}
 
 
 def _question_text(turns: Sequence[Mapping[str, str]]) -> str:
@@ -562,7 +579,9 @@ def attach_lora(model, config: TrainConfig):
     """Wrap a causal LM with peft LoRA adapters; only the adapters are trainable."""
     from peft import LoraConfig, get_peft_model
 
-    if config.gradient_checkpointing:
+    # With LoRA on the top layers only nothing below them keeps activations for backward, so
+    # recomputing them (checkpointing) would only cost time (docs/quality-research.md).
+    if config.gradient_checkpointing and not config.lora_layers:
         # Non-reentrant checkpointing lets gradients reach the adapters although the inputs are frozen.
         # Newer transformers renamed it; the old name still works there but warns.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -863,15 +882,32 @@ def _train(
 
         row = None
         if quality.examples:
-            row = quality.model_row(
-                "base" if phase == "evaluating_before" else "candidate",
-                "Base model" if phase == "evaluating_before" else "Candidate",
-                model,
-                tokenizer,
-                device=device,
-                autocast=autocast,
-                progress=progress,
-            ).to_json()
+            before = phase == "evaluating_before"
+
+            def score() -> list:
+                return [
+                    quality.model_row(
+                        "base" if before else "candidate",
+                        "Base model" if before else "Candidate",
+                        model,
+                        tokenizer,
+                        device=device,
+                        autocast=autocast,
+                        progress=progress,
+                    )
+                ]
+
+            if before:
+                # The base model answers a dataset's sample the same way every run: scored once per dataset.
+                key = settings_key(
+                    sample=quality.key,
+                    base=name,
+                    config={k: v for k, v in config.to_json().items() if k.startswith(("eval_", "prompt", "prime"))},
+                    grounding=(quality.grounded, config.grounding_neighbours),
+                )
+                row = cached_rows(dataset_path, f"{key}-base", score)[0]
+            else:
+                row = score()[0].to_json()
         values = {
             "eval_loss": result.loss,
             "perplexity": result.perplexity,
@@ -1038,8 +1074,11 @@ def compare_version(
         )
         return [row]
 
-    cache_dir = theirs.root or Path(model_dir)
-    row = cached_rows(cache_dir, f"{quality.key}-{name}", compute)[0]
+    root = theirs.root or Path(model_dir)
+    if (root / "train_config.json").exists():  # a trained version's directory: cache the row there
+        row = cached_rows(root, f"{quality.key}-{name}", compute)[0]
+    else:  # a plain model directory is not ours to write into
+        row = compute()[0].to_json()
     return {**row, "name": name, "label": label}
 
 

@@ -10,4 +10,6 @@ below them; reads are in ``finetune.selectors``. The heavy lifting is plain Pyth
 - ``run_monitor``: a running run's log, final status, heartbeat and progress.
 - ``model_versions``: promotion and rollback of ``ModelVersion``\\s.
 - ``gates``: the checks a candidate must pass to be promoted automatically.
+- ``bias``: ``bias_probe_run`` probes a version with counterfactual requests and records
+  a ``BiasReport`` (read by the ``bias_probe`` gate).
 """

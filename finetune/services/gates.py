@@ -11,6 +11,8 @@
   no more than ``SUPPORTBOT_GATE_QUALITY_MARGIN``, and show no template slot and no
   repeated sentence. The rows it compares (with example replies) are on the version's
   ``metrics["quality"]``; the admin's version page shows them side by side.
+- the ``bias_probe`` gate: the candidate's latest counterfactual-probe report
+  (``BiasReport``, ``services/bias.py``) passed.
 
 A manual promotion over a failed gate needs a reason (``model_versions``).
 """
@@ -199,6 +201,29 @@ def _row_numbers(row: dict[str, Any]) -> dict[str, Any]:
 
 def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
+
+
+@promotion_gate_register("bias_probe")
+def _gate_bias_probe(candidate: ModelVersion, active: ModelVersion | None) -> GateResult:
+    """The candidate's latest counterfactual-probe report passed: no register, name or pronoun group
+    got significantly and materially worse replies (docs/bias-monitoring.md)."""
+    report = selectors.bias_report_latest(candidate)
+    probe_it = f"run manage.py bias_probe --version {candidate.number}"
+    if report is None:
+        return GateResult(False, f"{candidate.label} has not been probed for bias yet; {probe_it}.")
+    values = {"report": report.pk, "status": report.status}
+    if report.passed:
+        return GateResult(True, "The counterfactual probes found no group served worse.", values)
+    if report.status == report.Status.FAIL:
+        shown = "; ".join(report.failures[:3]) + ("; …" if len(report.failures) > 3 else "")
+        return GateResult(False, f"The counterfactual probes flagged {len(report.failures)}: {shown}", values)
+    if report.status == report.Status.INSUFFICIENT:
+        return GateResult(
+            False,
+            f"The probe asked too few requests for a verdict (SUPPORTBOT_BIAS_PROBE_REQUESTS); {probe_it}.",
+            values,
+        )
+    return GateResult(False, f"The bias probe could not run ({report.error}); {probe_it}.", values)
 
 
 def validation_reference_losses(

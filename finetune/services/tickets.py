@@ -18,6 +18,7 @@ from django.db import reset_queries, transaction
 from django.utils import timezone
 
 from finetune.ml.importers import FORMATS, TICKET_FIELDS, FormatError, ParsedTicket, RowError, read_tickets
+from finetune.ml.segments import SEGMENTER_VERSION, ticket_segments
 from finetune.models import Ticket, TicketMessage
 from supportbot.errors import ApplicationError
 
@@ -31,6 +32,8 @@ MAX_PROBLEMS_KEPT = 100
 
 # The fields an import writes as they are (the id identifies the row; the dates may be absent).
 _TICKET_FIELDS = tuple(name for name in TICKET_FIELDS if name not in {"external_id", "created_at", "resolved_at"})
+# Segment labels set on import (finetune.ml.segments.ticket_segments).
+_SEGMENT_FIELDS = ("registers", "register", "register_source", "segmenter_version")
 
 
 @dataclass
@@ -62,6 +65,8 @@ def _ticket_values(parsed: ParsedTicket, *, run_id: str, file_name: str) -> dict
     if parsed.created_at is not None:
         values["created_at"] = parsed.created_at
     values["resolved_at"] = parsed.resolved_at
+    first_customer = next((m.body for m in parsed.messages if m.role == TicketMessage.Role.CUSTOMER), "")
+    values.update(ticket_segments(parsed.tags, first_customer))
     return values
 
 
@@ -106,7 +111,8 @@ def _write_batch(
             threads.append((ticket, parsed))
         Ticket.objects.bulk_create(new)
         if changed:
-            Ticket.objects.bulk_update(changed, [*_TICKET_FIELDS, "created_at", "resolved_at", "updated_at"])
+            written = [*_TICKET_FIELDS, *_SEGMENT_FIELDS, "created_at", "resolved_at", "updated_at"]
+            Ticket.objects.bulk_update(changed, written)
             TicketMessage.objects.filter(ticket__in=changed).delete()
         TicketMessage.objects.bulk_create(
             TicketMessage(ticket=ticket, role=message.role, body=message.body, position=position)
@@ -191,3 +197,31 @@ def ticket_import(
         summary.skipped,
     )
     return summary
+
+
+def tickets_segment_label(*, relabel: bool = False, batch_size: int = IMPORT_BATCH_SIZE) -> int:
+    """Label tickets imported before segment labels existed (or, with ``relabel``, whose labels an
+    older segmenter made); returns how many were labelled. Safe to run again."""
+    pending = Ticket.objects.filter(segmenter_version__isnull=True)
+    if relabel:
+        pending = Ticket.objects.exclude(segmenter_version=SEGMENTER_VERSION)
+    done = 0
+    last_id = 0
+    while True:
+        tickets = list(pending.filter(pk__gt=last_id).order_by("pk").only("id", "tags")[:batch_size])
+        if not tickets:
+            return done
+        firsts: dict[int, str] = {}
+        for ticket_id, body in (
+            TicketMessage.objects.filter(ticket__in=tickets, role=TicketMessage.Role.CUSTOMER)
+            .order_by("ticket_id", "-position")
+            .values_list("ticket_id", "body")
+        ):
+            firsts[ticket_id] = body  # ordered by descending position: the first customer turn wins
+        for ticket in tickets:
+            for name, value in ticket_segments(ticket.tags or [], firsts.get(ticket.pk, "")).items():
+                setattr(ticket, name, value)
+        with transaction.atomic():
+            Ticket.objects.bulk_update(tickets, list(_SEGMENT_FIELDS))
+        done += len(tickets)
+        last_id = tickets[-1].pk

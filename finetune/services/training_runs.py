@@ -445,6 +445,8 @@ def training_run_execute(
     finally:
         watchdog.stop()
 
+    if version is not None and settings.SUPPORTBOT_BIAS_PROBE_AFTER_TRAINING:
+        version = _bias_probe_after_training(run, version)
     if version is not None and run.hyperparameters.get("auto_promote", True):
         if version.gate_results.get("passed"):
             try:
@@ -468,6 +470,31 @@ def _quality_references() -> list[tuple[str, str, str, int]]:
     if active is None or not active.merged_path or not Path(active.merged_path).is_dir():
         return []
     return [("active", f"{active.label} (active)", active.merged_path, active.pk)]
+
+
+def _bias_probe_after_training(run: TrainingRun, version: ModelVersion) -> ModelVersion:
+    """Probe the new candidate for bias and evaluate its gates again with the report.
+
+    Never fails the run: a probe that cannot run is recorded as an ``error`` report (and
+    its gate then keeps the candidate from automatic promotion).
+    """
+    from .bias import bias_probe_run
+
+    training_run_note(run_id=run.pk, line=f"Probing {version.label} for bias (counterfactual requests)")
+    try:
+        report = bias_probe_run(version=version, trigger="training_run")
+        line = f"Bias probe of {version.label}: {report.get_status_display().lower()}"
+        if report.failures:
+            line += f" ({len(report.failures)} flagged)"
+        if report.error:
+            line += f" ({report.error})"
+        training_run_note(run_id=run.pk, line=line)
+        model_version_gates_evaluate(version=version)
+    except Exception as exc:  # recording the report itself failed (database gone): the run still succeeded
+        log.exception("Recording the bias probe of %s failed", version.label)
+        training_run_note(run_id=run.pk, line=f"Bias probe of {version.label} not recorded: {exc}")
+    version.refresh_from_db()
+    return version
 
 
 def _soft_limit_message(soft: int) -> str:

@@ -27,6 +27,9 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # extra stop strings besides the template's own
     timeout_s: float = 60.0  # wall-clock limit of the whole reply
+    # Most prompt tokens the model reads (besides the context window's own limit); None: the
+    # window's. Every prompt token costs prefill time, which the batch's other replies wait for.
+    max_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class GenerationRequest:
     messages: list[dict[str, str]]
     params: GenerationParams = field(default_factory=GenerationParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # How the reply starts (the closest retrieved answer's first sentence, ``grounding.reply_prime``):
+    # the engine puts it after the prompt, streams it first and generates its continuation.
+    prime: str = ""
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class TokenDelta:
     """New reply text, in order; concatenated deltas equal ``GenerationDone.text``."""
 
     text: str
+    # Mean log-probability of the tokens generated so far (None: not known). The reply policy
+    # reads it when it decides on the first sentence, before the whole reply exists.
+    mean_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,13 @@ class GenerationDone:
     first_token_ms: int | None
     latency_ms: int
     error: str = ""
+    # Set by the reply pipeline (``finetune.serving.safety.SafeEngine``), not by the engines:
+    cut_reason: str = ""  # "" or where a repeating reply was cut: "sentence", "loop", "ngram"
+    source: str = "model"  # "model" or "retrieved" (a past exchange's answer went out instead)
+    source_origin: str = ""  # the retrieved exchange's origin when source == "retrieved"
+    policy: dict = field(default_factory=dict)  # the reply policy's choice (reason, score, intent)
+    grounding: list = field(default_factory=list)  # the exchanges the prompt was grounded on
+    handoff: bool = False  # the reply policy found no usable reply: a person takes over
 
 
 class EngineBusy(RuntimeError):

@@ -4,6 +4,10 @@
 - ``quantize_int8``: int8 dynamic quantisation of the linear layers on CPU, after
   ``conv1d_to_linear`` has turned GPT-2's ``Conv1D`` layers into ``nn.Linear``.
 - ``context_window``: how many tokens prompt and reply may take together.
+- What a version carries besides its weights (``finetune.ml.knowledge.load_knowledge``):
+  the decoding controls, grounding and reply-policy settings of its ``train_config.json``
+  (defaults when absent) and its ``retrieval/`` index (None when absent: a version trained
+  before grounding is served ungrounded, as before).
 
 Plain Python: no Django.
 """
@@ -12,21 +16,34 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from finetune.ml.decoding import DecodingConfig
+from finetune.ml.grounding import GroundingConfig
+from finetune.ml.reply_policy import ReplyPolicyConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
-    """A model and tokenizer ready to generate, with the label replies are attributed to."""
+    """A model and tokenizer ready to generate, with the label replies are attributed to.
+
+    ``decoding`` applies in both engines (and in the evaluation, from the same file);
+    ``index`` (None for a version without one) grounds every reply (``finetune.serving.grounded``).
+    """
 
     model: object
     tokenizer: object
     label: str
     device: str = "cpu"
     int8: bool = False
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    reply_policy: ReplyPolicyConfig = field(default_factory=ReplyPolicyConfig)
+    index: Any = None  # finetune.ml.retrieval.RetrievalIndex; None: replies are not grounded
 
 
 def load_for_inference(path: str, *, label: str, device: str | None = None, int8: bool = False) -> LoadedModel:
@@ -36,6 +53,8 @@ def load_for_inference(path: str, *, label: str, device: str | None = None, int8
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.ml.knowledge import load_knowledge
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -56,7 +75,18 @@ def load_for_inference(path: str, *, label: str, device: str | None = None, int8
         log.warning("SUPPORTBOT_INT8 applies to CPU inference only; serving %s unquantised on %s", label, device)
         int8 = False
     model.to(device)
-    return LoadedModel(model=model, tokenizer=tokenizer, label=label, device=device, int8=int8)
+    knowledge = load_knowledge(path)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        label=label,
+        device=device,
+        int8=int8,
+        decoding=knowledge.decoding_or_default,
+        grounding=knowledge.grounding_or_default,
+        reply_policy=knowledge.policy_or_default,
+        index=knowledge.index,
+    )
 
 
 def conv1d_to_linear(model) -> int:

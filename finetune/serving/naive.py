@@ -1,7 +1,9 @@
 """``NaiveEngine``: one ``model.generate`` per request, one request at a time, in a worker thread.
 
 Correct and simple; the baseline the batched engine is measured against (tests check
-that both give the same greedy replies). Plain Python: no Django.
+that both give the same greedy replies). The version's repetition controls
+(``finetune.ml.decoding.repetition_processors``, blind to the prompt) go to ``generate``
+as its ``logits_processor``, as in the evaluation. Plain Python: no Django.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from finetune.ml.decoding import repetition_processors
 from finetune.ml.prompting import stop_sequences
 
 from .interface import EngineBusy, GenerationDone, GenerationRequest, TokenDelta
@@ -34,6 +37,10 @@ class NaiveEngine:
     @property
     def model_label(self) -> str | None:
         return self._loaded.label if self._loaded else None
+
+    @property
+    def loaded(self) -> LoadedModel | None:
+        return self._loaded
 
     def swap(self, loaded: LoadedModel) -> None:
         """Serve ``loaded`` from the next request on; a running request keeps its model."""
@@ -75,8 +82,8 @@ class NaiveEngine:
         loaded = self._loaded
         params = request.params
         deadline = start + params.timeout_s
-        reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(params.stop))
-        state = {"first": None, "count": 0, "reason": "stop"}
+        reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(params.stop), request.prime)
+        state = {"first": None, "count": 0, "reason": "stop", "logprobs": None, "sum": 0.0, "n": 0}
         engine = self
 
         def emit(event) -> None:
@@ -95,12 +102,23 @@ class NaiveEngine:
                     state["count"] += 1
                     if state["first"] is None:
                         state["first"] = time.monotonic()
+                    if state["logprobs"] is not None:
+                        logprob = float(state["logprobs"][token_id])
+                        if math.isfinite(logprob):
+                            state["sum"] += logprob
+                            state["n"] += 1
                     delta = reply.push(token_id)
                     if delta:
-                        emit(TokenDelta(delta))
+                        emit(TokenDelta(delta, mean_logprob=state["sum"] / state["n"] if state["n"] else None))
 
             def end(self):
                 pass
+
+        def record(input_ids, scores):
+            # Last in the processor list: the distribution the token is chosen from (after the
+            # repetition controls, before temperature), read by Streamer.put for that token.
+            state["logprobs"] = torch.log_softmax(scores[0].float(), dim=-1)
+            return scores
 
         class Stop(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
@@ -116,9 +134,13 @@ class NaiveEngine:
         error = ""
         with self._lock:
             try:
-                max_prompt, max_new = token_budget(context_window(loaded), params.max_new_tokens)
-                ids = prompt_ids_for(loaded, request.messages, max_prompt)
+                max_prompt, max_new = token_budget(
+                    context_window(loaded), params.max_new_tokens, params.max_prompt_tokens
+                )
+                ids = prompt_ids_for(loaded, request.messages, max_prompt, request.prime)
                 input_ids = torch.tensor([ids], device=loaded.device)
+                processors = repetition_processors(input_ids.shape[1], loaded.decoding)
+                processors.append(record)
                 sampling = params.temperature > 0
                 with torch.inference_mode():
                     out = loaded.model.generate(
@@ -132,6 +154,7 @@ class NaiveEngine:
                         eos_token_id=loaded.tokenizer.eos_token_id,
                         streamer=Streamer(),
                         stopping_criteria=StoppingCriteriaList([Stop()]),
+                        logits_processor=processors,
                         output_scores=True,
                         return_dict_in_generate=True,
                     )

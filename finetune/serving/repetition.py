@@ -131,12 +131,24 @@ def has_repetition(text: str) -> bool:
 
 
 class RepetitionGuard:
-    """Streams a reply through ``cut_repetition``: text is released once it can no longer be cut.
+    """Streams a reply through ``cut_repetition``: text is released as soon as no cut can remove it.
 
     ``push(delta)`` returns the text that is final; when a repetition shows, ``cut``
     turns True and the engine should stop generating. ``finish()`` returns the rest.
-    Text is held back from the start of the current sentence (a sentence is judged
-    when it ends) and from the last ``ngram`` words (a repeat of them may be starting).
+
+    Streaming stays word by word: only text that may turn out to be a repetition waits,
+    which is, at the end of what was written so far,
+
+    - the sentence being written while its words are the start of an earlier sentence
+      (it may become that sentence again),
+    - words that repeat the ones just before them (a loop may be starting), and
+    - words that repeat the start of an earlier ``ngram``-word run (a paragraph may be
+      said again),
+
+    plus the last, maybe unfinished, word. So a repeated sentence, loop or paragraph is
+    never shown. The one difference from ``cut_repetition`` on the whole reply: a loop or
+    repeated run that starts inside a sentence ends the reply there (the words before it
+    were already shown), where ``cut_repetition`` would go back to the last full sentence.
     """
 
     def __init__(self, *, min_sentence_words: int = MIN_SENTENCE_WORDS, ngram: int = NGRAM):
@@ -146,16 +158,26 @@ class RepetitionGuard:
         self.sent = 0  # characters of raw released
         self.cut = False
         self.reason = ""
+        # What the incremental check has seen (each push looks at new words and sentences only,
+        # so a reply costs O(length), not O(length^2)):
+        self._checked_words = 0
+        self._grams: dict[tuple[str, ...], int] = {}  # ngram-word run -> the word index it first starts at
+        self._sentence_ends: list[int] = []  # character offsets where complete sentences end
+        self._sentences: list[tuple[str, ...]] = []  # the words of each complete sentence
+        self._seen_sentences: set[tuple[str, ...]] = set()
+        self._words: list[tuple[str, int, int]] = []  # _words(raw), kept up to date by _update_words
 
     def push(self, delta: str) -> str:
         if self.cut:
             return ""
         self.raw += delta
-        result = cut_repetition(self.raw, min_sentence_words=self.min_sentence_words, ngram=self.ngram)
-        if result.cut:
-            self.cut, self.reason = True, result.reason
-            return self._release(len(result.text), final=result.text)
-        return self._release(self._safe_end())
+        words = self._update_words()
+        if self._repeats_now(words):
+            result = cut_repetition(self.raw, min_sentence_words=self.min_sentence_words, ngram=self.ngram)
+            if result.cut:
+                self.cut, self.reason = True, result.reason
+                return self._release(len(result.text), final=result.text)
+        return self._release(self._safe_end(words))
 
     def finish(self) -> str:
         """The rest of the reply (cut if it repeats); call once when generation ended."""
@@ -169,17 +191,109 @@ class RepetitionGuard:
     def text(self) -> str:
         return self.raw[: self.sent]
 
-    def _safe_end(self) -> int:
-        # Up to the start of the sentence still being written...
-        ends = [m.end() for m in _SENTENCE_END_RE.finditer(self.raw)]
-        end = ends[-1] if ends else 0
-        # ...and before the last ngram words, which a later repeat could still start with.
-        words = _words(self.raw[:end])
-        if len(words) >= self.ngram:
-            end = min(end, words[-self.ngram + 1][1]) if self.ngram > 1 else end
-        else:
-            end = 0
-        return max(end, self.sent)
+    def _update_words(self) -> list[tuple[str, int, int]]:
+        """``_words(self.raw)``, scanning only from the last word on (the only one new text can change)."""
+        start = self._words.pop()[1] if self._words else 0
+        self._words.extend((m.group().lower(), m.start(), m.end()) for m in _WORD_RE.finditer(self.raw, start))
+        return self._words
+
+    def _repeats_now(self, words: list[tuple[str, int, int]]) -> bool:
+        """Whether the words and sentences completed since the last push make a repetition.
+
+        Only complete words and sentences count here (the whole-reply check at ``finish``
+        sees the rest); a True is confirmed by ``cut_repetition``, which places the cut.
+        """
+        raw = self.raw
+        complete = len(words)
+        if words and not any(c.isspace() for c in raw[words[-1][2] :]):
+            complete -= 1  # the last word may go on
+        found = False
+        for end in range(self._checked_words + 1, complete + 1):  # runs ending with word end-1
+            for size in range(1, LOOP_MAX_BLOCK + 1):
+                if end < size * LOOP_REPEATS:
+                    break
+                block = [w for w, _, _ in words[end - size : end]]
+                if (size > 1 or len(block[0]) > 1) and all(
+                    [w for w, _, _ in words[end - size * (r + 1) : end - size * r]] == block
+                    for r in range(1, LOOP_REPEATS)
+                ):
+                    found = True
+            if end >= self.ngram:
+                gram = tuple(w for w, _, _ in words[end - self.ngram : end])
+                first = self._grams.setdefault(gram, end - self.ngram)
+                if end - self.ngram >= first + self.ngram:
+                    found = True
+        self._checked_words = max(self._checked_words, complete)
+        start = self._sentence_ends[-1] if self._sentence_ends else 0
+        for match in _SENTENCE_END_RE.finditer(raw, start):
+            if match.end() <= start or match.end() == len(raw):
+                continue  # the end of what is written: more of the same line break may follow
+            sentence = tuple(w for w, s, _ in words if start <= s < match.start())
+            self._sentence_ends.append(match.end())
+            if len(sentence) >= self.min_sentence_words:
+                self._sentences.append(sentence)
+                if sentence in self._seen_sentences:
+                    found = True
+                self._seen_sentences.add(sentence)
+            start = match.end()
+        return found
+
+    def _safe_end(self, words: list[tuple[str, int, int]]) -> int:
+        """Where the text that may still be cut starts (see the class docstring)."""
+        raw = self.raw
+        if not words:
+            return self.sent
+        n = len(words)
+        # No space after the last word yet: it may go on ("l'" of "l'adresse", "e-" of "e-mail").
+        open_last = not any(c.isspace() for c in raw[words[-1][2] :])
+
+        def same(i: int, j: int) -> bool:
+            """Whether word ``j`` (a later one) equals word ``i``; an unfinished last word may still become it."""
+            if j == n - 1 and open_last:
+                return words[i][0].startswith(words[j][0])
+            return words[i][0] == words[j][0]
+
+        hold = words[-1][1] if open_last else len(raw)
+        # 1. The sentence being written, while it is the start of an earlier sentence.
+        start = self._sentence_ends[-1] if self._sentence_ends else 0
+        first = next((i for i in range(n - 1, -1, -1) if words[i][1] < start), -1) + 1
+        size = n - first
+        if size:
+            for sentence in self._sentences:
+                if size <= len(sentence) and all(
+                    (words[first + k][0] == sentence[k])
+                    if first + k != n - 1 or not open_last
+                    else sentence[k].startswith(words[first + k][0])
+                    for k in range(size)
+                ):
+                    hold = min(hold, words[first][1])
+                    break
+        # 2. Words repeating the block of 1..LOOP_MAX_BLOCK words just before them.
+        for block in range(1, LOOP_MAX_BLOCK + 1):
+            j = n - 1
+            while j - block >= 0 and same(j - block, j):
+                j -= 1
+            if j + 1 < n:
+                hold = min(hold, words[j + 1][1])
+        # 3. A tail that repeats the start of an earlier, non-overlapping ngram-word run.
+        positions: dict[str, list[int]] = {}
+        for i, (word, _, _) in enumerate(words):
+            positions.setdefault(word, []).append(i)
+        for length in range(min(self.ngram - 1, n), 0, -1):
+            p = n - length
+            if words[p][1] >= hold:
+                continue
+            if p == n - 1 and open_last:
+                starts = [i for i in range(p - self.ngram + 1) if same(i, p)]
+            else:
+                starts = [i for i in positions.get(words[p][0], ()) if i <= p - self.ngram]
+            if any(all(same(i + k, p + k) for k in range(1, length)) for i in starts):
+                hold = min(hold, words[p][1])
+                break
+        # Spaces go out with the word after them: a cut drops the spaces before it.
+        while hold > self.sent and raw[hold - 1].isspace():
+            hold -= 1
+        return max(hold, self.sent)
 
     def _release(self, end: int, final: str | None = None) -> str:
         source = final if final is not None else self.raw

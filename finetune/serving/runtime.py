@@ -6,8 +6,12 @@ engines it runs are plain Python.
 - ``get_engine()`` returns this process's engine, loading the active ``ModelVersion``
   on first use, or None when no version is active (the chat then says so and offers
   a human). What it returns is wrapped in the safety filter (``finetune.serving.safety``):
-  every delta a consumer streams is already masked; the blocked terms come from the
-  chat app through ``finetune.providers``.
+  every delta a consumer streams is already masked and its template slots filled; the
+  blocked terms and the company's facts come from the chat app through ``finetune.providers``.
+- Grounding: when the served version has a retrieval index, each reply's request is
+  grounded on it before it reaches the engine (``finetune.serving.grounded``), and the
+  reply policy decides, on the model's first sentence, whether its words or a retrieved
+  answer go out (``_reply_plan``).
 - ``SUPPORTBOT_ENGINE`` picks the engine: ``batched`` (default, ``BatchedEngine``),
   ``naive`` (``NaiveEngine``, one ``generate()`` at a time) or ``vllm`` (``VLLMEngine``:
   the vLLM servers of ``SUPPORTBOT_VLLM_URLS`` generate; this process loads only the
@@ -48,10 +52,11 @@ from finetune.providers import chat_data
 from finetune.services.model_versions import MODEL_CHANGED_EVENT, MODEL_EVENTS_GROUP
 
 from .batched import BatchedEngine
+from .grounded import ground_request, reply_decider
 from .interface import Engine, GenerationParams, GenerationRequest
 from .loading import load_for_inference
 from .naive import NaiveEngine
-from .safety import Masker, SafeEngine, reply_maskers
+from .safety import ReplyPlan, SafeEngine, reply_maskers
 from .vllm import VLLMEngine, VLLMServers, served_version
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,7 @@ def _make_engine(loaded):
         loaded,
         max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE,
         prefix_cache_mb=settings.SUPPORTBOT_PREFIX_CACHE_MB,
+        prefill_tokens=settings.SUPPORTBOT_PREFILL_TOKENS_PER_STEP,
     )
 
 
@@ -161,12 +167,12 @@ def inference_reload() -> str | None:
                 _engine.swap(served, tokenizer, max_model_len=max_len)
             elif vllm:
                 old, _engine = _engine, VLLMEngine(_vllm_servers, served, tokenizer, max_model_len=max_len)
-                _safe_engine = SafeEngine(_engine, _reply_maskers)
+                _safe_engine = SafeEngine(_engine, plan_for=_reply_plan)
                 if old is not None:
                     old.close(timeout=0)
             elif _engine is None or isinstance(_engine, VLLMEngine):
                 _engine = _make_engine(loaded)
-                _safe_engine = SafeEngine(_engine, _reply_maskers)
+                _safe_engine = SafeEngine(_engine, plan_for=_reply_plan)
             else:
                 _engine.swap(loaded)
             _engine_version_id, _engine_label, _load_error = version.pk, version.label, None
@@ -421,11 +427,30 @@ async def _keep_membership(layer, channel: str) -> None:
 # --- safety filter inputs ------------------------------------------------------------------
 
 
-async def _reply_maskers(request: GenerationRequest) -> list[Masker]:
-    """The maskers of one reply: personal data, and the chat's blocked terms (read fresh for each reply)."""
+def _profile_inputs() -> tuple[list[str], dict[str, str]]:
+    data = chat_data()
+    return data.blocked_terms(), data.company_facts()
+
+
+async def _reply_plan(request: GenerationRequest) -> ReplyPlan:
+    """One reply's plan: the maskers (personal data, the chat's blocked terms), the company's facts
+    (both read fresh for each reply), and, for a version with a retrieval index, the grounded
+    conversation, the prime and the reply policy bound to the neighbours found."""
     from channels.db import database_sync_to_async
 
-    return reply_maskers(await database_sync_to_async(chat_data().blocked_terms)())
+    terms, facts = await database_sync_to_async(_profile_inputs)()
+    plan = ReplyPlan(maskers=reply_maskers(terms), facts=facts)
+    engine = _engine
+    loaded = getattr(engine, "loaded", None) if engine is not None else None
+    if loaded is None or loaded.index is None:
+        return plan
+    grounding = await asyncio.to_thread(ground_request, loaded, request.messages, request.params.max_new_tokens)
+    if grounding is not None:
+        plan.messages, plan.prime, plan.grounding = grounding.messages, grounding.prime, grounding.log()
+        plan.decide = reply_decider(
+            loaded.reply_policy, grounding.hits, handoff_logprob=settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD
+        )
+    return plan
 
 
 # --- building a reply request --------------------------------------------------------------
@@ -437,4 +462,5 @@ def generation_params() -> GenerationParams:
         max_new_tokens=settings.SUPPORTBOT_MAX_NEW_TOKENS,
         stop=tuple(settings.SUPPORTBOT_STOP_SEQUENCES),
         timeout_s=settings.SUPPORTBOT_GENERATION_TIMEOUT_S,
+        max_prompt_tokens=settings.SUPPORTBOT_PROMPT_MAX_TOKENS,
     )

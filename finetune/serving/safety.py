@@ -25,6 +25,25 @@ returns is already wrapped, so a consumer iterating ``engine.stream(request)`` o
 ever receives filtered ``TokenDelta``\\s and a ``GenerationDone`` whose ``text`` is
 the filtered reply. Plain Python: the blocked terms come from a provider the caller
 passes (the inference glue reads the ``BotProfile``).
+
+**The reply pipeline** (``ReplyPipeline``, run by ``SafeEngine`` for every reply), in
+this order:
+
+1. the engine's text goes through ``RepetitionGuard`` (``finetune.serving.repetition``):
+   a reply that repeats itself is cut there, the engine is told to stop, and the
+   reply is marked (``GenerationDone.cut_reason``);
+2. with a reply policy (a grounded version, ``ReplyPlan.decide``), the model's words are
+   held until its first generated sentence is complete; the policy then decides whether
+   they go out or a retrieved exchange's answer goes out instead (the engine is
+   stopped; ``GenerationDone.source == "retrieved"``), or a person should take over;
+3. ``StreamFilter``: personal data and blocked terms are masked;
+4. ``PlaceholderFiller`` (``finetune.serving.placeholders``) fills ``{{…}}``/``[…]`` slots
+   from the company's facts and this conversation's customer values, after the masker
+   on purpose: the company's phone and the customer's own order number are put in by
+   the server and must not be masked as personal data.
+
+Each stage releases text as soon as it can no longer change, so the reply still
+streams, a sentence or a few words behind the model.
 """
 
 from __future__ import annotations
@@ -32,12 +51,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from finetune.ml.redaction import UNSPACED_LETTERS, redact
 
 from .interface import Engine, GenerationDone, GenerationRequest, TokenDelta
+from .placeholders import PlaceholderFiller, customer_values
+from .repetition import RepetitionGuard, cut_repetition
 
 BLOCKED_MASK = "***"
 
@@ -287,18 +309,153 @@ class StreamFilter:
         return masked
 
 
-class SafeEngine:
-    """An ``Engine`` whose every stream passes the safety filter; otherwise the wrapped engine.
+@dataclass
+class ReplyPlan:
+    """What the pipeline needs for one reply; ``SafeEngine``'s ``plan_for`` prepares it (the runtime does).
 
-    ``maskers_for(request)`` gives the maskers of one reply (the inference glue adds the
-    bot profile's blocked terms); without it, ``reply_maskers()`` applies.
+    ``decide(model_text, mean_logprob, partial=...)`` is the reply policy
+    (``finetune.ml.reply_policy.choose_reply`` bound to this reply's retrieval hits); it
+    returns a choice with ``source`` ("model", "retrieved", "handoff"), ``text``,
+    ``reason``, ``origin``, ``intent``, ``score`` and ``to_json()``. None: the model's
+    reply goes out (a version without a retrieval index, served as before grounding).
+    """
+
+    maskers: list[Masker]
+    facts: Mapping[str, str] = field(default_factory=dict)  # the company's (bot profile)
+    values: Mapping[str, str] | None = None  # the customer's; None: found in the request's customer turns
+    messages: list[dict[str, str]] | None = None  # the grounded conversation, sent instead of the request's
+    prime: str = ""  # how the reply starts (``GenerationRequest.prime``)
+    grounding: list[dict[str, Any]] = field(default_factory=list)  # the exchanges used, logged with the reply
+    decide: Callable[..., Any] | None = None
+
+
+_SOURCE_MODEL, _SOURCE_RETRIEVED, _SOURCE_HANDOFF = "model", "retrieved", "handoff"
+# The end of a sentence followed by more text (or a line break): the sentence is complete.
+_SENTENCE_DONE_RE = re.compile(r"[.!?。！？](?=\s)|\n")
+
+
+class ReplyPipeline:
+    """One reply's text from the engine to the customer: guard, reply policy, masks, slots (module docstring).
+
+    ``push(delta, mean_logprob)`` returns the text to send now; ``stop_engine`` turns
+    True when the engine should stop (a repetition, or a retrieved answer chosen);
+    ``finish(done)`` returns the rest and ``done_event(done, ...)`` the final event.
+    """
+
+    def __init__(self, plan: ReplyPlan, messages: Iterable[Mapping[str, str]]):
+        self.plan = plan
+        self.guard = RepetitionGuard()
+        self.filter = StreamFilter(plan.maskers)
+        values = plan.values if plan.values is not None else customer_values(messages)
+        self.filler = PlaceholderFiller(plan.facts, values)
+        self.prime = (plan.prime or "").strip()
+        self.held = ""  # guard output waiting for the policy's decision
+        self.choice = None
+        self.mean_logprob: float | None = None
+        self.stop_engine = False
+
+    @property
+    def deciding(self) -> bool:
+        return self.plan.decide is not None and self.choice is None
+
+    def push(self, delta: str, mean_logprob: float | None = None) -> str:
+        if mean_logprob is not None:
+            self.mean_logprob = mean_logprob
+        if self._retrieved:
+            return ""  # the model's words no longer matter
+        released = self.guard.push(delta)
+        if self.guard.cut:
+            self.stop_engine = True
+        if not self.deciding:
+            return self._out(released)
+        self.held += released
+        first = self._first_sentence(cut_repetition(self.guard.raw).text)
+        if first is None and not self.guard.cut:
+            return ""
+        return self._decide(first if first is not None else self.guard.text, partial=not self.guard.cut)
+
+    def finish(self, done: GenerationDone) -> str:
+        """The rest of the reply once the engine's stream ended with ``done``."""
+        if self._retrieved:
+            return ""
+        if done.mean_logprob is not None:
+            self.mean_logprob = done.mean_logprob  # also counts tokens that added no text (the end token)
+        rest = self.guard.finish()
+        out = ""
+        if self.deciding and (done.finish_reason in ("stop", "length", "cancelled") and self.guard.text.strip()):
+            self.held += rest
+            out = self._decide(self.guard.text, partial=False)
+        else:
+            held, self.held = self.held + rest, ""
+            out = self._out(held)
+        if self._retrieved:
+            return out
+        return out + self.filler.push(self.filter.flush()) + self.filler.flush()
+
+    def done_event(self, done: GenerationDone, *, stopped_by_pipeline: bool, grounding: list) -> GenerationDone:
+        reason = done.finish_reason
+        if stopped_by_pipeline and reason == "cancelled":
+            reason = "stop"  # the pipeline stopped a finished reply (a repetition, a retrieved answer)
+        choice = self.choice
+        retrieved = self._retrieved
+        return dataclasses.replace(
+            done,
+            text=self.filler.text,
+            finish_reason=reason,
+            cut_reason=self.guard.reason if self.guard.cut and not retrieved else "",
+            source=_SOURCE_RETRIEVED if retrieved else _SOURCE_MODEL,
+            source_origin=choice.origin if retrieved else "",
+            policy={k: v for k, v in choice.to_json().items() if k != "text"} if choice is not None else {},
+            grounding=list(grounding),
+            handoff=choice is not None and choice.source == _SOURCE_HANDOFF,
+        )
+
+    @property
+    def _retrieved(self) -> bool:
+        return self.choice is not None and self.choice.source == _SOURCE_RETRIEVED
+
+    def _first_sentence(self, text: str) -> str | None:
+        """The text up to the end of the first sentence the model wrote after the prime; None until complete."""
+        start = len(self.prime) if self.prime and text.startswith(self.prime) else 0
+        match = _SENTENCE_DONE_RE.search(text, start + (len(text[start:]) - len(text[start:].lstrip())))
+        return text[: match.end()].strip() if match else None
+
+    def _decide(self, model_text: str, *, partial: bool) -> str:
+        self.choice = self.plan.decide(model_text.strip(), self.mean_logprob, partial=partial)
+        if self._retrieved:
+            self.stop_engine = True
+            self.held = ""
+            masked = self.filter.push(self.choice.text) + self.filter.flush()
+            return self.filler.push(masked) + self.filler.flush()
+        held, self.held = self.held, ""
+        return self._out(held)
+
+    def _out(self, text: str) -> str:
+        if not text:
+            return ""
+        masked = self.filter.push(text)
+        return self.filler.push(masked) if masked else ""
+
+
+class SafeEngine:
+    """An ``Engine`` whose every stream passes the reply pipeline; otherwise the wrapped engine.
+
+    ``plan_for(request)`` gives one reply's ``ReplyPlan`` (the runtime reads the bot
+    profile's blocked terms and facts, and grounds the request on the version's
+    retrieval index); ``maskers_for(request)`` is the older, maskers-only form. Without
+    either, ``reply_maskers()`` applies and no slot has a company fact.
     """
 
     def __init__(
-        self, engine: Engine, maskers_for: Callable[[GenerationRequest], Awaitable[list[Masker]]] | None = None
+        self,
+        engine: Engine,
+        maskers_for: Callable[[GenerationRequest], Awaitable[list[Masker]]] | None = None,
+        *,
+        plan_for: Callable[[GenerationRequest], Awaitable[ReplyPlan]] | None = None,
     ):
         self.inner = engine
         self._maskers_for = maskers_for
+        self._plan_for = plan_for
 
     @property
     def model_label(self) -> str | None:
@@ -307,20 +464,35 @@ class SafeEngine:
     async def cancel(self, request_id: str) -> None:
         await self.inner.cancel(request_id)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationDone]:
+    async def _plan(self, request: GenerationRequest) -> ReplyPlan:
+        if self._plan_for is not None:
+            return await self._plan_for(request)
         maskers = await self._maskers_for(request) if self._maskers_for else reply_maskers()
-        flt = StreamFilter(maskers)
+        return ReplyPlan(maskers=maskers)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationDone]:
+        plan = await self._plan(request)
+        pipeline = ReplyPipeline(plan, request.messages)
+        inner_request = request
+        if plan.messages is not None or plan.prime:
+            inner_request = dataclasses.replace(
+                request, messages=plan.messages if plan.messages is not None else request.messages, prime=plan.prime
+            )
+        stopped = False
         # aclosing: when the reader stops early, the engine's stream is closed at once and
         # stops generating, instead of whenever the garbage collector gets to it.
-        async with contextlib.aclosing(self.inner.stream(request)) as events:
+        async with contextlib.aclosing(self.inner.stream(inner_request)) as events:
             async for event in events:
                 if isinstance(event, TokenDelta):
-                    text = flt.push(event.text)
+                    text = pipeline.push(event.text, event.mean_logprob)
+                    if pipeline.stop_engine and not stopped:
+                        stopped = True
+                        await self.inner.cancel(inner_request.request_id)
                     if text:
-                        yield TokenDelta(text)
+                        yield TokenDelta(text, mean_logprob=event.mean_logprob)
                     continue
-                tail = flt.flush()
+                tail = pipeline.finish(event)
                 if tail:
                     yield TokenDelta(tail)
-                yield dataclasses.replace(event, text=flt.text)
+                yield pipeline.done_event(event, stopped_by_pipeline=stopped, grounding=plan.grounding)
                 return

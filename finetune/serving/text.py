@@ -1,7 +1,10 @@
 """Text in and out of the model: fit a conversation into the context window, turn tokens into reply text.
 
 - ``token_budget`` / ``trim_messages`` / ``prompt_ids_for``: fit a conversation into the
-  model's context window, dropping whole turns oldest first and keeping the system prompt.
+  prompt's token budget (the context window, and ``GenerationParams.max_prompt_tokens``:
+  an expensive prompt costs every reply in the batch its prefill time), dropping whole
+  turns oldest first and keeping the system prompt; a customer message still too long is
+  cut in the middle with a note (``cut_turn``). This is the one place serving builds prompts.
 - ``ReplyText``: incremental detokenising with stop strings, so streamed deltas never
   contain a stop string or half of one, and the concatenated deltas equal the reply.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from finetune.ml.prompting import ROLE_AGENT, ROLE_SYSTEM, normalise_messages, render_prompt
+from finetune.ml.quality import prime_join
 
 from .loading import LoadedModel
 
@@ -28,11 +32,14 @@ class ReplyText:
     ``push(token_id)`` returns the text that is now safe to show: text that cannot
     turn out to be the start of a stop string. ``stopped`` becomes True when a stop
     string appears; the stop string and anything after it are never emitted.
+    ``prefix`` is reply text that was not generated (a primed reply's start,
+    ``GenerationRequest.prime``): it leads the first delta.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
+    def __init__(self, tokenizer, stops: tuple[str, ...], prefix: str = ""):
         self.tokenizer = tokenizer
         self.stops = tuple(s for s in stops if s)
+        self.prefix = (prefix or "").strip()
         self.ids: list[int] = []
         self.emitted = 0  # characters of the reply already returned
         self.text = ""
@@ -42,7 +49,13 @@ class ReplyText:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        decoded = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        continuation = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        # The prime is a whole sentence: what follows it is kept apart by a space unless it
+        # brings its own or is punctuation (as the evaluation joins them, ``quality.join_prime``).
+        joint = " " if self.prefix and continuation and not continuation[0].isspace() else ""
+        if joint and continuation[0] in ".,;:!?)":
+            joint = ""
+        decoded = self.prefix + joint + continuation
         if decoded.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         cut = len(decoded)
@@ -67,6 +80,8 @@ class ReplyText:
 
     def flush(self) -> str:
         """Text held back at the end of generation (it turned out not to be a stop string)."""
+        if not self.ids and not self.stopped:
+            self.text = self.prefix  # nothing was generated after the prime
         delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
@@ -76,10 +91,14 @@ class ReplyText:
         return self.text.strip()
 
 
-def token_budget(window: int, max_new_tokens: int) -> tuple[int, int]:
-    """``(max prompt tokens, max new tokens)`` so that prompt and reply together fit ``window``."""
+def token_budget(window: int, max_new_tokens: int, max_prompt_tokens: int | None = None) -> tuple[int, int]:
+    """``(max prompt tokens, max new tokens)`` so that prompt and reply together fit ``window``,
+    and the prompt is at most ``max_prompt_tokens`` (never under ``MIN_PROMPT_TOKENS``)."""
     max_new = max(1, min(max_new_tokens, window - MIN_PROMPT_TOKENS))
-    return window - max_new, max_new
+    prompt = window - max_new
+    if max_prompt_tokens is not None:
+        prompt = max(MIN_PROMPT_TOKENS, min(prompt, max_prompt_tokens))
+    return prompt, max_new
 
 
 def _prompt_length(turns: list[dict[str, str]], tokenizer) -> int:
@@ -92,7 +111,8 @@ def trim_messages(messages: Iterable[Mapping[str, str]], tokenizer, max_prompt_t
     The system turn (company, policy) is always kept, and so is the last turn (what the
     reply answers). History restarts at a customer turn, since an agent reply whose
     question was dropped means nothing to the model. Only when the system turn and the
-    last turn alone are too long is the last turn cut, keeping its end.
+    last turn alone are too long is the last turn cut (``cut_turn``): its beginning and
+    end are kept around a note saying how much was cut.
     """
     turns = normalise_messages(messages)
     system = turns[:1] if turns and turns[0]["role"] == ROLE_SYSTEM else []
@@ -113,24 +133,51 @@ def trim_messages(messages: Iterable[Mapping[str, str]], tokenizer, max_prompt_t
             lo = mid + 1
     if lo < len(starts):
         return system + history[starts[lo] :]
-    last = dict(history[-1])
-    ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
-    while len(ids) > 1:
+    return [*system, cut_turn(history[-1], system, tokenizer, max_prompt_tokens)]
+
+
+def cut_note(cut_tokens: int) -> str:
+    """What replaces the middle of a message too long for the model, so the model knows it saw a part."""
+    return f"\n[… {cut_tokens} tokens of this message were cut: it is longer than the assistant reads …]\n"
+
+
+def cut_turn(turn: Mapping[str, str], system: list[dict[str, str]], tokenizer, max_prompt_tokens: int) -> dict:
+    """``turn`` cut so that ``system`` plus it fit ``max_prompt_tokens``: its beginning and its end are
+    kept (the greeting and context, and the question, which usually comes last), with ``cut_note``
+    in place of the middle."""
+    last = dict(turn)
+    ids = tokenizer(turn["content"], add_special_tokens=False)["input_ids"]
+    note_tokens = len(tokenizer(cut_note(len(ids)), add_special_tokens=False)["input_ids"])
+    keep = len(ids)
+    while keep > 1:
         over = _prompt_length([*system, last], tokenizer) - max_prompt_tokens
         if over <= 0:
             break
-        ids = ids[min(len(ids) - 1, over) :]
-        last["content"] = tokenizer.decode(ids)
-    return [*system, last]
+        # The first cut also makes room for the note; later rounds correct tokenizer drift.
+        keep = max(1, keep - over - (note_tokens if keep == len(ids) else 0))
+        head = keep // 3
+        tail = keep - head
+        last["content"] = (
+            tokenizer.decode(ids[:head]) + cut_note(len(ids) - keep) + tokenizer.decode(ids[len(ids) - tail :])
+        )
+    return last
 
 
-def prompt_ids_for(loaded: LoadedModel, messages: list[dict[str, str]], max_prompt_tokens: int) -> list[int]:
-    """Trim the conversation to fit (``trim_messages``), render and tokenize it.
+def prompt_ids_for(
+    loaded: LoadedModel, messages: list[dict[str, str]], max_prompt_tokens: int, prime: str = ""
+) -> list[int]:
+    """Trim the conversation to fit (``trim_messages``), render it with the ``prime`` and tokenize it.
 
+    The prime (the reply's given start) follows the prompt, joined as training joins a reply
+    (``finetune.ml.quality.prime_join``, as the evaluation joins it), and counts against the budget.
     Keeping only the newest ``max_prompt_tokens`` tokens afterwards is the last guard,
     reached only when the system prompt alone does not fit.
     """
-    turns = trim_messages(messages, loaded.tokenizer, max_prompt_tokens)
-    text = render_prompt(turns, loaded.tokenizer)
+    tail = prime_join(prime, loaded.tokenizer)
+    tail_ids = loaded.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    budget = max(MIN_PROMPT_TOKENS, max_prompt_tokens - len(tail_ids))
+    turns = trim_messages(messages, loaded.tokenizer, budget)
+    # Tokenized in one piece with the prime, as the evaluation tokenizes its primed prompts.
+    text = render_prompt(turns, loaded.tokenizer) + tail
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_tokens:]

@@ -358,7 +358,7 @@ class VLLMEngine:
         """The /v1/completions request: our prompt as token ids and our decoding parameters."""
         params = request.params
         window = self._max_model_len or min(int(tokenizer.model_max_length or 0) or 10**9, FALLBACK_MAX_MODEL_LEN)
-        max_prompt, max_new = token_budget(window, params.max_new_tokens)
+        max_prompt, max_new = token_budget(window, params.max_new_tokens, params.max_prompt_tokens)
         turns = trim_messages(request.messages, tokenizer, max_prompt)
         ids = tokenizer(render_prompt(turns, tokenizer), add_special_tokens=False)["input_ids"][-max_prompt:]
         return {

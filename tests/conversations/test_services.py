@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 from datetime import timedelta
@@ -349,6 +350,49 @@ def test_a_low_confidence_reply_is_kept_and_hands_off(settings):
     conversation.refresh_from_db()
     assert reply.status == Message.Status.COMPLETE
     assert (conversation.status, conversation.handoff_reason) == ("waiting_for_agent", "low_confidence")
+
+
+def test_a_retrieved_answer_sent_for_unsure_model_words_does_not_hand_off(settings):
+    settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = -2.0
+    conversation = ConversationFactory()
+    services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")
+    reply, _ = start_reply(conversation)
+    grounding = [{"origin": "ticket:bitext:7", "score": 0.81, "intent": "track_order"}]
+    policy = {
+        "source": "retrieved",
+        "reason": "The model is unsure",
+        "origin": "ticket:bitext:7",
+        "intent": "track_order",
+    }
+    retrieved = dataclasses.replace(
+        done(logprob=-3.1), source="retrieved", source_origin="ticket:bitext:7", policy=policy, grounding=grounding
+    )
+    services.bot_reply_finish(message_id=reply.pk, done=retrieved, seq=1)
+    reply.refresh_from_db()
+    conversation.refresh_from_db()
+    assert conversation.status == Conversation.Status.BOT
+    assert reply.grounding == grounding
+    assert (reply.generation["source"], reply.generation["source_origin"]) == ("retrieved", "ticket:bitext:7")
+    assert reply.generation["intent"] == "track_order"
+
+
+def test_the_reply_policys_handoff_hands_off_a_confident_reply(settings):
+    settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = -2.0
+    conversation = ConversationFactory()
+    services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")
+    reply, _ = start_reply(conversation)
+    services.bot_reply_finish(message_id=reply.pk, done=dataclasses.replace(done(logprob=-1.2), handoff=True), seq=1)
+    conversation.refresh_from_db()
+    assert (conversation.status, conversation.handoff_reason) == ("waiting_for_agent", "low_confidence")
+
+
+def test_a_cut_reply_is_marked(settings):
+    conversation = ConversationFactory()
+    services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")
+    reply, _ = start_reply(conversation)
+    services.bot_reply_finish(message_id=reply.pk, done=dataclasses.replace(done(), cut_reason="sentence"), seq=1)
+    reply.refresh_from_db()
+    assert (reply.status, reply.generation["cut_reason"]) == (Message.Status.COMPLETE, "sentence")
 
 
 def test_a_confident_reply_does_not_hand_off(settings):

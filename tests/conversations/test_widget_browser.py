@@ -1,5 +1,8 @@
 """The widget in a real browser, on a page of another site: ask, watch the reply stream, reload, see history.
 
+Also: a reply the model writes with a template slot reaches the widget with the
+company's phone from the bot profile, and no slot is ever on screen while it streams.
+
 The host page is served from http://localhost:<port>, the chat from
 http://127.0.0.1:<port>: two different sites, as for a customer's shop embedding
 the widget, so the chat panel is a cross-site iframe without cookies.
@@ -16,7 +19,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from conversations.models import Message
+from conversations.models import BotProfile, Message
+from conversations.selectors import system_prompt_for
+from finetune.ml.tiny import build_tiny_causal_lm
 from finetune.models import ModelVersion
 from tests.conversations.conftest import LOW_CONFIDENCE_OFF
 from tests.factories import ModelVersionFactory
@@ -215,3 +220,50 @@ def test_a_server_that_does_not_answer_to_its_host_says_so_in_the_panel(chromium
     log = daphne_factory.processes[base].log_path.read_text()
     assert "not in DJANGO_ALLOWED_HOSTS" in log
     assert "Traceback" not in log
+
+
+PHONE = "0800 555 0199"
+SLOT_REPLY = "Please call our support line at {{Customer Support Phone Number}} and we will find your order right away."
+
+
+@pytest.fixture(scope="session")
+def slot_model_dir(tmp_path_factory):
+    """A tiny chat model trained to answer with a template slot, as Bitext-trained models do."""
+    system = system_prompt_for(BotProfile())
+    corpus = [f"System: {system}\nCustomer: Where is my order?\nAgent: {SLOT_REPLY}"] * 2
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("slot-model"), corpus, overfit_steps=150)
+
+
+def test_a_reply_with_a_template_slot_reaches_the_widget_with_the_company_phone(
+    chromium, daphne_factory, slot_model_dir
+):
+    BotProfile.objects.create(company_name="Acme", support_phone=PHONE)
+    ModelVersionFactory(
+        status=ModelVersion.Status.ACTIVE, merged_path=str(slot_model_dir), adapter_path=str(slot_model_dir)
+    )
+    base = daphne_factory(SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD=str(LOW_CONFIDENCE_OFF))
+    driver = chromium
+    with shop_serving(base) as shop:
+        driver.get(shop)
+        open_panel(driver)
+        # Everything the reply ever showed while it streamed.
+        driver.execute_script(
+            """
+            window.__shown = [];
+            new MutationObserver(() => {
+              const bot = document.querySelector('.sb-msg--bot .sb-body');
+              if (bot) window.__shown.push(bot.textContent);
+            }).observe(document.getElementById('sb-log'), {subtree: true, childList: true, characterData: true});
+            """
+        )
+        driver.find_element(By.ID, "sb-input").send_keys("Where is my order?", Keys.ENTER)
+        reply = WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]')
+        )
+        text = reply.find_element(By.CSS_SELECTOR, ".sb-body").text
+        shown = driver.execute_script("return window.__shown")
+    assert text == SLOT_REPLY.replace("{{Customer Support Phone Number}}", PHONE)
+    assert len(set(shown)) >= 3  # streamed in pieces
+    assert not [s for s in shown if "{" in s or "}" in s]  # no slot, not even half of one, was ever on screen
+    saved = Message.objects.get(pk=int(reply.get_attribute("data-id")))
+    assert saved.body == text

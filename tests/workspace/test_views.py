@@ -126,6 +126,38 @@ def test_the_review_page_shows_the_replys_context_and_grounding(agent_client, qu
         assert reason in page
 
 
+def test_agents_see_what_a_bot_reply_leaned_on_and_where_it_came_from(agent_client):
+    grounding = [
+        {"origin": "ticket:bitext:7", "score": 0.8123, "intent": "track_order", "question": "Parcel late?",
+         "answer": "Your order is on its way."},
+        {"origin": "correction:12", "score": 0.64, "intent": "track_order", "question": "Where is it?",
+         "answer": "It ships today."},
+    ]  # fmt: skip
+    reply = bot_reply(
+        body="Your order is on its way.",
+        grounding=grounding,
+        generation={
+            "source": "retrieved",
+            "source_origin": "ticket:bitext:7",
+            "policy": {"reason": "The model is unsure"},
+        },
+    )
+    plain = bot_reply(conversation=reply.conversation, question="Thanks", body="You are welcome.")
+    page = agent_client.get(f"/agent/conversations/{reply.conversation_id}/").content.decode()
+    assert page.count("What the bot leaned on (2)") == 1  # only the grounded reply has it
+    assert "ticket:bitext:7 · score 0.81 · intent: track_order" in page
+    assert "correction:12" in page
+    assert "a past answer (ticket:bitext:7), sent instead of the model's words" in page
+    assert plain.body in page
+
+    item, _ = review.queue_item_add(message=reply, source="flagged")
+    page = agent_client.get(f"/agent/items/{item.pk}/").content.decode()
+    source = re.search(r'id="ws-fact-source">(.*?)</dd>', page, re.S).group(1)
+    assert "a past answer (ticket:bitext:7)" in source
+    assert "The model is unsure" in source
+    assert "What the bot leaned on" in page
+
+
 def test_submit_and_next_saves_the_review_and_opens_the_next_item(agent_client, agent, queued_reply):
     second, _ = review.queue_item_add(message=bot_reply(body="Second reply"), source="flagged")
     response = agent_client.post(

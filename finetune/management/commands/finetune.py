@@ -20,7 +20,13 @@ from django.core.management.base import BaseCommand, CommandError
 
 from finetune.management.errors import command_error
 from finetune.models import DatasetVersion, TrainingRun
-from finetune.selectors import dataset_version_find, dataset_version_latest, model_version_active, model_version_of_run
+from finetune.selectors import (
+    dataset_version_find,
+    dataset_version_latest,
+    model_version_active,
+    model_version_of_run,
+    training_run_outcome_lines,
+)
 from finetune.services.training_runs import (
     training_run_execute,
     training_run_request,
@@ -121,16 +127,8 @@ class Command(BaseCommand):
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise CommandError(f"Run #{run.pk} {run.get_status_display().lower()}: {run.error or 'cancelled'}")
         version = model_version_of_run(run)
-        metrics = run.eval_metrics
-        shown = {
-            "validation loss": metrics.get("eval_loss"),
-            "perplexity": metrics.get("perplexity"),
-            "ROUGE-L": metrics.get("rouge_l"),
-            "ROUGE-L of retrieval baseline": metrics.get("rouge_l_retrieval"),
-        }
-        for label, value in shown.items():
-            if isinstance(value, int | float):
-                self.stdout.write(f"  {label}: {value:.4f}")
+        for line in training_run_outcome_lines(run):
+            self.stdout.write(line)
         gates = "passed the gates" if version.gate_results.get("passed") else "did not pass the gates"
         self.stdout.write(
             self.style.SUCCESS(

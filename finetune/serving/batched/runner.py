@@ -2,9 +2,14 @@
 
 ``Runner`` owns the batches (one ``KVBatch`` per model being served, see ``kv.py``)
 and runs on the generation thread only. For requests the scheduler admitted, it
-builds each prompt (trimmed to the context window), reuses cached prefix keys and
-values, prefills the prompts in the groups the scheduler chose, and takes each
-reply's first token; each decode step then gives every row its next token. A row
+builds each prompt (trimmed to the prompt budget), reuses cached prefix keys and
+values, and prefills at most the scheduler's per-step budget of prompt tokens between
+two decode steps (``prefill_some``: fewest tokens left first, long prompts in chunks),
+in the groups the scheduler chose; a prompt's last chunk gives the reply's first
+token. Each decode step then gives every row its next token, chosen after the
+version's repetition controls have seen that row's generated tokens
+(``finetune.ml.decoding.apply_to_row``, as ``NaiveEngine`` and the evaluation apply
+them), so running replies keep streaming while a long prompt is prefilled. A row
 leaves its batch when its reply stops, reaches its length, is cancelled or times
 out; its request gets the held-back text and ``GenerationDone``.
 """
@@ -17,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from finetune.ml.decoding import apply_to_row, repetition_processors
 from finetune.ml.prompting import stop_sequences
 
 from ..interface import GenerationDone, GenerationParams, TokenDelta
@@ -26,6 +32,15 @@ from ..text import ReplyText, prompt_ids_for, token_budget
 from .scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
+
+# A prompt does not start a chunk smaller than this behind others in the same step: a
+# handful of tokens costs a pass's fixed overhead for little progress.
+MIN_CHUNK_TOKENS = 32
+# While a reply that started within its first HOLD_TOKENS tokens shows no word yet, chunks of
+# long prompts wait, for at most HOLD_STEPS decode steps in a row: its first word then comes
+# at decode speed instead of one prefill chunk per token.
+HOLD_TOKENS = 16
+HOLD_STEPS = 8
 
 
 @dataclass(eq=False)
@@ -42,18 +57,28 @@ class Row:
     logprob_sum: float = 0.0
     logprob_n: int = 0
     first_at: float | None = None
+    processors: object = None  # repetition controls (a LogitsProcessorList over ``generated``), or None
+    generated: list[int] = field(default_factory=list)  # reply token ids so far (what the controls see)
 
 
 @dataclass(eq=False)
 class Prefill:
-    """An admitted prompt waiting for its prefill pass."""
+    """An admitted prompt being prefilled, possibly in chunks over several steps."""
 
     row: Row
-    reused: int  # leading prompt tokens whose keys/values come from the prefix cache
-    layers: list | None  # the cached keys/values they come from
+    reused: int  # leading prompt tokens whose keys/values are ready (prefix cache, earlier chunks)
+    layers: list | None  # those keys/values
+    batch: KVBatch | None = None  # the batch (model) the row joins once prefilled
+    upto: int = 0  # end of the tokens this step's pass computes
+    skipped: int = 0  # steps it waited without a chunk (ages its priority)
 
     @property
     def new_tokens(self) -> int:
+        """Tokens of this step's pass (the scheduler groups passes by it)."""
+        return self.upto - self.reused
+
+    @property
+    def remaining(self) -> int:
         return len(self.row.cached) - self.reused
 
 
@@ -62,6 +87,8 @@ class Runner:
         self.scheduler = scheduler
         self.prefix_cache_bytes = prefix_cache_bytes
         self.batches: list[KVBatch] = []
+        self.pending: list[Prefill] = []  # admitted prompts not yet fully prefilled
+        self.held = 0  # steps in a row without long-prompt chunks, for new replies' first words
         self.steps = 0  # decode steps taken (observability and tests)
         self.prefills = 0  # prefill forward passes
         self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
@@ -70,6 +97,11 @@ class Runner:
     def running(self) -> int:
         """Rows in the running batches (replies being generated right now)."""
         return sum(len(batch.rows) for batch in self.batches)
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted requests: running rows and prompts still being prefilled."""
+        return self.running + len(self.pending)
 
     def prefix_stats(self) -> dict[str, int]:
         caches = [batch.prefixes for batch in list(self.batches)]
@@ -90,57 +122,107 @@ class Runner:
 
     # --- admitting requests ----------------------------------------------------------------
 
-    def admit(
-        self, jobs: list[Job], loaded: LoadedModel, grouping: Callable[[Sequence[Prefill]], list[list[Prefill]]]
-    ) -> None:
-        """Prefill the prompts of newly admitted requests, in the groups ``grouping`` forms, and add them to the batch.
+    def admit(self, jobs: list[Job], loaded: LoadedModel) -> None:
+        """Build the prompts of newly admitted requests; ``prefill_some`` then computes them.
 
         Tokens a prompt shares with a cached earlier prompt (the conversation's last turn,
-        or any conversation's system prompt) are not computed again. Each new reply's
-        first token comes out of this prefill.
+        or any conversation's system prompt) are not computed again.
         """
         batch = self._batch_for(loaded)
-        ready: list[Prefill] = []
         for job in jobs:
             if job.cancelled or time.monotonic() > job.deadline:
                 self.finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
                 continue
-            reply = ReplyText(loaded.tokenizer, stop_sequences(loaded.tokenizer) + tuple(job.request.params.stop))
+            params = job.request.params
+            stops = stop_sequences(loaded.tokenizer) + tuple(params.stop)
+            reply = ReplyText(loaded.tokenizer, stops, job.request.prime)
             try:
-                max_prompt, max_new = token_budget(context_window(loaded), job.request.params.max_new_tokens)
-                ids = prompt_ids_for(loaded, job.request.messages, max_prompt)
+                max_prompt, max_new = token_budget(
+                    context_window(loaded), params.max_new_tokens, params.max_prompt_tokens
+                )
+                ids = prompt_ids_for(loaded, job.request.messages, max_prompt, job.request.prime)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("Building the prompt failed for %s", job.request.key)
                 self.finish_job(job, "error", reply=reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}")
                 continue
             reused, layers = batch.prefixes.lookup(job.request.key, ids)
             row = Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
-            ready.append(Prefill(row=row, reused=reused, layers=layers))
-        for group in grouping(ready):
-            self._prefill(group, batch)
+            row.processors = repetition_processors(0, loaded.decoding) or None
+            self.pending.append(Prefill(row=row, reused=reused, layers=layers, batch=batch))
+
+    def prefill_some(self, budget: int, grouping: Callable[[Sequence[Prefill]], list[list[Prefill]]]) -> None:
+        """Prefill at most ``budget`` prompt tokens (one step's share), in the groups ``grouping`` forms.
+
+        The prompt with the fewest tokens left goes first, so a normal customer's prompt
+        never waits behind a long one; a prompt longer than what is left of the budget
+        gets a chunk of it and continues at the next step (its keys and values so far
+        are kept), unless a reply that has just started shows no word yet (see
+        ``HOLD_STEPS``). A prompt passed over ages: each skipped step counts as ``budget``
+        tokens fewer, so a long prompt is never starved by a stream of short ones. A
+        prompt whose last chunk is computed gets its first token and joins its batch.
+        """
+        now = time.monotonic()
+        for item in [p for p in self.pending if p.row.job.cancelled or now > p.row.job.deadline]:
+            self.pending.remove(item)
+            reason = "cancelled" if item.row.job.cancelled else "timeout"
+            self.finish_job(item.row.job, reason, reply=item.row.reply, loaded=item.batch.loaded)
+        # A reply that has just started and shown no word yet gets decode steps of its own:
+        # no chunk of a long prompt runs then (prompts that complete in this step still
+        # do), for at most HOLD_STEPS steps in a row, so the long prompt is only delayed.
+        hold = self.held < HOLD_STEPS and any(
+            row.count < HOLD_TOKENS and not row.reply.text.strip() for batch in self.batches for row in batch.rows
+        )
+        self.held = self.held + 1 if hold else 0
+        left, chosen = max(1, budget), []
+        for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
+            take = min(item.remaining, left)
+            if (
+                take <= 0
+                or (hold and take < item.remaining)
+                or (chosen and take < min(item.remaining, MIN_CHUNK_TOKENS))
+            ):
+                item.skipped += 1
+                continue
+            item.upto, item.skipped = item.reused + take, 0
+            chosen.append(item)
+            left -= take
+        for batch in {id(p.batch): p.batch for p in chosen}.values():
+            for group in grouping([p for p in chosen if p.batch is batch]):
+                self._prefill(group, batch)
 
     def _prefill(self, group: list[Prefill], batch: KVBatch) -> None:
-        """One forward pass over several prompts' uncached tokens (left-padded), then their first tokens."""
+        """One forward pass over several prompts' next tokens (left-padded); the ones whose prompt is
+        now complete take their first token and join the batch, the others wait for their next chunk."""
         loaded = batch.loaded
         try:
             logits, layers_per_row = prefill_forward(
                 loaded,
-                [item.row.cached for item in group],
+                [item.row.cached[: item.upto] for item in group],
                 [item.reused for item in group],
                 [item.layers for item in group],
             )
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("Prefill failed for %d requests", len(group))
             for item in group:
+                self.pending.remove(item)
                 self.finish_job(
                     item.row.job, "error", reply=item.row.reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}"
                 )
             return
         self.prefills += 1
-        self.prefilled_rows += len(group)
-        tokens, logprobs = _choose(logits, [item.row for item in group])
+        done = []
+        for index, (item, layers) in enumerate(zip(group, layers_per_row, strict=True)):
+            if item.upto < len(item.row.cached):
+                item.reused, item.layers = item.upto, layers  # the next chunk continues from here
+            else:
+                self.pending.remove(item)
+                done.append((index, item, layers))
+        if not done:
+            return
+        self.prefilled_rows += len(done)
+        tokens, logprobs = _choose(logits[[index for index, _, _ in done]], [item.row for _, item, _ in done])
         joining = []
-        for item, token, logprob, layers in zip(group, tokens, logprobs, layers_per_row, strict=True):
+        for (_, item, layers), token, logprob in zip(done, tokens, logprobs, strict=True):
             if not self._accept(item.row, token, logprob, loaded):
                 joining.append((item.row, layers))
             elif batch.prefixes.budget_bytes:
@@ -154,7 +236,8 @@ class Runner:
         """One decode step of every batch; then forget batches of a replaced model once they are empty."""
         for batch in list(self.batches):
             self._step(batch)
-        self.batches = [b for b in self.batches if b.rows or b.loaded is serving]
+        waiting = {id(p.batch) for p in self.pending}
+        self.batches = [b for b in self.batches if b.rows or b.loaded is serving or id(b) in waiting]
 
     def _step(self, batch: KVBatch) -> None:
         """Drop rows that must stop, then advance every other row by one token."""
@@ -210,11 +293,12 @@ class Runner:
             self._finish_row(row, "stop", loaded)
             return True
         row.count += 1
+        row.generated.append(token)
         if row.first_at is None:
             row.first_at = time.monotonic()
         delta = row.reply.push(token)
         if delta:
-            row.job.emit(TokenDelta(delta))
+            row.job.emit(TokenDelta(delta, mean_logprob=_mean(row.logprob_sum, row.logprob_n)))
         if row.reply.stopped:
             self._finish_row(row, "stop", loaded)
             return True
@@ -272,6 +356,9 @@ class Runner:
 
     def fail_all(self, error: str) -> None:
         """A batch step failed: every running row ends with an error; the engine starts afresh."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self.finish_job(item.row.job, "error", reply=item.row.reply, loaded=item.batch.loaded, error=error)
         for batch in self.batches:
             for row in batch.rows:
                 self.finish_job(
@@ -294,12 +381,17 @@ def _mean(total: float, count: int) -> float | None:
 def _choose(logits, rows: list[Row]) -> tuple[list[int], list[float]]:
     """Each row's next token (greedy, or sampled with its temperature and top-p) and its log-probability.
 
-    The log-probability is that of the model's own distribution (before temperature),
-    the confidence measure the low-confidence handoff reads.
+    Each row's repetition controls act on its logits first (one small operation per row
+    with controls). The log-probability is that of the distribution the token is chosen
+    from before temperature, as ``NaiveEngine`` reports it: the confidence measure the
+    reply policy and the low-confidence handoff read.
     """
     import torch
 
     logits = logits.float()
+    for i, row in enumerate(rows):
+        if row.processors is not None and row.generated:
+            logits[i] = apply_to_row(row.processors, row.generated, logits[i])
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = torch.argmax(logits, dim=-1)
     for i, row in enumerate(rows):

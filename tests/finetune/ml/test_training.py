@@ -220,3 +220,21 @@ def test_llama_style_base_trains_through_its_chat_template(tmp_path):
     assert any("o_proj.lora_B" in k for k in adapter)
     assert result.metrics["eval_loss"] is not None
     assert (result.merged_dir / "config.json").exists()
+
+
+def test_the_demo_trains_the_quick_recipe():
+    """scripts/demo.d/20-finetune.sh passes QUICK_RECIPE as options (checkpointing goes off with lora_layers)."""
+    import re
+
+    from finetune.ml.training import QUICK_RECIPE
+    from tests.conftest import ROOT
+
+    config = TrainConfig.from_overrides(QUICK_RECIPE)
+    assert config.lora_layers == 8
+    assert config.gradient_checkpointing is False
+    script = (ROOT / "scripts" / "demo.d" / "20-finetune.sh").read_text()
+    options = dict(re.findall(r"--([a-z-]+) ([0-9.e-]+)", script))
+    for name, value in QUICK_RECIPE.items():
+        if name == "gradient_checkpointing":
+            continue  # not an option: off by itself with lora_layers (attach_lora)
+        assert float(options[name.replace("_", "-")]) == pytest.approx(float(value)), name

@@ -10,7 +10,7 @@ from supportbot.errors import ApplicationError
 from tests.factories import ModelVersionFactory, UserFactory
 from tests.finetune.fixtures import version_with_files
 
-pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("quality_gate_advisory")]
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("model_gates_advisory")]
 
 
 def test_rollback_restores_any_version_that_served(tmp_path):

@@ -121,13 +121,18 @@ def test_a_version_without_a_quality_evaluation_is_not_promoted_automatically(tm
     assert "were not scored against the retrieval baseline" in gate["detail"]
 
 
-def test_advisory_gates_are_shown_but_do_not_block(tmp_path, settings):
-    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
+def test_advisory_gates_are_shown_but_do_not_block(tmp_path, settings, monkeypatch):
+    from finetune.services import gates
+
+    monkeypatch.setattr(gates, "_PROMOTION_GATES", {"reply_quality": gates._PROMOTION_GATES["reply_quality"]})
     below = version(tmp_path, row("candidate", 0.1, 0.5))
+    assert model_version_gates_evaluate(version=below, save=False)["passed"] is False
+    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
     summary = model_version_gates_evaluate(version=below, save=False)
     assert summary["gates"]["reply_quality"]["passed"] is False
     assert summary["gates"]["reply_quality"]["advisory"] is True
     assert summary["passed"] is True
+    assert gates.gate_failures_text(summary) == "no gate failed"
 
 
 def test_the_admin_shows_the_three_side_by_side_and_why_then_promotes_by_hand(client, tmp_path):

@@ -118,3 +118,21 @@ def assert_same_reply(got: GenerationDone, want: GenerationDone) -> None:
     assert got.token_count == want.token_count
     assert got.finish_reason == want.finish_reason
     assert got.mean_logprob == pytest.approx(want.mean_logprob, abs=1e-4)
+
+
+LOOP_SENTENCE = "I can help you with that."
+PLACEHOLDER_REPLY = "Please call us at {{Customer Support Phone Number}} for help."
+
+
+@functools.cache
+def looping_gpt2_dir() -> Path:
+    """A tiny GPT-2 overfit on a reply that says one sentence over and over: a looping model."""
+    corpus = ["Customer: Where is my order?\nAgent: " + " ".join([LOOP_SENTENCE] * 12)]
+    return build_tiny_causal_lm(_root() / "looping", corpus=corpus, overfit_steps=120)
+
+
+@functools.cache
+def placeholder_gpt2_dir() -> Path:
+    """A tiny GPT-2 overfit on a reply with template slots, as Bitext-trained models write them."""
+    corpus = [f"Customer: Where is my order?\nAgent: {PLACEHOLDER_REPLY}"] * 2
+    return build_tiny_causal_lm(_root() / "placeholders", corpus=corpus, overfit_steps=150)

@@ -78,3 +78,39 @@ def test_streaming_guard_passes_a_clean_reply_through():
 
     assert sent == reply
     assert not guard.cut
+
+
+def _stream(reply: str, size: int) -> tuple[RepetitionGuard, list[str]]:
+    guard = RepetitionGuard()
+    pieces = [guard.push(reply[i : i + size]) for i in range(0, len(reply), size)]
+    pieces.append(guard.finish())
+    return guard, [p for p in pieces if p]
+
+
+def test_the_guard_streams_word_by_word_while_nothing_repeats():
+    reply = "Your parcel left our warehouse today and should reach you within two or three business days."
+    guard, pieces = _stream(reply, 3)
+    assert "".join(pieces) == reply
+    assert len(pieces) >= 10  # not held until the sentence or the reply ended
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_a_loop_or_a_paragraph_said_again_is_never_shown(size):
+    loop = "Je voudrais changer le nom de l'adresse de l'adresse de l'adresse de l'adresse de l'adresse"
+    guard, pieces = _stream(loop, size)
+    shown = "".join(pieces)
+    assert guard.cut
+    assert guard.reason == "loop"
+    assert "de l'adresse de l'adresse" not in shown
+    assert shown == "Je voudrais changer le nom de l'adresse"
+
+    paragraph = "You can return any item within thirty days of delivery for a full refund to your card"
+    guard, pieces = _stream(f"Thanks for asking. {paragraph}, and {paragraph} again.", size)
+    shown = "".join(pieces)
+    assert guard.reason == "ngram"
+    assert shown.count("within thirty days") == 1
+
+    sentence = "Refunds are paid back within five business days."
+    guard, pieces = _stream(f"I am sorry. {sentence} Keep the receipt. {sentence}", size)
+    assert guard.reason == "sentence"
+    assert "".join(pieces) == f"I am sorry. {sentence} Keep the receipt."

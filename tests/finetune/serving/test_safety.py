@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune.serving.batched import BatchedEngine
+from finetune.serving.placeholders import fill_placeholders
+from finetune.serving.repetition import cut_repetition
 from finetune.serving.safety import (
     BLOCKED_MASK,
     Masker,
@@ -216,7 +218,8 @@ async def test_safe_engine_masks_a_real_engines_stream():
     finally:
         inner.close(timeout=10)
     assert re.search(rf"(?<!\w){re.escape(word)}(?!\w)", plain.text, re.IGNORECASE)
-    assert done.text == mask_text(plain.text, reply_maskers([word]))
+    # The whole pipeline: the repetition cut, then the masks, then the slot filler.
+    assert done.text == fill_placeholders(mask_text(cut_repetition(plain.text).text, reply_maskers([word])))
     assert BLOCKED_MASK in done.text
     assert not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", "".join(deltas), re.IGNORECASE)
     assert (done.token_count, done.finish_reason) == (plain.token_count, plain.finish_reason)

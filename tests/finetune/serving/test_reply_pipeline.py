@@ -1,0 +1,305 @@
+"""The reply pipeline: repetition controls in both engines, the repetition cut, slots filled while streaming.
+
+Order (``finetune.serving.safety``): engine -> RepetitionGuard -> reply policy ->
+StreamFilter (personal data) -> PlaceholderFiller. The looping and placeholder models
+are tiny GPT-2s overfit on one reply (``engine_models``), so they really loop and really
+write ``{{…}}`` slots, token by token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from dataclasses import dataclass
+
+import pytest
+
+from finetune.ml.decoding import DecodingConfig
+from finetune.serving.batched import BatchedEngine
+from finetune.serving.interface import GenerationDone, TokenDelta
+from finetune.serving.naive import NaiveEngine
+from finetune.serving.placeholders import fill_placeholders
+from finetune.serving.repetition import has_repetition
+from finetune.serving.safety import ReplyPlan, SafeEngine, reply_maskers
+from tests.finetune.serving.engine_models import (
+    LOOP_SENTENCE,
+    collect,
+    conversation,
+    load,
+    looping_gpt2_dir,
+    placeholder_gpt2_dir,
+    request,
+)
+
+FACTS = {"company_name": "Acme", "support_phone": "+44 20 7946 0958", "website_url": "https://acme.example"}
+
+
+def _without_controls(tmp_path):
+    """The looping model as a version whose train_config.json turns the repetition controls off."""
+    out = tmp_path / "looping-no-controls"
+    shutil.copytree(looping_gpt2_dir(), out)
+    (out / "train_config.json").write_text(json.dumps({"decoding": {"no_repeat_ngram_size": 0}}))
+    return out
+
+
+def _engines(loaded):
+    return {"naive": NaiveEngine(loaded), "batched": BatchedEngine(loaded, max_batch_size=4)}
+
+
+def _close(engines):
+    for engine in engines.values():
+        if hasattr(engine, "close"):
+            engine.close(timeout=10)
+
+
+def _token_ngrams_repeat(tokenizer, text: str, n: int) -> bool:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_the_version_decoding_config_is_read_from_train_config(tmp_path):
+    assert load(looping_gpt2_dir()).decoding == DecodingConfig()  # absent: the default controls
+    assert load(_without_controls(tmp_path)).decoding.no_repeat_ngram_size == 0
+
+
+@pytest.mark.parametrize("kind", ["naive", "batched"])
+async def test_repetition_controls_act_in_both_engines(tmp_path, kind):
+    messages = conversation("Where is my order?")
+    controlled, free = load(looping_gpt2_dir()), load(_without_controls(tmp_path))
+    engines = {"controlled": _engines(controlled)[kind], "free": _engines(free)[kind]}
+    try:
+        _, with_controls = await collect(engines["controlled"], request("a", messages, max_new_tokens=60))
+        _, without = await collect(engines["free"], request("b", messages, max_new_tokens=60))
+    finally:
+        _close(engines)
+    # The same model loops without the controls, and says no 6-token run twice with them.
+    assert without.text.count(LOOP_SENTENCE) >= 3
+    assert _token_ngrams_repeat(controlled.tokenizer, without.text, 6)
+    assert not _token_ngrams_repeat(controlled.tokenizer, with_controls.text, 6)
+
+
+async def test_both_engines_give_the_same_controlled_reply():
+    loaded = load(looping_gpt2_dir())
+    engines = _engines(loaded)
+    try:
+        _, naive = await collect(engines["naive"], request("n", conversation("Where is my order?"), max_new_tokens=60))
+        _, batched = await collect(
+            engines["batched"], request("b", conversation("Where is my order?"), max_new_tokens=60)
+        )
+    finally:
+        _close(engines)
+    assert (batched.text, batched.token_count, batched.finish_reason) == (
+        naive.text,
+        naive.token_count,
+        naive.finish_reason,
+    )
+    assert batched.mean_logprob == pytest.approx(naive.mean_logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["naive", "batched"])
+async def test_a_looping_reply_is_cut_at_the_repetition_and_marked(tmp_path, kind):
+    loaded = load(_without_controls(tmp_path))
+    engines = _engines(loaded)
+    inner = engines[kind]
+    try:
+        _, raw = await collect(inner, request("raw", conversation("Where is my order?"), max_new_tokens=80))
+        deltas, done = await collect(
+            SafeEngine(inner), request("s", conversation("Where is my order?"), max_new_tokens=80)
+        )
+    finally:
+        _close(engines)
+    assert has_repetition(raw.text)
+    assert raw.finish_reason == "length"
+    assert done.text.strip() == LOOP_SENTENCE  # the first saying kept, the repeats gone
+    assert done.cut_reason == "sentence"
+    assert done.finish_reason == "stop"  # a finished reply, not a failure
+    assert done.token_count < raw.token_count  # the engine was stopped at the cut, not run to its limit
+    assert "".join(deltas) == done.text
+
+
+@pytest.mark.parametrize("kind", ["naive", "batched"])
+async def test_a_model_written_slot_is_filled_from_the_company_facts_while_streaming(kind):
+    loaded = load(placeholder_gpt2_dir())
+    engines = _engines(loaded)
+    inner = engines[kind]
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), facts=FACTS)
+
+    try:
+        _, raw = await collect(inner, request("raw", conversation("Where is my order?"), max_new_tokens=40))
+        deltas, done = await collect(
+            SafeEngine(inner, plan_for=plan_for), request("s", conversation("Where is my order?"), max_new_tokens=40)
+        )
+    finally:
+        _close(engines)
+    assert "{{Customer Support Phone Number}}" in raw.text
+    # The company's phone is put in after the personal-data masker, so it is not masked.
+    assert FACTS["support_phone"] in done.text
+    assert done.text.strip() == fill_placeholders(raw.text, FACTS, {}).strip()
+    assert not any("{" in d or "}" in d for d in deltas)
+
+
+# --- the pipeline on a scripted stream -----------------------------------------------------
+
+
+class ScriptedEngine:
+    """An engine that streams a fixed text in given pieces, with a confidence per piece; records cancels."""
+
+    model_label = "v1"
+
+    def __init__(self, pieces: list[str], mean_logprob: float = -0.1):
+        self.pieces = pieces
+        self.mean_logprob = mean_logprob
+        self.cancelled: list[str] = []
+        self.requests = []
+
+    async def cancel(self, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    async def stream(self, req):
+        self.requests.append(req)
+        sent = 0
+        for piece in self.pieces:
+            if req.request_id in self.cancelled:
+                break
+            await asyncio.sleep(0)
+            sent += 1
+            yield TokenDelta(piece, mean_logprob=self.mean_logprob)
+        reason = "cancelled" if req.request_id in self.cancelled else "stop"
+        yield GenerationDone(
+            text="".join(self.pieces[:sent]),
+            finish_reason=reason,
+            token_count=sent,
+            mean_logprob=self.mean_logprob,
+            model_label="v1",
+            first_token_ms=1,
+            latency_ms=2,
+        )
+
+
+def chars(text: str) -> list[str]:
+    return list(text)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+async def test_slots_split_across_any_token_boundary_are_filled_and_never_shown(size):
+    text = (
+        "Thank you for reaching out about your parcel today. I checked your order {{Order Number}} and it ships "
+        "today, so it should reach you within two or three business days. If anything goes wrong, call "
+        "{{Customer Support Phone Number}} or see [Website URL]. We are always happy to help you."
+    )
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    messages = [*conversation("Where is order 12345678?")]
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), facts=FACTS)
+
+    deltas, done = await collect(SafeEngine(ScriptedEngine(pieces), plan_for=plan_for), request("k", messages))
+    assert done.text == (
+        "Thank you for reaching out about your parcel today. I checked your order 12345678 and it ships "
+        "today, so it should reach you within two or three business days. If anything goes wrong, call "
+        "+44 20 7946 0958 or see https://acme.example. We are always happy to help you."
+    )
+    assert not any(mark in d for d in deltas for mark in ("{", "}", "["))
+    assert len(deltas) > 2  # incremental, not one block at the end
+
+
+@dataclass(frozen=True)
+class Choice:
+    source: str
+    text: str = ""
+    reason: str = "test"
+    origin: str = ""
+    intent: str = ""
+    score: float | None = None
+
+    def to_json(self):
+        return {"source": self.source, "reason": self.reason, "origin": self.origin, "score": self.score}
+
+
+async def test_the_policy_decides_on_the_first_sentence_before_anything_is_shown():
+    model_text = "I am not sure what you mean. Maybe try again later or something else entirely."
+    seen = []
+
+    def decide(text, mean_logprob, *, partial):
+        seen.append((text, mean_logprob, partial))
+        return Choice("retrieved", "Your order {{Order Number}} is on its way.", origin="ticket:bitext:7", score=0.8)
+
+    engine = ScriptedEngine(chars(model_text), mean_logprob=-1.2)
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), facts=FACTS, decide=decide, grounding=[{"origin": "ticket:bitext:7"}])
+
+    deltas, done = await collect(
+        SafeEngine(engine, plan_for=plan_for), request("k", conversation("Where is order 4512?"))
+    )
+    assert seen == [("I am not sure what you mean.", -1.2, True)]
+    assert done.text == "Your order 4512 is on its way."
+    assert "not sure" not in "".join(deltas)  # the model's words were held, never shown
+    assert (done.source, done.source_origin, done.finish_reason) == ("retrieved", "ticket:bitext:7", "stop")
+    assert done.grounding == [{"origin": "ticket:bitext:7"}]
+    assert engine.cancelled  # the model was stopped once the answer was chosen
+
+
+async def test_when_the_policy_keeps_the_model_reply_it_streams_on():
+    model_text = (
+        "Thanks for asking. Your parcel left our warehouse yesterday and the courier says it arrives soon, most "
+        "likely on Thursday morning. You will get an e-mail with the tracking link once it is out for delivery. "
+        "Is there anything else I can do for you today?"
+    )
+
+    def decide(text, mean_logprob, *, partial):
+        return Choice("model")
+
+    engine = ScriptedEngine(chars(model_text))
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), decide=decide)
+
+    deltas, done = await collect(SafeEngine(engine, plan_for=plan_for), request("k", conversation("Where is it?")))
+    assert done.text == model_text
+    assert (done.source, done.handoff, done.cut_reason) == ("model", False, "")
+    assert len(deltas) > 2
+    assert not engine.cancelled
+
+
+async def test_a_handoff_choice_is_marked_on_the_reply():
+    def decide(text, mean_logprob, *, partial):
+        return Choice("handoff")
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), decide=decide)
+
+    _, done = await collect(
+        SafeEngine(ScriptedEngine(chars("Hmm. I do not know.")), plan_for=plan_for), request("k", conversation("?"))
+    )
+    assert done.handoff
+    assert done.source == "model"
+
+
+@pytest.mark.parametrize("kind", ["naive", "batched"])
+async def test_the_engines_decode_as_the_evaluation_does(kind):
+    """The same prompt, model and repetition controls give the evaluation's reply and confidence."""
+    from finetune.ml.prompting import render_prompt
+    from finetune.ml.quality import generate_scored
+
+    loaded = load(looping_gpt2_dir())
+    messages = conversation("Where is my order?")
+    evaluated = generate_scored(
+        loaded.model,
+        loaded.tokenizer,
+        [render_prompt(messages, loaded.tokenizer)],
+        max_new_tokens=60,
+        batch_size=1,
+        decoding=loaded.decoding,
+    )[0]
+    engines = _engines(loaded)
+    try:
+        _, served = await collect(engines[kind], request("e", messages, max_new_tokens=60))
+    finally:
+        _close(engines)
+    assert served.text.strip() == evaluated["text"].strip()
+    assert served.mean_logprob == pytest.approx(evaluated["mean_logprob"], abs=1e-3)
