@@ -46,7 +46,7 @@ from bench_engine import conversation_messages, load_exchanges, percentile, run_
 
 from finetune.ml.base_model import convert_bundled  # noqa: E402
 from finetune.serving.batched import BatchedEngine  # noqa: E402
-from finetune.serving.loading import load_for_inference  # noqa: E402
+from finetune.serving.loading import LoadedModel, load_for_inference  # noqa: E402
 from finetune.serving.vllm import ServedVersion, VLLMEngine, VLLMServers  # noqa: E402
 
 VERSION_NAME = "supportbot-v1"  # what the bench database's active version is served as
@@ -80,6 +80,9 @@ def start_vllm(model: Path, work: Path, args) -> tuple[subprocess.Popen, str, fl
     # vLLM keeps one core out of its compute threads by default (for its API server); the
     # in-process engine computes on every core, so by default vLLM does too.
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
+    if args.threads:
+        # As many compute threads as the in-process engine gets: cores 0..threads-1.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
     log = (work / "vllm.log").open("w")
     started = time.monotonic()
     process = subprocess.Popen(
@@ -144,16 +147,18 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     out: dict = {"batched": [], "vllm": [], "load_before": load()}
-    loaded = load_for_inference(str(model), label="base", device="cpu")
-    engine = BatchedEngine(loaded, max_batch_size=args.max_batch_size)
-    try:
-        await run_level(engine, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
-        for level in args.levels:
-            out["batched"].append(await run_level(engine, exchanges, level, _level_args(args), random.Random(level)))
-            print(json.dumps({"batched": out["batched"][-1]}), file=sys.stderr)
-    finally:
-        engine.close(timeout=30)
-    del loaded, engine
+    if not args.skip_engines:
+        loaded = load_for_inference(str(model), label="base", device="cpu")
+        engine = BatchedEngine(loaded, max_batch_size=args.max_batch_size, num_threads=args.threads or None)
+        try:
+            await run_level(engine, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
+            for level in args.levels:
+                result = await run_level(engine, exchanges, level, _level_args(args), random.Random(level))
+                out["batched"].append(result)
+                print(json.dumps({"batched": result}), file=sys.stderr)
+        finally:
+            engine.close(timeout=30)
+        del loaded, engine
     out["load_between"] = load()
 
     process, url, startup_s = start_vllm(model, work, args)
@@ -161,9 +166,15 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
     try:
         servers = VLLMServers([url], read_timeout_s=3600)
         version = ServedVersion(label="base", name="supportbot-base", files=str(model), lora_path=None)
-        vllm = VLLMEngine(servers, version, AutoTokenizer.from_pretrained(model), max_model_len=args.max_model_len)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        vllm = VLLMEngine(
+            servers,
+            version,
+            LoadedModel(model=None, tokenizer=tokenizer, label="base"),
+            max_model_len=args.max_model_len,
+        )
         await run_level(vllm, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
-        for level in args.levels:
+        for level in [] if args.skip_engines else args.levels:
             out["vllm"].append(await run_level(vllm, exchanges, level, _level_args(args), random.Random(level)))
             print(json.dumps({"vllm": out["vllm"][-1]}), file=sys.stderr)
         out["vllm_memory_mb"] = vllm_memory_mb(process)
@@ -188,7 +199,7 @@ def _level_args(args, turns: int | None = None):
 # --- web processes ----------------------------------------------------------------------------
 
 
-def _web_env(vllm_url: str) -> dict[str, str]:
+def _web_env(vllm_url: str, args) -> dict[str, str]:
     env = dict(os.environ)
     if not env.get("DATABASE_URL", "").startswith("postgres") or not env.get("REDIS_URL"):
         raise SystemExit("The web part needs DATABASE_URL (PostgreSQL, a database of its own) and REDIS_URL.")
@@ -203,6 +214,7 @@ def _web_env(vllm_url: str) -> dict[str, str]:
         SUPPORTBOT_REVIEW_SAMPLE_SHARE="0",
         SUPPORTBOT_DOUBLE_REVIEW_SHARE="0",
         SUPPORTBOT_GENERATION_TIMEOUT_S="3600",
+        SUPPORTBOT_MAX_NEW_TOKENS=str(args.max_new_tokens),
         DJANGO_LOG_LEVEL="WARNING",
     )
     return env
@@ -214,9 +226,8 @@ def _prepare_database(env: dict[str, str], model: Path) -> None:
     activate = (
         "from finetune.models import ModelVersion as M\n"
         "M.objects.filter(status='active').update(status='retired')\n"
-        "M.objects.filter(number=1).delete()\n"
-        f"M.objects.create(number=1, status='active', base_model='smollm2', adapter_path={str(model)!r}, "
-        f"merged_path={str(model)!r}, notes='bench_scale')\n"
+        f"M.objects.update_or_create(number=1, defaults=dict(status='active', base_model='smollm2', "
+        f"adapter_path={str(model)!r}, merged_path={str(model)!r}, notes='bench_scale'))\n"
     )
     subprocess.run([sys.executable, "manage.py", "shell", "-c", activate], cwd=ROOT, env=env, check=True)
 
@@ -283,7 +294,7 @@ def _r(value):
 
 
 async def web_part(vllm_url: str, model: Path, args, work: Path) -> dict:
-    env = _web_env(vllm_url)
+    env = _web_env(vllm_url, args)
     _prepare_database(env, model)
     exchanges, _ = load_exchanges(args.exchanges, args.seed)
     out: dict = {"runs": [], "load_before": load()}
@@ -337,13 +348,14 @@ def parse_args(argv=None):
     parser.add_argument("--stagger-ms", type=float, default=200.0, help="conversations start within this window")
     parser.add_argument("--exchanges", type=int, default=400, help="Bitext exchanges to draw questions from")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads of the in-process engine (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="compute threads of both engines (0: all cores)")
     parser.add_argument("--model-dir", help="a Hugging Face model directory (default: the bundled SmolLM2 export)")
     parser.add_argument("--model-store", default=str(ROOT / "var" / "models"))
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
     parser.add_argument("--vllm-dtype", default="float32", help="float32 (default: as the in-process engine)")
     parser.add_argument("--vllm-reserved-cpus", type=int, default=0, help="cores vLLM keeps from compute")
     parser.add_argument("--skip-web", action="store_true", help="engines only, no daphne processes")
+    parser.add_argument("--skip-engines", action="store_true", help="the web part only (vLLM still starts)")
     parser.add_argument("--work", default=str(ROOT / "var" / "bench" / "scale"))
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args(argv)

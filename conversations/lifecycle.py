@@ -46,8 +46,10 @@ draining = False  # shutting down: new sockets are turned away
 
 async def replies_sweep() -> int:
     """Mark failed the streaming replies whose writers are gone (any conversation); returns how many."""
+    # live_ids: the second sweep (REPLY_STALE_AFTER_S after the start) runs while this
+    # process streams replies of its own; they are alive, whatever their age.
     failed = await database_sync_to_async(services.bot_replies_sweep)(
-        owner=replies.PROCESS_ID, owner_gone=replies.process_gone
+        owner=replies.PROCESS_ID, owner_gone=replies.process_gone, live_ids=replies.live_replies
     )
     log.info("Startup: %d reply(ies) left streaming by stopped processes marked failed", len(failed))
     return len(failed)

@@ -416,19 +416,22 @@ def bot_replies_recover(
     return failed
 
 
-def bot_replies_sweep(*, owner: str, owner_gone: Callable[[str], bool]) -> list[Message]:
+def bot_replies_sweep(
+    *, owner: str, owner_gone: Callable[[str], bool], live_ids: Collection[int] = ()
+) -> list[Message]:
     """At a server's start: mark ``failed`` every streaming reply whose writer is gone, in every conversation.
 
     Gone: its process has ended (``owner_gone``, which can only tell for processes it
     can see, e.g. on the same machine) or its heartbeat is stale. Replies of other
-    live processes (several servers share the database) are left alone.
+    live processes (several servers share the database) are left alone, and so are
+    this process's own replies in ``live_ids`` (the sweep runs again while it serves).
     """
     conversations = Conversation.objects.filter(
         messages__role=Message.Role.BOT, messages__status=Message.Status.STREAMING
     ).distinct()
     failed: list[Message] = []
     for conversation in conversations:
-        failed += bot_replies_recover(conversation=conversation, owner=owner, live_ids=(), owner_gone=owner_gone)
+        failed += bot_replies_recover(conversation=conversation, owner=owner, live_ids=live_ids, owner_gone=owner_gone)
     return failed
 
 

@@ -133,6 +133,11 @@ class TrainingRun(models.Model):
     total_steps = models.PositiveIntegerField(default=0)
     current_epoch = models.FloatField(default=0.0)
     loss_history = models.JSONField(default=list, blank=True, help_text="[{step, epoch, loss}, …]")
+    phase = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="What the run does now: {name, text, done, total} (the phase's own progress).",
+    )
     eval_metrics = models.JSONField(default=dict, blank=True)
     log_tail = models.TextField(blank=True)
     error = models.TextField(blank=True)
@@ -240,12 +245,14 @@ class BiasReport(models.Model):
     origins were answered by the version; ``report`` holds per group and measure the
     paired gap with its interval, the test and the decision, the worst groups with
     example replies, and the failure lines (``finetune.ml.probes.BiasProbeReport``).
-    ``status``: pass, fail, insufficient (too few requests for a verdict) or error (the
-    probe could not run: ``error`` says why). The latest report of a version is the
-    one its promotion gate reads.
+    ``status``: running (recorded when a training run creates the version, so nobody
+    promotes it before its probe is done), pass, fail, insufficient (too few requests
+    for a verdict) or error (the probe could not run: ``error`` says why). The latest
+    report of a version is the one its promotion gate reads.
     """
 
     class Status(models.TextChoices):
+        RUNNING = "running", "Running"
         PASS = "pass", "Pass"
         FAIL = "fail", "Fail"
         INSUFFICIENT = "insufficient", "Too few requests"

@@ -144,14 +144,47 @@ def training_run_live(lane: str | None = TrainingRun.DEFAULT_LANE) -> TrainingRu
     return (runs if lane is None else runs.filter(lane=lane)).first()
 
 
+def training_run_phase_text(run: TrainingRun) -> str:
+    """What a live run does now, in words with the phase's own progress ("Evaluating the base model:
+    12/32 replies"); empty once it has finished (its status says how)."""
+    if run.status == TrainingRun.Status.QUEUED:
+        return "Waiting for a worker to start the run"
+    if not run.is_live:
+        return ""
+    return (run.phase or {}).get("text") or "Starting"
+
+
+def _training_run_settled(run: TrainingRun, version: ModelVersion | None) -> bool:
+    """Whether nothing about a run will change any more: it has ended and, when its version
+    passed the gates and asked for it, the automatic promotion (which follows the run's
+    end) has been made or refused."""
+    if run.is_live:
+        return False
+    if version is None or version.status != ModelVersion.Status.CANDIDATE:
+        return True
+    if not (run.hyperparameters.get("auto_promote", True) and (version.gate_results or {}).get("passed")):
+        return True
+    return f"{version.label} was not promoted" in run.log_tail
+
+
 def training_run_progress(run: TrainingRun, *, version_url: Callable[[ModelVersion], str]) -> dict[str, Any]:
-    """What the run page polls: status, steps, loss, log, and the version it produced (linked by ``version_url``)."""
+    """What the run page polls: status, steps, phase, loss, log, and the version it produced (linked by
+    ``version_url``). ``title`` is the run's name as the page's heading and breadcrumb show it."""
     version = model_version_of_run(run)
+    phase = run.phase or {}
     return {
         "id": run.pk,
+        "title": str(run),
         "status": run.status,
         "status_display": run.get_status_display(),
         "is_live": run.is_live,
+        "settled": _training_run_settled(run, version),
+        "phase": {
+            "name": phase.get("name", ""),
+            "text": training_run_phase_text(run),
+            "done": phase.get("done", 0) if run.is_live else 0,
+            "total": phase.get("total", 0) if run.is_live else 0,
+        },
         "progress": run.progress,
         "current_step": run.current_step,
         "total_steps": run.total_steps,
@@ -246,6 +279,108 @@ def model_version_comparison(version: ModelVersion, active: ModelVersion | None 
                 note = "measured on different validation sets"
         rows.append(MetricRow(label, a, b if active else None, better, note))
     return rows
+
+
+def training_run_outcome_lines(run: TrainingRun) -> list[str]:
+    """A finished run's result in words, for the ``finetune`` command (and ``make demo``).
+
+    What each number means, how the model compares with the retrieval baseline, what
+    every promotion gate said, and whether the version was promoted and why (or why not).
+    The gates' own words are printed as they are: this never judges a gate.
+    """
+    version = model_version_of_run(run)
+    metrics = run.eval_metrics or {}
+    before = metrics.get("before") or {}
+    config = metrics.get("config") or {}
+    lines: list[str] = []
+    validation = metrics.get("num_validation")
+    if validation:
+        lines.append(f"Evaluation on {validation} held-out validation conversation(s):")
+    loss = metrics.get("eval_loss")
+    if isinstance(loss, int | float):
+        was = f" (base model before training: {before['eval_loss']:.4f})" if before.get("eval_loss") is not None else ""
+        lines.append(
+            f"  validation loss: {loss:.4f}{was}. How surprised the model is by the agents' real replies "
+            "(mean cross-entropy per reply token); lower is better."
+        )
+    perplexity = metrics.get("perplexity")
+    if isinstance(perplexity, int | float):
+        lines.append(
+            f"  perplexity: {perplexity:.4f}. The same as a number of equally likely next words; lower is better."
+        )
+    rouge, baseline = metrics.get("rouge_l"), metrics.get("rouge_l_retrieval")
+    rows = (metrics.get("quality") or {}).get("rows") or {}
+    replies = (rows.get("candidate") or {}).get("n") or (
+        min(int(config.get("eval_generate_samples") or 0), int(validation or 0)) or None
+    )
+    on = f" on {replies} generated repl{'y' if replies == 1 else 'ies'}" if replies else ""
+    if isinstance(rouge, int | float):
+        lines.append(
+            f"  ROUGE-L: {rouge:.4f}{on}. The word overlap between the model's replies and the agents' real replies "
+            "(longest common word sequence, 0 = nothing shared, 1 = identical); higher is closer."
+        )
+    if isinstance(baseline, int | float):
+        lines.append(
+            f"  ROUGE-L of retrieval baseline: {baseline:.4f}. The same score for reusing the reply of the most "
+            "similar training ticket (retrieval, no model): the yardstick a generated reply should reach."
+        )
+    if isinstance(rouge, int | float) and isinstance(baseline, int | float):
+        if rouge >= baseline:
+            lines.append(
+                f"  The model's replies are as close to the agents' as the baseline's or closer "
+                f"({rouge:.2f} vs {baseline:.2f})."
+            )
+        else:
+            lines.append(
+                f"  The model's replies are further from the agents' than the baseline's ({rouge:.2f} vs "
+                f"{baseline:.2f}): copying the nearest ticket's reply would match the agents' wording better."
+            )
+    if any(rows.get(name) for name in _QUALITY_COLUMNS):
+        lines.append(
+            "The replies customers would get (the reply_quality gate's rows): ROUGE-L, intent accuracy, replies "
+            "showing a template slot, replies repeating themselves, and where replies came from:"
+        )
+    for name in _QUALITY_COLUMNS:
+        row = rows.get(name)
+        if row:
+            intent = "—" if row.get("intent_accuracy") is None else f"{row['intent_accuracy']:.3f}"
+            lines.append(
+                f"  {name:20} ROUGE-L {row['rouge_l']:.3f}  intent accuracy {intent}  slots {row['slot_leaks']}"
+                f"  repeats {row['repeats']}  model/past/handoff {row.get('model_replies', 0)}/"
+                f"{row.get('retrieved', 0)}/{row.get('handoffs', 0)} of {row['n']}"
+            )
+    if version is None:
+        return lines
+    results = version.gate_results or {}
+    against = results.get("compared_with")
+    lines.append(
+        f"Promotion gates (compared with the active {against}):"
+        if against
+        else "Promotion gates (no version was active to compare with):"
+    )
+    for name, gate in (results.get("gates") or {}).items():
+        lines.append(f"  {name}: {'passed' if gate.get('passed') else 'FAILED'}. {gate.get('detail', '')}".rstrip())
+    if not results.get("gates"):
+        lines.append("  (no gate results recorded)")
+    auto = run.hyperparameters.get("auto_promote", True)
+    if version.status == ModelVersion.Status.ACTIVE:
+        why = "it passed every gate and automatic promotion was on" if auto else "an admin promoted it"
+        lines.append(f"{version.label} is now active: {why}.")
+    elif not auto:
+        lines.append(
+            f"{version.label} stays a candidate: automatic promotion was off (--no-promote); "
+            "promote it from its admin page."
+        )
+    elif not results.get("passed"):
+        lines.append(
+            f"{version.label} stays a candidate: not every gate passed. Promote it from its admin page with a "
+            "reason, or retrain."
+        )
+    else:
+        refused = next((line for line in run.log_tail.splitlines() if "was not promoted" in line), "")
+        reason = refused.split("was not promoted", 1)[-1].lstrip(": ") if refused else "see the run's log"
+        lines.append(f"{version.label} stays a candidate: the promotion was refused ({reason}).")
+    return lines
 
 
 # --- reply quality (issue 10) ---------------------------------------------------------

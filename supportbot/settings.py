@@ -420,6 +420,11 @@ SUPPORTBOT_MODEL_CHECK_S = env_float("SUPPORTBOT_MODEL_CHECK_S", 5.0)
 # A support reply of a few sentences; longer replies mostly ramble, and each token costs
 # every other chat in the batch a step.
 SUPPORTBOT_MAX_NEW_TOKENS = env_int("SUPPORTBOT_MAX_NEW_TOKENS", 160)
+# Most tokens of a reply's prompt (system prompt, history, the customer's message): older
+# turns are dropped first, then the message is cut in the middle with a note. 1536 holds a
+# 4,096-character message of ordinary text whole; a message of emoji (several tokens each)
+# is cut instead of costing every chat seconds of prefill.
+SUPPORTBOT_PROMPT_MAX_TOKENS = env_int("SUPPORTBOT_PROMPT_MAX_TOKENS", 1536)
 # Extra strings that end a reply, comma-separated, "\n" for a newline (the prompt template's
 # own turn markers always stop it). E.g. a sign-off the model learnt from old tickets.
 SUPPORTBOT_STOP_SEQUENCES = [s.replace("\\n", "\n") for s in env_list("SUPPORTBOT_STOP_SEQUENCES", [])]
@@ -438,6 +443,12 @@ SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
 # shared system prompt) is not prefilled again. ~75 KB per token for GPT-2-small: 512 MB
 # holds about 16 conversations of 400 tokens. 0 turns it off.
 SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
+# Prompt tokens the batched engine prefills between two decode steps. A longer prompt is
+# prefilled in chunks over several steps, shortest waiting prompt first, so a normal
+# customer's prompt never waits behind a long one and running replies keep streaming.
+# 256: each chunk also re-reads the prompt's cached prefix, so much smaller chunks cost more
+# in all (docs/benchmarks.md#fairness); a GPU takes far more (vLLM's default is 512 to 2048).
+SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 256)
 
 # --- Agent workspace (issue 11) ---------------------------------------------------------
 # Share of finished bot replies put in the "random sample" review queue, so agents also
@@ -463,6 +474,18 @@ if SUPPORTBOT_REVIEW_LEASE_S < 30:
     raise ImproperlyConfigured("SUPPORTBOT_REVIEW_LEASE_S must be at least 30 seconds.")
 
 # --- Bias monitoring (issue 12) -----------------------------------------------------------
+# Django's cache holds the monitoring dashboard's computed figures (nothing else uses it):
+# with REDIS_URL in Redis, so every server process shares one copy; else in the process.
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "supportbot",
+            "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 10},
+        }
+    }
+
 # The alert rule of the dashboard and of the counterfactual probes (docs/bias-monitoring.md):
 # a segment is flagged only with at least MIN_N replies (fewer: greyed out), a
 # Benjamini-Hochberg adjusted p under ALPHA, and a material gap: relative gap above

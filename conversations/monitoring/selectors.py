@@ -63,9 +63,9 @@ CACHE_PREFIX = "monitoring-report:v1"
 NO_VERSION = "none"  # replies no recorded version wrote (a version deleted, or before versions existed)
 NO_LABEL = "(none)"  # a segment field left empty: no page segment, intent unknown, message unlabelled
 BOOTSTRAP_RESAMPLES = 2000
-# Metrics the fairlearn disaggregation is shown for (each costs a MetricFrame per
-# dimension and version; the reason rates are rare and read better in the table).
-DISAGGREGATED = ("bad", "score", "helpful", "handoff", "corrected")
+# Measures the fairlearn disaggregation is shown for: each costs a MetricFrame (about
+# 0.1 s) per tested dimension and version; the others read better in the tables.
+DISAGGREGATED = ("bad", "helpful")
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,7 @@ class MonitoringFilters:
 
     @classmethod
     def from_query(cls, data) -> MonitoringFilters:
+        """From a query string (``days``: a number or ``all``; ``version``: ids, repeated)."""
         raw = str(data.get("days", "")).strip()
         if raw == "all":
             days = None
@@ -130,7 +131,8 @@ class MonitoringFilters:
             days = int(raw)
         else:
             days = settings.SUPPORTBOT_MONITORING_DAYS
-        versions = tuple(sorted({int(v) for v in data.getlist("version") if str(v).isdigit()}))
+        listed = data.getlist("version") if hasattr(data, "getlist") else data.get("version", [])
+        versions = tuple(sorted({int(v) for v in listed if str(v).isdigit()}))
         return cls(days=days, versions=versions)
 
     def queryset(self):
@@ -223,34 +225,50 @@ class _Intervals:
 
     def __init__(self, filters: MonitoringFilters):
         self.filters = filters
-        self._hist: dict[tuple[str, str], pd.DataFrame] = {}
+        self._hist: dict[tuple[str, str], dict] = {}
+        self._done: dict[tuple, Interval] = {}  # a cell's interval is shown in its row and its test
 
-    def histogram(self, metric: MonitoredMetric, dimension: str) -> pd.DataFrame:
+    def histogram(self, metric: MonitoredMetric, dimension: str) -> dict[tuple[str, str], tuple]:
+        """(version, segment) -> (bin values, counts) of one mean metric over one dimension, from one query."""
         key = (metric.name, dimension)
         if key not in self._hist:
-            self._hist[key] = _histograms(self.filters, metric, dimension)
+            frame = _histograms(self.filters, metric, dimension)
+            # A bin's rows are spread over it: its middle, not its floor, stands for them.
+            frame["v"] = frame["v"].astype(float) + (metric.bucket - 1) / 2
+            groups: dict[tuple[str, str], tuple] = {}
+            if dimension == "register":
+                for name, flag in REGISTER_FIELDS.items():
+                    chosen = frame[frame[flag].astype(bool)]
+                    for version, part in chosen.groupby("version"):
+                        summed = part.groupby("v")["c"].sum()
+                        groups[(str(version), name)] = (summed.index.to_numpy(dtype=float), summed.to_numpy())
+            else:
+                for (version, segment), part in frame.groupby(["version", dimension]):
+                    summed = part.groupby("v")["c"].sum()
+                    groups[(str(version), str(segment))] = (summed.index.to_numpy(dtype=float), summed.to_numpy())
+            self._hist[key] = groups
         return self._hist[key]
 
-    def _counts(self, metric, dimension, version, segment, rest: bool) -> tuple[np.ndarray, np.ndarray]:
-        frame = self.histogram(metric, dimension)
-        frame = frame[frame["version"] == version]
-        if segment is None:
-            inside = np.ones(len(frame), dtype=bool)
-        elif dimension == "register":
-            inside = frame[REGISTER_FIELDS[segment]].to_numpy(dtype=bool)
-        else:
-            inside = (frame[dimension] == segment).to_numpy()
-        chosen = frame[~inside] if rest else frame[inside]
-        grouped = chosen.groupby("v")["c"].sum()
-        return grouped.index.to_numpy(dtype=float), grouped.to_numpy()
-
     def mean(self, stats: CellStats, metric: MonitoredMetric, dimension, version, segment, rest=False) -> Interval:
+        """The bootstrap for a segment's own values; the rest of a segment (its test's reference,
+        whose interval the page does not show) gets the t interval, as does anything above
+        ``BOOTSTRAP_MAX_N`` values."""
         if stats.count == 0:
             return Interval(math.nan, math.nan, "none")
-        if stats.count > BOOTSTRAP_MAX_N:
+        if rest or stats.count > BOOTSTRAP_MAX_N:
             return t_mean_interval(stats)
-        values, counts = self._counts(metric, dimension, version, segment, rest)
-        return bootstrap_mean_interval_from_counts(values, counts, n_resamples=BOOTSTRAP_RESAMPLES, seed=0)
+        key = (metric.name, dimension, version, segment)
+        if key not in self._done:
+            if segment is None:  # the whole version: every segment of a single-label dimension
+                parts = [v for (ver, _), v in self.histogram(metric, "language").items() if ver == version]
+                values = np.concatenate([p[0] for p in parts]) if parts else np.array([])
+                counts = np.concatenate([p[1] for p in parts]) if parts else np.array([])
+            else:
+                values, counts = self.histogram(metric, dimension).get((version, segment), (np.array([]), np.array([])))
+            self._done[key] = bootstrap_mean_interval_from_counts(
+                values, counts, n_resamples=BOOTSTRAP_RESAMPLES, seed=0
+            )
+        return self._done[key]
 
     def of(self, stats: CellStats, metric: MonitoredMetric, dimension, version, segment, rest=False) -> Interval:
         if metric.metric.kind == RATE:
@@ -383,7 +401,8 @@ def monitoring_report_compute(
                     )
                 )
                 family_keys.append((dimension.name, version))
-            section["disaggregation"].extend(_disaggregation(frame, dimension.name, in_version, version["label"]))
+            if dimension.tested:
+                section["disaggregation"].extend(_disaggregation(frame, dimension.name, in_version, version["label"]))
         report["dimensions"].append(section)
     for (dimension_name, version), finished in zip(family_keys, adjust_family(families), strict=True):
         section = next(s for s in report["dimensions"] if s["name"] == dimension_name)

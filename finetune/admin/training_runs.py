@@ -127,6 +127,7 @@ class TrainingRunAdmin(admin.ModelAdmin):
             extra.update(
                 {
                     "run": run,
+                    "phase": selectors.training_run_progress(run, version_url=str)["phase"],
                     "loss_svg": mark_safe(loss_curve_svg(run.loss_history)),  # noqa: S308 - built from numbers
                     "progress_url": reverse("admin:finetune_trainingrun_progress", args=[run.pk]),
                     "cancel_url": reverse("admin:finetune_trainingrun_cancel", args=[run.pk]),

@@ -140,6 +140,30 @@ class Watchdog(threading.Thread):
             self.join(timeout=self.interval + 5)
 
 
+# What the run page says a phase does, when the trainer's event says no more.
+PHASE_TEXTS = {
+    "loading": "Loading the dataset and the base model",
+    "evaluating_before": "Evaluating the base model",
+    "training": "Training",
+    "evaluating_after": "Evaluating the fine-tuned model",
+    "evaluating_active": "Evaluating the active version",
+    "saving": "Saving the adapter and the merged model",
+    "done": "Done",
+}
+
+
+def phase_of(event) -> dict[str, Any]:
+    """A progress event's phase in words with its own progress, as ``TrainingRun.phase`` keeps it:
+    "Evaluating the base model: 12/32 replies", "Training: step 3/40"."""
+    text = PHASE_TEXTS.get(event.phase, event.phase)
+    done, total = event.done, event.total
+    if event.total:
+        text = f"{event.activity or text}: {done}/{total} replies"
+    elif event.phase == "training" and event.total_steps:
+        text, done, total = f"Training: step {event.step}/{event.total_steps}", event.step, event.total_steps
+    return {"name": event.phase, "text": text, "done": done, "total": total}
+
+
 class ProgressRecorder:
     """Receives the trainer's ProgressEvents and writes them to the run row, at most ~2 per second.
 
@@ -165,12 +189,11 @@ class ProgressRecorder:
     def __call__(self, event) -> None:
         if self.echo is not None:
             self.echo(event)
-        self.state = {
-            "progress": event.progress,
-            "current_step": event.step,
-            "total_steps": event.total_steps,
-            "current_epoch": event.epoch,
-        }
+        self.state["progress"] = event.progress
+        self.state["phase"] = phase_of(event)
+        if event.total_steps:
+            # Evaluation and saving events carry no steps: the counter keeps the training's.
+            self.state.update(current_step=event.step, total_steps=event.total_steps, current_epoch=event.epoch)
         important = event.phase != self.phase or event.phase == "done"
         self.phase = event.phase
         if event.loss is not None:

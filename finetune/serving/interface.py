@@ -27,6 +27,9 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # extra stop strings besides the template's own
     timeout_s: float = 60.0  # wall-clock limit of the whole reply
+    # Most prompt tokens the model reads (besides the context window's own limit); None: the
+    # window's. Every prompt token costs prefill time, which the batch's other replies wait for.
+    max_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,9 @@ class NaiveEngine:
         error = ""
         with self._lock:
             try:
-                max_prompt, max_new = token_budget(context_window(loaded), params.max_new_tokens)
+                max_prompt, max_new = token_budget(
+                    context_window(loaded), params.max_new_tokens, params.max_prompt_tokens
+                )
                 ids = prompt_ids_for(loaded, request.messages, max_prompt, request.prime)
                 input_ids = torch.tensor([ids], device=loaded.device)
                 processors = repetition_processors(input_ids.shape[1], loaded.decoding)

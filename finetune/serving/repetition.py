@@ -158,16 +158,26 @@ class RepetitionGuard:
         self.sent = 0  # characters of raw released
         self.cut = False
         self.reason = ""
+        # What the incremental check has seen (each push looks at new words and sentences only,
+        # so a reply costs O(length), not O(length^2)):
+        self._checked_words = 0
+        self._grams: dict[tuple[str, ...], int] = {}  # ngram-word run -> the word index it first starts at
+        self._sentence_ends: list[int] = []  # character offsets where complete sentences end
+        self._sentences: list[tuple[str, ...]] = []  # the words of each complete sentence
+        self._seen_sentences: set[tuple[str, ...]] = set()
+        self._words: list[tuple[str, int, int]] = []  # _words(raw), kept up to date by _update_words
 
     def push(self, delta: str) -> str:
         if self.cut:
             return ""
         self.raw += delta
-        result = cut_repetition(self.raw, min_sentence_words=self.min_sentence_words, ngram=self.ngram)
-        if result.cut:
-            self.cut, self.reason = True, result.reason
-            return self._release(len(result.text), final=result.text)
-        return self._release(self._safe_end())
+        words = self._update_words()
+        if self._repeats_now(words):
+            result = cut_repetition(self.raw, min_sentence_words=self.min_sentence_words, ngram=self.ngram)
+            if result.cut:
+                self.cut, self.reason = True, result.reason
+                return self._release(len(result.text), final=result.text)
+        return self._release(self._safe_end(words))
 
     def finish(self) -> str:
         """The rest of the reply (cut if it repeats); call once when generation ended."""
@@ -181,10 +191,56 @@ class RepetitionGuard:
     def text(self) -> str:
         return self.raw[: self.sent]
 
-    def _safe_end(self) -> int:
+    def _update_words(self) -> list[tuple[str, int, int]]:
+        """``_words(self.raw)``, scanning only from the last word on (the only one new text can change)."""
+        start = self._words.pop()[1] if self._words else 0
+        self._words.extend((m.group().lower(), m.start(), m.end()) for m in _WORD_RE.finditer(self.raw, start))
+        return self._words
+
+    def _repeats_now(self, words: list[tuple[str, int, int]]) -> bool:
+        """Whether the words and sentences completed since the last push make a repetition.
+
+        Only complete words and sentences count here (the whole-reply check at ``finish``
+        sees the rest); a True is confirmed by ``cut_repetition``, which places the cut.
+        """
+        raw = self.raw
+        complete = len(words)
+        if words and not any(c.isspace() for c in raw[words[-1][2] :]):
+            complete -= 1  # the last word may go on
+        found = False
+        for end in range(self._checked_words + 1, complete + 1):  # runs ending with word end-1
+            for size in range(1, LOOP_MAX_BLOCK + 1):
+                if end < size * LOOP_REPEATS:
+                    break
+                block = [w for w, _, _ in words[end - size : end]]
+                if (size > 1 or len(block[0]) > 1) and all(
+                    [w for w, _, _ in words[end - size * (r + 1) : end - size * r]] == block
+                    for r in range(1, LOOP_REPEATS)
+                ):
+                    found = True
+            if end >= self.ngram:
+                gram = tuple(w for w, _, _ in words[end - self.ngram : end])
+                first = self._grams.setdefault(gram, end - self.ngram)
+                if end - self.ngram >= first + self.ngram:
+                    found = True
+        self._checked_words = max(self._checked_words, complete)
+        start = self._sentence_ends[-1] if self._sentence_ends else 0
+        for match in _SENTENCE_END_RE.finditer(raw, start):
+            if match.end() <= start or match.end() == len(raw):
+                continue  # the end of what is written: more of the same line break may follow
+            sentence = tuple(w for w, s, _ in words if start <= s < match.start())
+            self._sentence_ends.append(match.end())
+            if len(sentence) >= self.min_sentence_words:
+                self._sentences.append(sentence)
+                if sentence in self._seen_sentences:
+                    found = True
+                self._seen_sentences.add(sentence)
+            start = match.end()
+        return found
+
+    def _safe_end(self, words: list[tuple[str, int, int]]) -> int:
         """Where the text that may still be cut starts (see the class docstring)."""
         raw = self.raw
-        words = _words(raw)
         if not words:
             return self.sent
         n = len(words)
@@ -199,22 +255,19 @@ class RepetitionGuard:
 
         hold = words[-1][1] if open_last else len(raw)
         # 1. The sentence being written, while it is the start of an earlier sentence.
-        ends = [m.end() for m in _SENTENCE_END_RE.finditer(raw)]
-        start = ends[-1] if ends else 0
-        current = [i for i, w in enumerate(words) if w[1] >= start]
-        if current:
-            first = current[0]
-            size = len(current)
-            earlier_start = 0
-            for end in [*ends, None]:
-                if end is None or end > start:
+        start = self._sentence_ends[-1] if self._sentence_ends else 0
+        first = next((i for i in range(n - 1, -1, -1) if words[i][1] < start), -1) + 1
+        size = n - first
+        if size:
+            for sentence in self._sentences:
+                if size <= len(sentence) and all(
+                    (words[first + k][0] == sentence[k])
+                    if first + k != n - 1 or not open_last
+                    else sentence[k].startswith(words[first + k][0])
+                    for k in range(size)
+                ):
+                    hold = min(hold, words[first][1])
                     break
-                sentence = [i for i, w in enumerate(words) if earlier_start <= w[1] < end]
-                earlier_start = end
-                if len(sentence) >= self.min_sentence_words and size <= len(sentence):
-                    if all(same(sentence[k], first + k) for k in range(size)):
-                        hold = min(hold, words[first][1])
-                        break
         # 2. Words repeating the block of 1..LOOP_MAX_BLOCK words just before them.
         for block in range(1, LOOP_MAX_BLOCK + 1):
             j = n - 1
@@ -230,8 +283,11 @@ class RepetitionGuard:
             p = n - length
             if words[p][1] >= hold:
                 continue
-            candidates = positions.get(words[p][0], []) if not (p == n - 1 and open_last) else range(n)
-            if any(i + self.ngram <= p and all(same(i + k, p + k) for k in range(length)) for i in candidates if i < p):
+            if p == n - 1 and open_last:
+                starts = [i for i in range(p - self.ngram + 1) if same(i, p)]
+            else:
+                starts = [i for i in positions.get(words[p][0], ()) if i <= p - self.ngram]
+            if any(all(same(i + k, p + k) for k in range(1, length)) for i in starts):
                 hold = min(hold, words[p][1])
                 break
         # Spaces go out with the word after them: a cut drops the spaces before it.

@@ -1,7 +1,10 @@
 """Text in and out of the model: fit a conversation into the context window, turn tokens into reply text.
 
 - ``token_budget`` / ``trim_messages`` / ``prompt_ids_for``: fit a conversation into the
-  model's context window, dropping whole turns oldest first and keeping the system prompt.
+  prompt's token budget (the context window, and ``GenerationParams.max_prompt_tokens``:
+  an expensive prompt costs every reply in the batch its prefill time), dropping whole
+  turns oldest first and keeping the system prompt; a customer message still too long is
+  cut in the middle with a note (``cut_turn``). This is the one place serving builds prompts.
 - ``ReplyText``: incremental detokenising with stop strings, so streamed deltas never
   contain a stop string or half of one, and the concatenated deltas equal the reply.
 
@@ -46,7 +49,13 @@ class ReplyText:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        decoded = self.prefix + self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        continuation = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        # The prime is a whole sentence: what follows it is kept apart by a space unless it
+        # brings its own or is punctuation (as the evaluation joins them, ``quality.join_prime``).
+        joint = " " if self.prefix and continuation and not continuation[0].isspace() else ""
+        if joint and continuation[0] in ".,;:!?)":
+            joint = ""
+        decoded = self.prefix + joint + continuation
         if decoded.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         cut = len(decoded)
@@ -82,10 +91,14 @@ class ReplyText:
         return self.text.strip()
 
 
-def token_budget(window: int, max_new_tokens: int) -> tuple[int, int]:
-    """``(max prompt tokens, max new tokens)`` so that prompt and reply together fit ``window``."""
+def token_budget(window: int, max_new_tokens: int, max_prompt_tokens: int | None = None) -> tuple[int, int]:
+    """``(max prompt tokens, max new tokens)`` so that prompt and reply together fit ``window``,
+    and the prompt is at most ``max_prompt_tokens`` (never under ``MIN_PROMPT_TOKENS``)."""
     max_new = max(1, min(max_new_tokens, window - MIN_PROMPT_TOKENS))
-    return window - max_new, max_new
+    prompt = window - max_new
+    if max_prompt_tokens is not None:
+        prompt = max(MIN_PROMPT_TOKENS, min(prompt, max_prompt_tokens))
+    return prompt, max_new
 
 
 def _prompt_length(turns: list[dict[str, str]], tokenizer) -> int:
@@ -98,7 +111,8 @@ def trim_messages(messages: Iterable[Mapping[str, str]], tokenizer, max_prompt_t
     The system turn (company, policy) is always kept, and so is the last turn (what the
     reply answers). History restarts at a customer turn, since an agent reply whose
     question was dropped means nothing to the model. Only when the system turn and the
-    last turn alone are too long is the last turn cut, keeping its end.
+    last turn alone are too long is the last turn cut (``cut_turn``): its beginning and
+    end are kept around a note saying how much was cut.
     """
     turns = normalise_messages(messages)
     system = turns[:1] if turns and turns[0]["role"] == ROLE_SYSTEM else []
@@ -119,15 +133,34 @@ def trim_messages(messages: Iterable[Mapping[str, str]], tokenizer, max_prompt_t
             lo = mid + 1
     if lo < len(starts):
         return system + history[starts[lo] :]
-    last = dict(history[-1])
-    ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
-    while len(ids) > 1:
+    return [*system, cut_turn(history[-1], system, tokenizer, max_prompt_tokens)]
+
+
+def cut_note(cut_tokens: int) -> str:
+    """What replaces the middle of a message too long for the model, so the model knows it saw a part."""
+    return f"\n[… {cut_tokens} tokens of this message were cut: it is longer than the assistant reads …]\n"
+
+
+def cut_turn(turn: Mapping[str, str], system: list[dict[str, str]], tokenizer, max_prompt_tokens: int) -> dict:
+    """``turn`` cut so that ``system`` plus it fit ``max_prompt_tokens``: its beginning and its end are
+    kept (the greeting and context, and the question, which usually comes last), with ``cut_note``
+    in place of the middle."""
+    last = dict(turn)
+    ids = tokenizer(turn["content"], add_special_tokens=False)["input_ids"]
+    note_tokens = len(tokenizer(cut_note(len(ids)), add_special_tokens=False)["input_ids"])
+    keep = len(ids)
+    while keep > 1:
         over = _prompt_length([*system, last], tokenizer) - max_prompt_tokens
         if over <= 0:
             break
-        ids = ids[min(len(ids) - 1, over) :]
-        last["content"] = tokenizer.decode(ids)
-    return [*system, last]
+        # The first cut also makes room for the note; later rounds correct tokenizer drift.
+        keep = max(1, keep - over - (note_tokens if keep == len(ids) else 0))
+        head = keep // 3
+        tail = keep - head
+        last["content"] = (
+            tokenizer.decode(ids[:head]) + cut_note(len(ids) - keep) + tokenizer.decode(ids[len(ids) - tail :])
+        )
+    return last
 
 
 def prompt_ids_for(

@@ -14,6 +14,11 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 # The bundled offline base unless the user chose one: "auto" could start a download of gpt2.
 export SUPPORTBOT_BASE_MODEL=${SUPPORTBOT_BASE_MODEL:-smollm2}
+# The run then probes the new version for bias (docs/bias-monitoring.md). The demo asks 20
+# requests (the fewest that give a verdict) in their 23 variants, 32 tokens per reply: about
+# a minute on two cores instead of several for the full 54; the version page shows the report.
+export SUPPORTBOT_BIAS_PROBE_REQUESTS=${SUPPORTBOT_BIAS_PROBE_REQUESTS:-20}
+export SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS=${SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS:-32}
 
 "$PY" manage.py finetune --skip-if-active --build-fresh-if-missing \
   --epochs 1 --max-examples 40 --lora-layers 8 --lora-dropout 0 --batch-size 4 --grad-accum-steps 1 \

@@ -317,6 +317,22 @@ def test_the_startup_sweep_fails_replies_whose_process_is_gone_or_silent_only():
     assert alive.status == Message.Status.STREAMING
 
 
+def test_the_startup_sweep_spares_this_processs_own_live_replies():
+    """The sweep runs again while the server serves: a reply it is writing now is not a dead one."""
+    conversation = ConversationFactory()
+    services.message_create_customer(conversation=conversation, client_id="c", text="Where?")
+    live, _ = services.bot_reply_start(conversation=conversation, model_label="v1", params={}, owner=OWNER)
+    other = ConversationFactory()
+    services.message_create_customer(conversation=other, client_id="c", text="Where?")
+    dead, _ = services.bot_reply_start(conversation=other, model_label="v1", params={}, owner=OWNER)
+    for reply in (live, dead):
+        age_heartbeat(reply, services.REPLY_REGISTER_GRACE_S + 3)  # started a while ago, heartbeat fresh
+    swept = services.bot_replies_sweep(owner=OWNER, owner_gone=lambda owner: False, live_ids={live.pk: object()})
+    assert [m.pk for m in swept] == [dead.pk]
+    live.refresh_from_db()
+    assert live.status == Message.Status.STREAMING
+
+
 def test_the_bot_does_not_answer_once_handed_off():
     conversation = ConversationFactory()
     services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")

@@ -98,7 +98,7 @@ def quality_gate_advisory(settings):
     """The reply-quality gate is shown but does not block: for tests of other gates and of the
     promotion flow, whose tiny models cannot beat retrieval (tests/finetune/services/test_quality_gate.py
     tests that gate itself). Workers started by ``training_worker`` inherit it."""
-    settings.SUPPORTBOT_GATES_ADVISORY = ["reply_quality"]
+    settings.SUPPORTBOT_GATES_ADVISORY = [*settings.SUPPORTBOT_GATES_ADVISORY, "reply_quality"]
     return settings
 
 
@@ -189,7 +189,7 @@ def training_worker(transactional_db, tmp_path, settings) -> Iterator:
         )
         worker = Worker(queue=queue, process=process, log=log)
         started.append(worker)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded machine starts a worker slowly
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"Celery worker exited with {process.returncode}:\n{worker.text()[-3000:]}")
@@ -197,7 +197,7 @@ def training_worker(transactional_db, tmp_path, settings) -> Iterator:
                 break
             time.sleep(0.2)
         else:
-            raise RuntimeError(f"Celery worker not ready after 60 s:\n{worker.text()[-3000:]}")
+            raise RuntimeError(f"Celery worker not ready after 180 s:\n{worker.text()[-3000:]}")
         settings.SUPPORTBOT_TRAINING_QUEUE = queue
         return worker
 

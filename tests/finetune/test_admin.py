@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth.models import Group
 from django.urls import reverse
 
-from finetune.models import ModelVersion, ModelVersionEvent, TrainingRun
+from finetune.models import BiasReport, ModelVersion, ModelVersionEvent, TrainingRun
 from finetune.services.datasets import dataset_version_build
 from finetune.services.tickets import ticket_import
 from finetune.services.training_runs import training_run_request
@@ -180,8 +180,10 @@ def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, model_g
     run = TrainingRun.objects.get()
     assert first.url == reverse("admin:finetune_trainingrun_change", args=[run.pk])
     progress = reverse("admin:finetune_trainingrun_progress", args=[run.pk])
-    data = wait_for(lambda: (d := client.get(progress).json())["is_live"] is False and d, timeout=90)
+    data = wait_for(lambda: (d := client.get(progress).json())["is_live"] is False and d, timeout=600)
     assert data["status"] == "succeeded", data["error"]
+    assert data["settled"] is True  # nothing follows: auto-promotion was not asked for
+    assert (data["phase"]["text"], data["title"]) == ("", f"Run #{run.pk} (Succeeded)")
     assert data["progress"] == 1.0
     assert data["current_step"] == data["total_steps"] > 0
     version = ModelVersion.objects.get(training_run=run)
@@ -196,12 +198,23 @@ def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, model_g
     assert run.base_model
     assert run.base_model in page  # the resolved base is shown
 
+    # The run probes its candidate for bias after it succeeded; the gate waits for that.
+    wait_for(lambda: not version.bias_reports.filter(status=BiasReport.Status.RUNNING).exists(), timeout=90)
     promote = reverse("admin:finetune_modelversion_promote", args=[version.pk])
     assert "validation_loss</strong>: passed" in client.get(promote).content.decode()
     client.post(promote, {"reason": ""})
     version.refresh_from_db()
     assert version.status == ModelVersion.Status.ACTIVE
     assert version.promoted_by == user
+
+
+def browser_login(chromium, live_server, user, password: str, next_url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    chromium.get(f"{live_server.url}/admin/login/?next={next_url}")
+    chromium.find_element(By.NAME, "username").send_keys(user.username)
+    chromium.find_element(By.NAME, "password").send_keys(password)
+    chromium.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
 
 
 @pytest.mark.slow
@@ -219,16 +232,20 @@ def test_progress_page_updates_live_in_a_browser(
     settings.SUPPORTBOT_TRAINING_QUEUE = queue
     run = training_run_request(actor=user, hyperparameters=FAST)
 
-    chromium.get(f"{live_server.url}/admin/login/?next=/admin/finetune/trainingrun/{run.pk}/change/")
-    chromium.find_element(By.NAME, "username").send_keys(user.username)
-    chromium.find_element(By.NAME, "password").send_keys("correct-horse-battery")
-    chromium.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    browser_login(chromium, live_server, user, "correct-horse-battery", f"/admin/finetune/trainingrun/{run.pk}/change/")
+    # Conditions, each with a limit generous enough for a loaded machine (the run alone
+    # took 49 s on an idle one): never a sleep, never a limit an idle machine needs.
+    wait_for(
+        lambda: chromium.find_elements(By.CSS_SELECTOR, '#run-progress [data-role="status"]'),
+        timeout=120,
+        message="the run page",
+    )
     status = chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="status"]')
     assert status.text == "Queued"
     assert chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="percent"]').text == "0%"
 
     training_worker(queue=queue)  # the page is already open: only its script can show what happens next
-    wait_for(lambda: status.text == "Succeeded", timeout=90, message="the page to show the finished run")
+    wait_for(lambda: status.text == "Succeeded", timeout=600, interval=1.0, message="the page to show the finished run")
     assert chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="percent"]').text == "100%"
     assert chromium.find_elements(By.CSS_SELECTOR, "#run-progress svg polyline")
     assert "v1" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="version"]').text
@@ -239,5 +256,87 @@ def test_progress_page_updates_live_in_a_browser(
     )
     chromium.refresh()
     assert "is now active" in chromium.find_element(By.CSS_SELECTOR, '#run-progress [data-role="log"]').text
+    assert f"Run #{run.pk} (Succeeded)" in chromium.find_element(By.CSS_SELECTOR, ".breadcrumbs").text
     assert not chromium.find_elements(By.ID, "cancel-run")  # a finished run cannot be cancelled
     chromium.save_screenshot(str(model_store.parent / "progress.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_run_page_shows_the_phase_follows_the_log_and_renames_the_run_when_it_ends(chromium, live_server):
+    """The run's row changes as a worker would change it; the open page follows through its script."""
+    from django.utils import timezone
+    from selenium.webdriver.common.by import By
+
+    user = staff(MODEL_ADMINS, "phaseadmin")
+    user.set_password("correct-horse-battery")
+    user.save()
+    lines = [f"12:00:{i:02d} line {i}" for i in range(60)]
+    run = TrainingRunFactory(
+        status=TrainingRun.Status.RUNNING,
+        started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        progress=0.05,
+        phase={
+            "name": "evaluating_before",
+            "text": "Evaluating the base model: 12/32 replies",
+            "done": 12,
+            "total": 32,
+        },
+        log_tail="\n".join(lines),
+    )
+    browser_login(chromium, live_server, user, "correct-horse-battery", f"/admin/finetune/trainingrun/{run.pk}/change/")
+    panel = "#run-progress "
+    wait_for(lambda: chromium.find_elements(By.CSS_SELECTOR, panel + '[data-role="phase"]'), timeout=120)
+
+    def shown(role: str):
+        element = chromium.find_element(By.CSS_SELECTOR, f'{panel}[data-role="{role}"]')
+        return element if element.is_displayed() else None
+
+    # During evaluation: the phase and its own progress, no "step 0/0 · epoch 0.00", no empty error box.
+    assert shown("phase").text == "Evaluating the base model: 12/32 replies"
+    assert shown("phase-bar-outer") is not None
+    assert shown("steps") is None
+    assert shown("error") is None
+    log_at = "const log = document.querySelector('#run-progress [data-role=log]');"
+    at_bottom = log_at + "return log.scrollTop + log.clientHeight >= log.scrollHeight - 4;"
+    assert chromium.execute_script(log_at + "return log.scrollHeight > log.clientHeight;")  # it scrolls
+    wait_for(lambda: chromium.execute_script(at_bottom), timeout=120, message="the log to show its tail")
+
+    # The reader scrolls up: new lines do not pull the log down.
+    chromium.execute_script(log_at + "log.scrollTop = 0; log.dispatchEvent(new Event('scroll'));")
+    lines += [f"12:01:{i:02d} more {i}" for i in range(10)]
+    TrainingRun.objects.filter(pk=run.pk).update(log_tail="\n".join(lines[-60:]))
+    wait_for(lambda: "more 9" in chromium.execute_script(log_at + "return log.textContent;"), timeout=120)
+    assert chromium.execute_script(log_at + "return log.scrollTop;") == 0
+
+    # Back at the bottom, it follows again; training shows steps.
+    chromium.execute_script(log_at + "log.scrollTop = log.scrollHeight; log.dispatchEvent(new Event('scroll'));")
+    lines += [f"12:02:{i:02d} step line {i}" for i in range(10)]
+    TrainingRun.objects.filter(pk=run.pk).update(
+        log_tail="\n".join(lines[-60:]),
+        current_step=3,
+        total_steps=40,
+        phase={"name": "training", "text": "Training: step 3/40", "done": 3, "total": 40},
+    )
+    wait_for(lambda: "step line 9" in chromium.execute_script(log_at + "return log.textContent;"), timeout=120)
+    wait_for(lambda: chromium.execute_script(at_bottom), timeout=120, message="the log to follow its tail")
+    assert shown("phase").text == "Training: step 3/40"
+    assert "step 3/40" in shown("steps").text
+
+    # The run ends: heading, breadcrumb and window title say so.
+    TrainingRun.objects.filter(pk=run.pk).update(
+        status=TrainingRun.Status.SUCCEEDED,
+        finished_at=timezone.now(),
+        progress=1.0,
+        current_step=40,
+        phase={"name": "done", "text": "Done", "done": 0, "total": 0},
+    )
+    breadcrumbs = chromium.find_element(By.CSS_SELECTOR, ".breadcrumbs")
+    wait_for(lambda: f"Run #{run.pk} (Succeeded)" in breadcrumbs.text, timeout=120, message="the breadcrumb")
+    assert "(Running)" not in breadcrumbs.text
+    assert chromium.find_element(By.CSS_SELECTOR, "#content > h2").text == f"Run #{run.pk} (Succeeded)"
+    assert chromium.title.startswith(f"Run #{run.pk} (Succeeded)")
+    assert shown("status").text == "Succeeded"
+    assert shown("phase") is None
+    assert shown("error") is None

@@ -155,11 +155,30 @@ def test_finetune_trains_and_promotes_with_a_progress_bar(
     assert "candidate            ROUGE-L" in out.getvalue()
     assert "retrieval            ROUGE-L" in out.getvalue()
     assert "training:" in err.getvalue()  # tqdm's bar
+    # What the numbers mean, and why the version was promoted, in words.
+    report = out.getvalue()
+    assert "ROUGE-L: " in report
+    assert "word overlap between the model's replies and the agents' real replies" in report
+    assert "reusing the reply of the most similar training ticket" in report
+    assert "Promotion gates (no version was active to compare with):" in report
+    assert "validation_loss: passed. No version is active yet" in report
+    assert "v1 is now active: it passed every gate and automatic promotion was on." in report
 
     out = StringIO()
     call_command("finetune", "--skip-if-active", stdout=out)
     assert "v1 is already active" in out.getvalue()
     assert TrainingRun.objects.count() == 1
+
+    # Not promoted: the report says why, and what the gates said against v1.
+    out = StringIO()
+    call_command(
+        "finetune", "--dataset", "june", "--epochs", "1", "--learning-rate", "0.01", "--max-length", "64",
+        "--eval-samples", "2", "--eval-max-new-tokens", "8", "--no-promote", stdout=out, stderr=StringIO(),
+    )  # fmt: skip
+    report = out.getvalue()
+    assert "Promotion gates (compared with the active v1):" in report
+    assert "v2 stays a candidate: automatic promotion was off (--no-promote)" in report
+    assert ModelVersion.objects.get(status=ModelVersion.Status.ACTIVE) == version
 
 
 def test_finetune_reports_a_failed_run_as_an_error(transactional_db, model_store, dataset_dir, settings, tmp_path):

@@ -29,7 +29,7 @@ from tests.finetune.fixtures import (
 pytestmark = pytest.mark.slow
 
 
-def finished(run_id: int, timeout: float = 90) -> TrainingRun:
+def finished(run_id: int, timeout: float = 600) -> TrainingRun:
     def done():
         run = TrainingRun.objects.get(pk=run_id)
         return run if not run.is_live else None

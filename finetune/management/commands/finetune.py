@@ -20,8 +20,13 @@ from django.core.management.base import BaseCommand, CommandError
 
 from finetune.management.errors import command_error
 from finetune.models import DatasetVersion, TrainingRun
-from finetune.selectors import dataset_version_find, dataset_version_latest, model_version_active, model_version_of_run
-from finetune.services.gates import gate_failures_text
+from finetune.selectors import (
+    dataset_version_find,
+    dataset_version_latest,
+    model_version_active,
+    model_version_of_run,
+    training_run_outcome_lines,
+)
 from finetune.services.training_runs import (
     training_run_execute,
     training_run_request,
@@ -122,29 +127,8 @@ class Command(BaseCommand):
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise CommandError(f"Run #{run.pk} {run.get_status_display().lower()}: {run.error or 'cancelled'}")
         version = model_version_of_run(run)
-        metrics = run.eval_metrics
-        shown = {
-            "validation loss": metrics.get("eval_loss"),
-            "perplexity": metrics.get("perplexity"),
-            "ROUGE-L": metrics.get("rouge_l"),
-            "ROUGE-L of retrieval baseline": metrics.get("rouge_l_retrieval"),
-        }
-        for label, value in shown.items():
-            if isinstance(value, int | float):
-                self.stdout.write(f"  {label}: {value:.4f}")
-        # The replies customers would get, beside retrieval and the active version (the quality gate's rows).
-        rows = (metrics.get("quality") or {}).get("rows") or {}
-        for name in ("candidate", "active", "retrieval", "retrieval-consensus", "base"):
-            row = rows.get(name)
-            if row:
-                intent = "—" if row.get("intent_accuracy") is None else f"{row['intent_accuracy']:.3f}"
-                self.stdout.write(
-                    f"  {name:20} ROUGE-L {row['rouge_l']:.3f}  intent accuracy {intent}  slots {row['slot_leaks']}"
-                    f"  repeats {row['repeats']}  model/past/handoff {row.get('model_replies', 0)}/"
-                    f"{row.get('retrieved', 0)}/{row.get('handoffs', 0)} of {row['n']}"
-                )
-        if not version.gate_results.get("passed"):
-            self.stdout.write(f"  {gate_failures_text(version.gate_results)}")
+        for line in training_run_outcome_lines(run):
+            self.stdout.write(line)
         gates = "passed the gates" if version.gate_results.get("passed") else "did not pass the gates"
         self.stdout.write(
             self.style.SUCCESS(

@@ -34,10 +34,14 @@ class BatchedEngine:
 
     One generation thread per engine (one engine per process) owns the model. Requests
     wait in a queue; between two decode steps the thread admits waiting requests (up to
-    ``max_batch_size`` rows), prefills their prompts together in one padded pass (only
+    ``max_batch_size`` rows) and prefills at most ``prefill_tokens`` prompt tokens (only
     the tokens the prefix cache does not already hold: a conversation's earlier turns,
-    the shared system prompt), and appends them to the batch's KV cache; then one forward
-    pass over the batch gives every row its next token. Finished, cancelled and
+    the shared system prompt), the prompt with the fewest tokens left first and a long
+    one in chunks over several steps, so one expensive prompt neither holds up a short
+    one nor stops running replies; a prompt whose last chunk is done joins the batch's
+    KV cache. Then one forward pass over the batch gives every row its next token.
+    One reply per conversation at a time (``EngineBusy``), so no conversation takes more
+    than its row. Finished, cancelled and
     timed-out rows leave between steps. Tokens reach each request's asyncio queue through
     ``loop.call_soon_threadsafe``.
 
@@ -55,7 +59,7 @@ class BatchedEngine:
         max_batch_size: int = 16,
         num_threads: int | None = None,
         prefix_cache_mb: float = 512,
-        prefill_tokens: int = 2048,
+        prefill_tokens: int = 256,
     ):
         self._scheduler = Scheduler(loaded, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens)
         self._runner = Runner(self._scheduler, prefix_cache_bytes=int(prefix_cache_mb * 2**20))
@@ -164,7 +168,7 @@ class BatchedEngine:
         with torch.inference_mode():
             while True:
                 with scheduler.cond:
-                    work = scheduler.next_work(runner.running)
+                    work = scheduler.next_work(runner.in_flight)
                     if work is None:
                         self._thread = None
                         return
@@ -172,7 +176,9 @@ class BatchedEngine:
                     runner.finish_job(job, reason, reply=None, loaded=work.loaded)
                 try:
                     if work.admitted:
-                        runner.admit(work.admitted, work.loaded, scheduler.prefill_groups)
+                        runner.admit(work.admitted, work.loaded)
+                    if runner.pending:
+                        runner.prefill_some(scheduler.prefill_tokens, scheduler.prefill_groups)
                     runner.step_all(serving=scheduler.loaded)
                 except Exception as exc:  # noqa: BLE001 - the thread must survive to serve the next requests
                     log.exception("Generation step failed")

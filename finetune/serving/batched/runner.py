@@ -2,11 +2,14 @@
 
 ``Runner`` owns the batches (one ``KVBatch`` per model being served, see ``kv.py``)
 and runs on the generation thread only. For requests the scheduler admitted, it
-builds each prompt (trimmed to the context window), reuses cached prefix keys and
-values, prefills the prompts in the groups the scheduler chose, and takes each
-reply's first token; each decode step then gives every row its next token, chosen
-after the version's repetition controls have seen that row's generated tokens
-(``finetune.ml.decoding.apply_to_row``, as ``NaiveEngine`` and the evaluation apply them). A row
+builds each prompt (trimmed to the prompt budget), reuses cached prefix keys and
+values, and prefills at most the scheduler's per-step budget of prompt tokens between
+two decode steps (``prefill_some``: fewest tokens left first, long prompts in chunks),
+in the groups the scheduler chose; a prompt's last chunk gives the reply's first
+token. Each decode step then gives every row its next token, chosen after the
+version's repetition controls have seen that row's generated tokens
+(``finetune.ml.decoding.apply_to_row``, as ``NaiveEngine`` and the evaluation apply
+them), so running replies keep streaming while a long prompt is prefilled. A row
 leaves its batch when its reply stops, reaches its length, is cancelled or times
 out; its request gets the held-back text and ``GenerationDone``.
 """
@@ -30,6 +33,18 @@ from .scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
 
+# A prompt does not start a chunk smaller than this behind others in the same step: a
+# handful of tokens costs a pass's fixed overhead for little progress.
+MIN_CHUNK_TOKENS = 32
+# While a reply that started within its first HOLD_TOKENS tokens shows no word yet, chunks of
+# long prompts wait, for at most HOLD_STEPS decode steps in a row: its first word then comes
+# at decode speed instead of one prefill chunk per token.
+HOLD_TOKENS = 16
+HOLD_STEPS = 8
+# A prompt of at most this many times the step's budget is prefilled whole when it is first
+# in line: an ordinary customer's prompt (about 100 tokens) is never chunked.
+SHORT_PROMPT_BUDGETS = 2
+
 
 @dataclass(eq=False)
 class Row:
@@ -51,14 +66,22 @@ class Row:
 
 @dataclass(eq=False)
 class Prefill:
-    """An admitted prompt waiting for its prefill pass."""
+    """An admitted prompt being prefilled, possibly in chunks over several steps."""
 
     row: Row
-    reused: int  # leading prompt tokens whose keys/values come from the prefix cache
-    layers: list | None  # the cached keys/values they come from
+    reused: int  # leading prompt tokens whose keys/values are ready (prefix cache, earlier chunks)
+    layers: list | None  # those keys/values
+    batch: KVBatch | None = None  # the batch (model) the row joins once prefilled
+    upto: int = 0  # end of the tokens this step's pass computes
+    skipped: int = 0  # steps it waited without a chunk (ages its priority)
 
     @property
     def new_tokens(self) -> int:
+        """Tokens of this step's pass (the scheduler groups passes by it)."""
+        return self.upto - self.reused
+
+    @property
+    def remaining(self) -> int:
         return len(self.row.cached) - self.reused
 
 
@@ -67,6 +90,8 @@ class Runner:
         self.scheduler = scheduler
         self.prefix_cache_bytes = prefix_cache_bytes
         self.batches: list[KVBatch] = []
+        self.pending: list[Prefill] = []  # admitted prompts not yet fully prefilled
+        self.held = 0  # steps in a row without long-prompt chunks, for new replies' first words
         self.steps = 0  # decode steps taken (observability and tests)
         self.prefills = 0  # prefill forward passes
         self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
@@ -75,6 +100,11 @@ class Runner:
     def running(self) -> int:
         """Rows in the running batches (replies being generated right now)."""
         return sum(len(batch.rows) for batch in self.batches)
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted requests: running rows and prompts still being prefilled."""
+        return self.running + len(self.pending)
 
     def prefix_stats(self) -> dict[str, int]:
         caches = [batch.prefixes for batch in list(self.batches)]
@@ -95,25 +125,24 @@ class Runner:
 
     # --- admitting requests ----------------------------------------------------------------
 
-    def admit(
-        self, jobs: list[Job], loaded: LoadedModel, grouping: Callable[[Sequence[Prefill]], list[list[Prefill]]]
-    ) -> None:
-        """Prefill the prompts of newly admitted requests, in the groups ``grouping`` forms, and add them to the batch.
+    def admit(self, jobs: list[Job], loaded: LoadedModel) -> None:
+        """Build the prompts of newly admitted requests; ``prefill_some`` then computes them.
 
         Tokens a prompt shares with a cached earlier prompt (the conversation's last turn,
-        or any conversation's system prompt) are not computed again. Each new reply's
-        first token comes out of this prefill.
+        or any conversation's system prompt) are not computed again.
         """
         batch = self._batch_for(loaded)
-        ready: list[Prefill] = []
         for job in jobs:
             if job.cancelled or time.monotonic() > job.deadline:
                 self.finish_job(job, "cancelled" if job.cancelled else "timeout", reply=None, loaded=loaded)
                 continue
-            stops = stop_sequences(loaded.tokenizer) + tuple(job.request.params.stop)
+            params = job.request.params
+            stops = stop_sequences(loaded.tokenizer) + tuple(params.stop)
             reply = ReplyText(loaded.tokenizer, stops, job.request.prime)
             try:
-                max_prompt, max_new = token_budget(context_window(loaded), job.request.params.max_new_tokens)
+                max_prompt, max_new = token_budget(
+                    context_window(loaded), params.max_new_tokens, params.max_prompt_tokens
+                )
                 ids = prompt_ids_for(loaded, job.request.messages, max_prompt, job.request.prime)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("Building the prompt failed for %s", job.request.key)
@@ -122,32 +151,88 @@ class Runner:
             reused, layers = batch.prefixes.lookup(job.request.key, ids)
             row = Row(job=job, reply=reply, max_new=max_new, cached=list(ids), position=len(ids))
             row.processors = repetition_processors(0, loaded.decoding) or None
-            ready.append(Prefill(row=row, reused=reused, layers=layers))
-        for group in grouping(ready):
-            self._prefill(group, batch)
+            self.pending.append(Prefill(row=row, reused=reused, layers=layers, batch=batch))
+
+    def prefill_some(self, budget: int, grouping: Callable[[Sequence[Prefill]], list[list[Prefill]]]) -> None:
+        """Prefill at most ``budget`` prompt tokens (one step's share), in the groups ``grouping`` forms.
+
+        The prompt with the fewest tokens left goes first, so a normal customer's prompt
+        never waits behind a long one; a prompt longer than what is left of the budget
+        gets a chunk of it and continues at the next step (its keys and values so far
+        are kept), unless a reply that has just started shows no word yet (see
+        ``HOLD_STEPS``). A prompt passed over ages: each skipped step counts as ``budget``
+        tokens fewer, so a long prompt is never starved by a stream of short ones. A
+        prompt whose last chunk is computed gets its first token and joins its batch.
+        """
+        now = time.monotonic()
+        for item in [p for p in self.pending if p.row.job.cancelled or now > p.row.job.deadline]:
+            self.pending.remove(item)
+            reason = "cancelled" if item.row.job.cancelled else "timeout"
+            self.finish_job(item.row.job, reason, reply=item.row.reply, loaded=item.batch.loaded)
+        # A reply that has just started and shown no word yet gets decode steps of its own:
+        # no chunk of a long prompt runs then (prompts that complete in this step still
+        # do), for at most HOLD_STEPS steps in a row, so the long prompt is only delayed.
+        hold = self.held < HOLD_STEPS and any(
+            row.count < HOLD_TOKENS and not row.reply.text[: row.reply.emitted].strip()
+            for batch in self.batches
+            for row in batch.rows
+        )
+        left, complete, chunks = max(1, budget), [], []
+        for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
+            take = min(item.remaining, left)
+            if not complete and not chunks and item.remaining <= SHORT_PROMPT_BUDGETS * budget:
+                take = item.remaining  # the first in line, of an ordinary size: whole, in one pass
+            if take == item.remaining:
+                complete.append(item)
+            elif take <= 0 or hold or complete or (chunks and take < MIN_CHUNK_TOKENS):
+                # A prompt that completes now goes alone: its first token waits for no chunk.
+                item.skipped += 1
+                continue
+            else:
+                chunks.append(item)
+            item.upto, item.skipped = item.reused + take, 0
+            left -= take
+        for item in chunks if complete else ():
+            item.skipped += 1  # chosen before a shorter prompt that completes was seen
+        chosen = complete or chunks
+        self.held = self.held + 1 if hold and not chosen else 0
+        for batch in {id(p.batch): p.batch for p in chosen}.values():
+            for group in grouping([p for p in chosen if p.batch is batch]):
+                self._prefill(group, batch)
 
     def _prefill(self, group: list[Prefill], batch: KVBatch) -> None:
-        """One forward pass over several prompts' uncached tokens (left-padded), then their first tokens."""
+        """One forward pass over several prompts' next tokens (left-padded); the ones whose prompt is
+        now complete take their first token and join the batch, the others wait for their next chunk."""
         loaded = batch.loaded
         try:
             logits, layers_per_row = prefill_forward(
                 loaded,
-                [item.row.cached for item in group],
+                [item.row.cached[: item.upto] for item in group],
                 [item.reused for item in group],
                 [item.layers for item in group],
             )
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("Prefill failed for %d requests", len(group))
             for item in group:
+                self.pending.remove(item)
                 self.finish_job(
                     item.row.job, "error", reply=item.row.reply, loaded=loaded, error=f"{type(exc).__name__}: {exc}"
                 )
             return
         self.prefills += 1
-        self.prefilled_rows += len(group)
-        tokens, logprobs = _choose(logits, [item.row for item in group])
+        done = []
+        for index, (item, layers) in enumerate(zip(group, layers_per_row, strict=True)):
+            if item.upto < len(item.row.cached):
+                item.reused, item.layers = item.upto, layers  # the next chunk continues from here
+            else:
+                self.pending.remove(item)
+                done.append((index, item, layers))
+        if not done:
+            return
+        self.prefilled_rows += len(done)
+        tokens, logprobs = _choose(logits[[index for index, _, _ in done]], [item.row for _, item, _ in done])
         joining = []
-        for item, token, logprob, layers in zip(group, tokens, logprobs, layers_per_row, strict=True):
+        for (_, item, layers), token, logprob in zip(done, tokens, logprobs, strict=True):
             if not self._accept(item.row, token, logprob, loaded):
                 joining.append((item.row, layers))
             elif batch.prefixes.budget_bytes:
@@ -161,7 +246,8 @@ class Runner:
         """One decode step of every batch; then forget batches of a replaced model once they are empty."""
         for batch in list(self.batches):
             self._step(batch)
-        self.batches = [b for b in self.batches if b.rows or b.loaded is serving]
+        waiting = {id(p.batch) for p in self.pending}
+        self.batches = [b for b in self.batches if b.rows or b.loaded is serving or id(b) in waiting]
 
     def _step(self, batch: KVBatch) -> None:
         """Drop rows that must stop, then advance every other row by one token."""
@@ -280,6 +366,9 @@ class Runner:
 
     def fail_all(self, error: str) -> None:
         """A batch step failed: every running row ends with an error; the engine starts afresh."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self.finish_job(item.row.job, "error", reply=item.row.reply, loaded=item.batch.loaded, error=error)
         for batch in self.batches:
             for row in batch.rows:
                 self.finish_job(

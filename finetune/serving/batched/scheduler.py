@@ -6,9 +6,11 @@ decides between two decode steps what the generation thread does next:
 - requests that were cancelled or ran out of time while waiting leave without running;
 - waiting requests are admitted, oldest first, while the batch has room
   (``max_batch_size`` rows);
-- admitted prompts of similar length are grouped into shared prefill passes
-  (``prefill_groups``): prefill is compute-bound, so padding costs as much as real
-  tokens, and a cap on padded tokens bounds one forward pass.
+- ``prefill_tokens`` is the most prompt tokens prefilled between two decode steps
+  (the runner's ``prefill_some`` spends it, fewest tokens left first, long prompts in
+  chunks); the chunks of one step with similar lengths are grouped into shared prefill
+  passes (``prefill_groups``): prefill is compute-bound, so padding costs as much as
+  real tokens.
 
 It computes nothing on the model: the runner (``runner.py``) does the forward passes.
 Its state is shared by the event loop (``stream``, ``cancel``) and the generation
@@ -105,7 +107,8 @@ class Scheduler:
     def next_work(self, running: int) -> Work | None:
         """Wait until there is something to do; None when shutting down with nothing left.
 
-        ``running`` is the number of rows in the batches now.
+        ``running`` is the number of requests admitted and not finished (rows in the
+        batches and prompts still being prefilled).
         """
         while not self.waiting and not running and not self.closing:
             self.cond.wait()

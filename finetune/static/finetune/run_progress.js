@@ -1,11 +1,15 @@
 /* Live progress of a training run on its admin page.
  *
  * Polls the run's JSON endpoint (data-progress-url) while the run is queued or
- * running and updates the bar, step counter, log and the server-rendered SVG loss
- * curve. No library, no CDN. */
+ * running and updates the bar, the phase with its own progress ("Evaluating the base
+ * model: 12/32 replies"), the step counter (while there are steps), the log, the
+ * server-rendered SVG loss curve, and the run's name in the heading, breadcrumb and
+ * window title ("Run #2 (Running)" -> "Run #2 (Succeeded)"). The log follows its tail
+ * unless the reader scrolled up. No library, no CDN. */
 (function () {
   "use strict";
   const POLL_MS = 1500;
+  const AT_BOTTOM_PX = 4;
 
   function start() {
     const panel = document.getElementById("run-progress");
@@ -13,6 +17,29 @@
     const url = panel.dataset.progressUrl;
     const part = (role) => panel.querySelector('[data-role="' + role + '"]');
     let lastSvgPoints = -1;
+
+    // The log follows new lines while its reader is at the bottom; scrolling up stops
+    // that, scrolling back down starts it again.
+    const log = part("log");
+    let follow = true;
+    log.scrollTop = log.scrollHeight;
+    log.addEventListener("scroll", function () {
+      follow = log.scrollTop + log.clientHeight >= log.scrollHeight - AT_BOTTOM_PX;
+    });
+
+    function retitle(title) {
+      const old = panel.dataset.title;
+      if (!title || title === old) return;
+      const places = document.querySelectorAll(".breadcrumbs, #content > h1, #content > h2, #content-main > h2");
+      for (const place of places) {
+        const walker = document.createTreeWalker(place, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+          if (node.nodeValue.includes(old)) node.nodeValue = node.nodeValue.split(old).join(title);
+        }
+      }
+      document.title = document.title.split(old).join(title);
+      panel.dataset.title = title;
+    }
 
     function render(data) {
       const percent = Math.round(data.progress * 100);
@@ -22,13 +49,20 @@
       part("bar-outer").setAttribute("aria-valuenow", String(percent));
       part("percent").textContent = percent + "%";
       part("status").textContent = data.status_display + (data.cancel_requested && data.is_live ? " (stopping…)" : "");
+      retitle(data.title);
+      const phase = data.phase || { text: "", done: 0, total: 0 };
+      part("phase").textContent = phase.text;
+      part("phase").hidden = !phase.text;
+      part("phase-bar-outer").hidden = !phase.total;
+      part("phase-bar").style.width = (phase.total ? Math.round((100 * phase.done) / phase.total) : 0) + "%";
+      part("steps").hidden = !data.total_steps;
       part("step").textContent = data.current_step;
       part("total").textContent = data.total_steps;
       part("epoch").textContent = Number(data.current_epoch).toFixed(2);
-      const log = part("log");
-      const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-      log.textContent = data.log_tail;
-      if (atBottom) log.scrollTop = log.scrollHeight;
+      if (log.textContent !== data.log_tail) {
+        log.textContent = data.log_tail;
+        if (follow) log.scrollTop = log.scrollHeight;
+      }
       const error = part("error");
       error.textContent = data.error;
       error.hidden = !data.error;
@@ -58,8 +92,9 @@
           if (!data.is_live) {
             const cancel = document.getElementById("cancel-run-form");
             if (cancel) cancel.remove();
-            return; // finished: nothing more will change
           }
+          // Ended, and its automatic promotion (made just after the end) is done or refused.
+          if (data.settled) return;
         }
       } catch (error) {
         // A dropped connection or a restarting server: try again on the next tick.

@@ -139,3 +139,15 @@ def test_disaggregating_cells_equals_disaggregating_rows():
     assert by_cells.difference_to_overall == pytest.approx(by_rows.difference_to_overall)
     assert by_cells.ratio_to_overall == pytest.approx(by_rows.ratio_to_overall)
     assert by_cells.by_control["refund"]["south"] == pytest.approx(by_rows.by_control["refund"]["south"])
+
+
+def test_the_poisson_bootstrap_of_many_values_agrees_with_the_row_bootstrap():
+    rng = np.random.default_rng(4)
+    data = np.round(rng.lognormal(6.5, 0.5, size=1500) / 10) * 10  # latencies in 10 ms bins
+    values, counts = np.unique(data, return_counts=True)
+    assert values.size > 20
+    from_counts = bootstrap_mean_interval_from_counts(values, counts, n_resamples=4000, seed=0)
+    from_rows = bootstrap_mean_interval(data, n_resamples=4000, seed=0)
+    width = from_rows.high - from_rows.low
+    assert abs(from_counts.low - from_rows.low) < 0.05 * width
+    assert abs(from_counts.high - from_rows.high) < 0.05 * width

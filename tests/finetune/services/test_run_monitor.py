@@ -79,3 +79,22 @@ def test_progress_is_written_at_phase_changes_and_never_onto_a_finished_run():
     recorder(ProgressEvent(phase="done", progress=1.0, step=10, total_steps=10, epoch=1.0))
     run.refresh_from_db()
     assert (run.status, run.progress) == (TrainingRun.Status.CANCELLED, 0.5)  # its row is final
+
+
+def test_the_run_row_says_the_phase_with_its_own_progress_and_keeps_the_step_counter():
+    run = TrainingRunFactory(status=TrainingRun.Status.RUNNING)
+    recorder = ProgressRecorder(run)
+    recorder(ProgressEvent(phase="training", progress=0.5, step=40, total_steps=40, epoch=2.0))
+    evaluating = ProgressEvent(
+        phase="evaluating_after", progress=0.9, done=12, total=32, activity="Evaluating the fine-tuned model"
+    )
+    recorder(evaluating)
+    recorder.flush()
+    run.refresh_from_db()
+    assert run.phase == {
+        "name": "evaluating_after",
+        "text": "Evaluating the fine-tuned model: 12/32 replies",
+        "done": 12,
+        "total": 32,
+    }
+    assert (run.current_step, run.total_steps, run.current_epoch) == (40, 40, 2.0)  # not "step 0/0"

@@ -12,6 +12,7 @@ import pytest
 from finetune.serving.batched import BatchedEngine
 from finetune.serving.interface import EngineBusy, GenerationDone, TokenDelta
 from finetune.serving.naive import NaiveEngine
+from finetune.serving.text import prompt_ids_for, token_budget
 from tests.finetune.serving.engine_models import (
     QUESTIONS,
     assert_same_reply,
@@ -267,3 +268,37 @@ async def test_swap_serves_new_requests_on_the_new_model_and_finishes_running_on
     assert_same_reply(before, old_ref)  # not cut short, not switched mid-reply
     assert after.model_label == "v2"
     assert_same_reply(after, new_ref)
+
+
+async def test_a_short_prompt_is_prefilled_before_a_long_one_that_came_first(gpt2):
+    """One step prefills at most ``prefill_tokens`` prompt tokens, fewest tokens left first: a
+    long prompt goes in chunks, and a normal customer's prompt arriving after it gets its first
+    token first instead of waiting for the whole long prefill."""
+    engine = BatchedEngine(gpt2, max_batch_size=8, prefill_tokens=8, prefix_cache_mb=0)
+    try:
+        long = conversation(" ".join(f"parcel{i} is late" for i in range(120)))
+        short = conversation("Where is my order?")
+        order: list[str] = []
+
+        async def first_token(key: str, messages) -> GenerationDone:
+            done = None
+            async for event in engine.stream(request(key, messages, max_new_tokens=4)):
+                if isinstance(event, TokenDelta) and key not in order:
+                    order.append(key)
+                elif isinstance(event, GenerationDone):
+                    done = event
+            return done
+
+        started = asyncio.ensure_future(first_token("long", long))
+        await wait_for(lambda: engine.prefills >= 1, timeout=60)  # the long prompt's first chunk is done
+        long_done, short_done = await asyncio.gather(started, first_token("short", short))
+        assert order[0] == "short"
+        assert (long_done.finish_reason, short_done.finish_reason) in {("length", "length"), ("length", "stop")}
+        long_tokens = len(prompt_ids_for(gpt2, long, token_budget(512, 4)[0]))
+        assert long_tokens > 400
+        assert engine.prefills >= long_tokens // 8  # the long prompt went in chunks of at most 8 tokens
+        # Chunked, the long prompt's reply is the one the naive engine gives from one pass.
+        (want,) = await naive_replies(gpt2, [long], max_new_tokens=4)
+        assert long_done.text == want.text
+    finally:
+        engine.close(timeout=10)

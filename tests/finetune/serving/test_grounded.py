@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from finetune.ml.grounding import GroundingConfig, ground_conversation
+from finetune.ml.grounding import GroundingConfig, ground_conversation, reply_prime
 from finetune.ml.reply_policy import ReplyPolicyConfig
 from finetune.ml.retrieval import Exchange, RetrievalIndex
 from finetune.serving.grounded import ground_request, reply_decider
@@ -78,3 +78,23 @@ def test_the_decider_is_the_reply_policy_with_the_chats_handoff_threshold():
     lonely = reply_decider(config, [], handoff_logprob=-9.0)
     assert lonely("Hmm.", -5.0).source == "model"  # -5 is above the chat's -9: no handoff
     assert reply_decider(config, [], handoff_logprob=-1.0)("Hmm.", -5.0).source == "handoff"
+
+
+def test_serving_sends_the_model_the_same_tokens_the_evaluation_scores():
+    from finetune.ml.quality import prime_join, quality_examples
+
+    loaded = loaded_with_index()
+    messages = conversation("Where is my order?")
+    example = quality_examples(
+        [[*messages, {"role": "agent", "content": "It ships today."}]],
+        ["track"],
+        loaded.index,
+        loaded.tokenizer,
+        grounding=loaded.grounding,
+    )[0]
+    evaluated = loaded.tokenizer(example.prompt.text + prime_join(reply_prime(example.prompt), loaded.tokenizer))
+
+    grounding = ground_request(loaded, messages, 40)
+    max_prompt, _ = token_budget(context_window(loaded), 40)
+    served = prompt_ids_for(loaded, grounding.messages, max_prompt, grounding.prime)
+    assert served == evaluated["input_ids"]

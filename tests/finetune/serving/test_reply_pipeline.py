@@ -278,3 +278,28 @@ async def test_a_handoff_choice_is_marked_on_the_reply():
     )
     assert done.handoff
     assert done.source == "model"
+
+
+@pytest.mark.parametrize("kind", ["naive", "batched"])
+async def test_the_engines_decode_as_the_evaluation_does(kind):
+    """The same prompt, model and repetition controls give the evaluation's reply and confidence."""
+    from finetune.ml.prompting import render_prompt
+    from finetune.ml.quality import generate_scored
+
+    loaded = load(looping_gpt2_dir())
+    messages = conversation("Where is my order?")
+    evaluated = generate_scored(
+        loaded.model,
+        loaded.tokenizer,
+        [render_prompt(messages, loaded.tokenizer)],
+        max_new_tokens=60,
+        batch_size=1,
+        decoding=loaded.decoding,
+    )[0]
+    engines = _engines(loaded)
+    try:
+        _, served = await collect(engines[kind], request("e", messages, max_new_tokens=60))
+    finally:
+        _close(engines)
+    assert served.text.strip() == evaluated["text"].strip()
+    assert served.mean_logprob == pytest.approx(evaluated["mean_logprob"], abs=1e-3)

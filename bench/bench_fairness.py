@@ -1,0 +1,180 @@
+"""Fairness benchmark: a normal customer's first word, idle and with three huge emoji messages in flight.
+
+Issue 14 item 15: three 4,096-character emoji messages at once made every reply time
+out, a normal customer's included. Measured here on the batched engine (the chat's
+default), with the model the demo serves (the bundled SmolLM2-135M, or ``--model-dir``):
+
+- **idle**: a normal customer ("Where is my order?" under the bot's system prompt) is
+  the only request; time from submitting it to its first text delta (the first word
+  the widget can show);
+- **loaded**: three other conversations have each just sent 4,096 emoji (several
+  tokens each) and are being prefilled or answered; then the normal customer asks.
+
+Each setting is run ``--trials`` times (a fresh conversation key each time; the first,
+a warm-up, is not counted) and the median is reported, for two engine configurations:
+
+- ``bounded``: the defaults, prompts cut to ``SUPPORTBOT_PROMPT_MAX_TOKENS`` and at most
+  ``SUPPORTBOT_PREFILL_TOKENS_PER_STEP`` prompt tokens prefilled between decode steps;
+- ``unbounded`` (``--compare``): prompts up to the context window and the whole of every
+  admitted prompt prefilled at once, as the engine did before.
+
+Target: loaded first word within 2x idle for ``bounded``.
+
+    .venv/bin/python bench/bench_fairness.py                      # bounded only
+    .venv/bin/python bench/bench_fairness.py --compare --trials 3  # both (unbounded takes minutes)
+
+Prints a JSON summary (also written to ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from finetune.ml.base_model import resolve_base_model  # noqa: E402
+from finetune.serving.batched import BatchedEngine  # noqa: E402
+from finetune.serving.interface import GenerationDone, GenerationParams, GenerationRequest, TokenDelta  # noqa: E402
+from finetune.serving.loading import context_window, load_for_inference  # noqa: E402
+from finetune.serving.text import prompt_ids_for, token_budget  # noqa: E402
+
+# BotProfile's default system prompt (conversations/models.py) for the company "Acme".
+SYSTEM_PROMPT = (
+    "You are the customer support assistant of Acme. Answer briefly and politely. "
+    "If you are not sure, offer to connect the customer with a human agent."
+)
+EMOJI = "\U0001f600\U0001f4e6\U0001f525\U0001f9fe"
+HUGE = EMOJI * 1024  # 4,096 characters, the chat's longest message
+NORMAL = "Where is my order? I ordered a blender last week and it has not arrived."
+# The settings' defaults (supportbot/settings.py), without importing Django.
+PROMPT_MAX_TOKENS = 1536
+PREFILL_TOKENS_PER_STEP = 256
+
+
+def messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "customer", "content": text}]
+
+
+async def first_word(engine, text: str, params: GenerationParams) -> tuple[float, GenerationDone]:
+    """Seconds from submitting a message to its first text delta, and how the reply ended."""
+    request = GenerationRequest(key=f"normal-{uuid.uuid4().hex[:8]}", messages=messages(text), params=params)
+    started = time.monotonic()
+    first = None
+    done = None
+    async for event in engine.stream(request):
+        if isinstance(event, TokenDelta) and event.text.strip() and first is None:
+            first = time.monotonic() - started
+        elif isinstance(event, GenerationDone):
+            done = event
+    return (first if first is not None else float("nan")), done
+
+
+async def drain(engine, text: str, params: GenerationParams) -> None:
+    request = GenerationRequest(key=f"huge-{uuid.uuid4().hex[:8]}", messages=messages(text), params=params)
+    async for _event in engine.stream(request):
+        pass
+
+
+async def measure(engine, params_normal, params_huge, trials: int, timeout: float) -> dict:
+    idle, loaded, loaded_ok = [], [], []
+    for trial in range(trials + 1):  # trial 0 warms up (prefix cache, allocator)
+        seconds, _ = await asyncio.wait_for(first_word(engine, NORMAL, params_normal), timeout)
+        if trial:
+            idle.append(seconds)
+        huge = [asyncio.ensure_future(drain(engine, HUGE, params_huge)) for _ in range(3)]
+        deadline = time.monotonic() + timeout
+        while engine._runner.in_flight < 3 and time.monotonic() < deadline:  # noqa: SLF001 - the bench looks inside
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # in flight: admitted and being prefilled
+        try:
+            seconds, done = await asyncio.wait_for(first_word(engine, NORMAL, params_normal), timeout)
+        except TimeoutError:
+            seconds, done = float("inf"), None
+        if trial:
+            loaded.append(seconds)
+            loaded_ok.append(done is not None and done.finish_reason in {"stop", "length"})
+        print(
+            f"trial {trial}: idle {idle[-1] if trial else '-'} s, loaded {seconds:.3f} s", file=sys.stderr, flush=True
+        )
+        for task in huge:
+            task.cancel()
+        await asyncio.gather(*huge, return_exceptions=True)
+        while engine._runner.in_flight:  # noqa: SLF001 - the cancelled rows leave within a step
+            await asyncio.sleep(0.01)
+    idle_median, loaded_median = statistics.median(idle), statistics.median(loaded)
+    return {
+        "idle_first_word_s": [round(x, 3) for x in idle],
+        "loaded_first_word_s": [round(x, 3) for x in loaded],
+        "idle_median_s": round(idle_median, 3),
+        "loaded_median_s": round(loaded_median, 3),
+        "ratio": round(loaded_median / idle_median, 2),
+        "normal_replies_completed": all(loaded_ok),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", help="a merged model directory (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--model-store", default=str(ROOT / "var" / "models"))
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up on one measurement after this")
+    parser.add_argument("--compare", action="store_true", help="also measure the unbounded engine (slow)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS_PER_STEP, help="per-step prefill budget")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+
+    path = args.model_dir or resolve_base_model("smollm2", args.model_store).path
+    loaded = load_for_inference(path, label="bench", device="cpu")
+    window = context_window(loaded)
+    huge_tokens = len(loaded.tokenizer(HUGE, add_special_tokens=False)["input_ids"])
+    configurations = {"bounded": (PROMPT_MAX_TOKENS, args.prefill_tokens)}
+    if args.compare:
+        configurations["unbounded"] = (None, 10**9)
+    results = {}
+    for name, (max_prompt, per_step) in configurations.items():
+        engine = BatchedEngine(loaded, max_batch_size=16, num_threads=args.threads, prefill_tokens=per_step)
+        normal = GenerationParams(
+            max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, max_prompt_tokens=max_prompt
+        )
+        huge = GenerationParams(max_new_tokens=160, timeout_s=args.timeout, max_prompt_tokens=max_prompt)
+        prompt_tokens = len(prompt_ids_for(loaded, messages(HUGE), token_budget(window, 160, max_prompt)[0]))
+        try:
+            results[name] = {
+                "max_prompt_tokens": max_prompt,
+                "prefill_tokens_per_step": per_step if per_step < 10**9 else None,
+                "huge_prompt_tokens": prompt_tokens,
+                **asyncio.run(measure(engine, normal, huge, args.trials, args.timeout)),
+            }
+        finally:
+            engine.close(timeout=30)
+        print(name, json.dumps(results[name]), flush=True)  # noqa: T201
+    summary = {
+        "model": path,
+        "context_window": window,
+        "huge_message": {"characters": len(HUGE), "tokens": huge_tokens},
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "load_1min": os.getloadavg()[0],
+        },
+        "results": results,
+    }
+    print(json.dumps(summary, indent=2))  # noqa: T201
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
