@@ -121,7 +121,7 @@ def test_killed_worker_fails_the_run_and_a_redelivery_does_not_rerun_it(
 
 
 def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
-    model_store, dataset_dir, quality_gate_advisory, training_worker, tiny_base, daphne_factory
+    model_store, dataset_dir, model_gates_advisory, training_worker, tiny_base, daphne_factory
 ):
     """The embedded default: each process has its own in-memory channel layer, so the worker's
     ``model.changed`` event never reaches daphne. daphne must still converge on the version
@@ -145,6 +145,12 @@ def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
     worker = training_worker()
     run = finished(training_run_request(hyperparameters=FAST).pk, timeout=240)
     assert run.status == TrainingRun.Status.SUCCEEDED, f"{run.error}\n{worker.text()[-3000:]}"
+    # The promotion follows the run's end (after its bias probe).
+    wait_for(
+        lambda: ModelVersion.objects.filter(training_run=run, status=ModelVersion.Status.ACTIVE).exists(),
+        timeout=120,
+        message="the worker to promote the run's version",
+    )
     v2 = ModelVersion.objects.get(status=ModelVersion.Status.ACTIVE)
     assert v2.training_run == run, v2.gate_results
 
