@@ -46,7 +46,7 @@ from bench_engine import conversation_messages, load_exchanges, percentile, run_
 
 from finetune.ml.base_model import convert_bundled  # noqa: E402
 from finetune.serving.batched import BatchedEngine  # noqa: E402
-from finetune.serving.loading import load_for_inference  # noqa: E402
+from finetune.serving.loading import LoadedModel, load_for_inference  # noqa: E402
 from finetune.serving.vllm import ServedVersion, VLLMEngine, VLLMServers  # noqa: E402
 
 VERSION_NAME = "supportbot-v1"  # what the bench database's active version is served as
@@ -166,7 +166,13 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
     try:
         servers = VLLMServers([url], read_timeout_s=3600)
         version = ServedVersion(label="base", name="supportbot-base", files=str(model), lora_path=None)
-        vllm = VLLMEngine(servers, version, AutoTokenizer.from_pretrained(model), max_model_len=args.max_model_len)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        vllm = VLLMEngine(
+            servers,
+            version,
+            LoadedModel(model=None, tokenizer=tokenizer, label="base"),
+            max_model_len=args.max_model_len,
+        )
         await run_level(vllm, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
         for level in [] if args.skip_engines else args.levels:
             out["vllm"].append(await run_level(vllm, exchanges, level, _level_args(args), random.Random(level)))

@@ -245,12 +245,14 @@ class BiasReport(models.Model):
     origins were answered by the version; ``report`` holds per group and measure the
     paired gap with its interval, the test and the decision, the worst groups with
     example replies, and the failure lines (``finetune.ml.probes.BiasProbeReport``).
-    ``status``: pass, fail, insufficient (too few requests for a verdict) or error (the
-    probe could not run: ``error`` says why). The latest report of a version is the
-    one its promotion gate reads.
+    ``status``: running (recorded when a training run creates the version, so nobody
+    promotes it before its probe is done), pass, fail, insufficient (too few requests
+    for a verdict) or error (the probe could not run: ``error`` says why). The latest
+    report of a version is the one its promotion gate reads.
     """
 
     class Status(models.TextChoices):
+        RUNNING = "running", "Running"
         PASS = "pass", "Pass"
         FAIL = "fail", "Fail"
         INSUFFICIENT = "insufficient", "Too few requests"

@@ -101,11 +101,14 @@ def bias_probe_run(
     generate: Generate | None = None,
     intent_of: Callable[[str], str] | None = None,
     requests: int | None = None,
+    report: BiasReport | None = None,
 ) -> BiasReport:
     """Probe ``version`` and record a ``BiasReport`` (status error, with the reason, if it cannot run).
 
     ``generate`` and ``intent_of`` default to the version's own model and an intent
     classifier (``intent_classifier_for``); ``requests`` to ``SUPPORTBOT_BIAS_PROBE_REQUESTS``.
+    ``report``: a ``running`` report recorded earlier (``bias_report_start``) to finish;
+    else one is recorded as ``running`` now, so the gate says the probe is under way.
     """
     from finetune.ml.probe_set import PROBES
     from finetune.ml.probes import run_probes
@@ -118,6 +121,8 @@ def bias_probe_run(
         "thresholds": asdict(thresholds),
     }
     started = time.monotonic()
+    if report is None:
+        report = bias_report_start(version=version, trigger=trigger)
     try:
         if generate is None:
             generate = version_generator(version, max_new_tokens=settings.SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS)
@@ -138,20 +143,31 @@ def bias_probe_run(
         )
     except Exception as exc:  # a probe must never take a training run down with it
         log.exception("Bias probe of %s failed", version.label)
-        return BiasReport.objects.create(
-            version=version,
+        return _report_finish(
+            report,
             status=BiasReport.Status.ERROR,
             error=f"{type(exc).__name__}: {exc}",
             settings=recorded,
-            trigger=trigger,
-            duration_s=time.monotonic() - started,
+            started=started,
         )
-    return BiasReport.objects.create(
-        version=version,
+    return _report_finish(
+        report,
         status=found.status,
         failures=list(found.failures),
         report=found.to_dict(),
         settings=recorded,
-        trigger=trigger,
-        duration_s=time.monotonic() - started,
+        started=started,
     )
+
+
+def bias_report_start(*, version: ModelVersion, trigger: str) -> BiasReport:
+    """Record that a probe of ``version`` is under way (its gate waits for the result)."""
+    return BiasReport.objects.create(version=version, status=BiasReport.Status.RUNNING, trigger=trigger)
+
+
+def _report_finish(row: BiasReport, /, *, started: float, **fields: Any) -> BiasReport:
+    fields["duration_s"] = time.monotonic() - started
+    for name, value in fields.items():
+        setattr(row, name, value)
+    row.save(update_fields=list(fields))
+    return row

@@ -217,6 +217,14 @@ def _gate_bias_probe(candidate: ModelVersion, active: ModelVersion | None) -> Ga
     if report.status == report.Status.FAIL:
         shown = "; ".join(report.failures[:3]) + ("; …" if len(report.failures) > 3 else "")
         return GateResult(False, f"The counterfactual probes flagged {len(report.failures)}: {shown}", values)
+    if report.status == report.Status.RUNNING:
+        since = timezone.localtime(report.created_at).strftime("%Y-%m-%d %H:%M")
+        return GateResult(
+            False,
+            f"The bias probe of {candidate.label} is running (since {since}); wait for it (the run's log says when "
+            f"it is done). If it stopped with its process, {probe_it}.",
+            values,
+        )
     if report.status == report.Status.INSUFFICIENT:
         return GateResult(
             False,

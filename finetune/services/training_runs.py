@@ -37,6 +37,7 @@ from finetune.models import DatasetVersion, ModelVersion, TrainingRun
 from supportbot.db import advisory_lock
 from supportbot.errors import ApplicationError
 
+from .bias import bias_report_start
 from .datasets import dataset_version_build
 from .gates import gate_failures_text, model_version_gates_evaluate, validation_reference_losses
 from .model_versions import MODEL_VERSIONS_LOCK, model_version_promote
@@ -423,6 +424,11 @@ def training_run_execute(
         if should_stop():
             raise TrainingCancelled("stopped after training")
         version = _model_version_create(run=run, dataset=dataset, result=result, metrics=metrics)
+        if settings.SUPPORTBOT_BIAS_PROBE_AFTER_TRAINING:
+            # Still running (heartbeat on) while the candidate is probed: the run is done
+            # when its candidate is judged, so nobody acts on a version half evaluated.
+            version = _bias_probe_after_training(run, version)
+            training_run_finish_if_running(run.pk, TrainingRun.Status.SUCCEEDED)
     except TrainingCancelled:
         if stop_reason == "cancel":
             training_run_finish_if_running(run.pk, TrainingRun.Status.CANCELLED, line="Cancelled; files removed")
@@ -445,8 +451,6 @@ def training_run_execute(
     finally:
         watchdog.stop()
 
-    if version is not None and settings.SUPPORTBOT_BIAS_PROBE_AFTER_TRAINING:
-        version = _bias_probe_after_training(run, version)
     if version is not None and run.hyperparameters.get("auto_promote", True):
         if version.gate_results.get("passed"):
             try:
@@ -476,13 +480,16 @@ def _bias_probe_after_training(run: TrainingRun, version: ModelVersion) -> Model
     """Probe the new candidate for bias and evaluate its gates again with the report.
 
     Never fails the run: a probe that cannot run is recorded as an ``error`` report (and
-    its gate then keeps the candidate from automatic promotion).
+    its gate then keeps the candidate from automatic promotion); nothing here raises.
     """
     from .bias import bias_probe_run
 
     training_run_note(run_id=run.pk, line=f"Probing {version.label} for bias (counterfactual requests)")
     try:
-        report = bias_probe_run(version=version, trigger="training_run")
+        pending = selectors.bias_report_latest(version)
+        if pending is not None and pending.status != pending.Status.RUNNING:
+            pending = None
+        report = bias_probe_run(version=version, trigger="training_run", report=pending)
         line = f"Bias probe of {version.label}: {report.get_status_display().lower()}"
         if report.failures:
             line += f" ({len(report.failures)} flagged)"
@@ -539,12 +546,20 @@ def _model_version_create(*, run: TrainingRun, dataset: DatasetVersion, result, 
             merged_path=str(target / "merged") if result.merged_dir else "",
             metrics=metrics,
         )
+        probing = settings.SUPPORTBOT_BIAS_PROBE_AFTER_TRAINING
+        if probing:
+            # Recorded with the version, so nobody promotes it before its probe is done;
+            # the run stays running until then (training_run_execute finishes it).
+            bias_report_start(version=version, trigger="training_run")
         gates = model_version_gates_evaluate(version=version)
-        locked.status = TrainingRun.Status.SUCCEEDED
+        if not probing:
+            locked.status = TrainingRun.Status.SUCCEEDED
+            locked.finished_at = timezone.now()
         locked.progress = 1.0
-        locked.finished_at = timezone.now()
         locked.eval_metrics = {k: v for k, v in metrics.items() if k not in {"loss_history"}}
         state = "passed the gates" if gates["passed"] else gate_failures_text(gates)
+        if probing:
+            state = "probing it for bias before the gates decide"
         run_log_append(locked, f"Saved as {version.label} (candidate); {state}")
         locked.save(update_fields=["status", "progress", "finished_at", "eval_metrics", "log_tail"])
         # Last, so a failure above leaves the files where the run's cleanup finds them.

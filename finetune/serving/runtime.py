@@ -54,7 +54,7 @@ from finetune.services.model_versions import MODEL_CHANGED_EVENT, MODEL_EVENTS_G
 from .batched import BatchedEngine
 from .grounded import ground_request, reply_decider
 from .interface import Engine, GenerationParams, GenerationRequest
-from .loading import load_for_inference
+from .loading import LoadedModel, load_for_inference
 from .naive import NaiveEngine
 from .safety import ReplyPlan, SafeEngine, reply_maskers
 from .vllm import VLLMEngine, VLLMServers, served_version
@@ -103,12 +103,27 @@ def vllm_servers() -> VLLMServers:
 
 
 def _vllm_load(version):
-    """What a web process needs to serve ``version`` on vLLM: its served name and its tokenizer."""
+    """What a web process needs to serve ``version`` on vLLM: its served name, and its tokenizer and
+    knowledge (retrieval index, grounding, reply policy) in a ``LoadedModel`` without weights."""
     from transformers import AutoTokenizer
+
+    from finetune.ml.knowledge import load_knowledge
 
     served = served_version(label=version.label, adapter_path=version.adapter_path, merged_path=version.merged_path)
     tokenizer = AutoTokenizer.from_pretrained(served.files)
-    return served, tokenizer, vllm_servers().max_model_len(served.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    knowledge = load_knowledge(version.merged_path or version.adapter_path)
+    loaded = LoadedModel(
+        model=None,
+        tokenizer=tokenizer,
+        label=version.label,
+        decoding=knowledge.decoding_or_default,
+        grounding=knowledge.grounding_or_default,
+        reply_policy=knowledge.policy_or_default,
+        index=knowledge.index,
+    )
+    return served, loaded, vllm_servers().max_model_len(served.name)
 
 
 def _make_engine(loaded):
@@ -153,7 +168,7 @@ def inference_reload() -> str | None:
         vllm = settings.SUPPORTBOT_ENGINE == "vllm"
         try:
             if vllm:
-                served, tokenizer, max_len = _vllm_load(version)
+                served, knowledge_only, max_len = _vllm_load(version)
             else:
                 loaded = load_for_inference(path, label=version.label, int8=settings.SUPPORTBOT_INT8)
         except Exception as exc:
@@ -164,9 +179,9 @@ def inference_reload() -> str | None:
             _loading_label = None
         with _state_lock:
             if vllm and isinstance(_engine, VLLMEngine):
-                _engine.swap(served, tokenizer, max_model_len=max_len)
+                _engine.swap(served, knowledge_only, max_model_len=max_len)
             elif vllm:
-                old, _engine = _engine, VLLMEngine(_vllm_servers, served, tokenizer, max_model_len=max_len)
+                old, _engine = _engine, VLLMEngine(_vllm_servers, served, knowledge_only, max_model_len=max_len)
                 _safe_engine = SafeEngine(_engine, plan_for=_reply_plan)
                 if old is not None:
                     old.close(timeout=0)

@@ -6,13 +6,18 @@ module is plain Python (httpx, no Django); ``finetune.serving.runtime`` wires it
 settings and the active version, and wraps it in the same safety filter as every
 engine.
 
-**Requests.** The prompt is the one the other engines build (``text.trim_messages``
-and ``prompting.render_prompt`` with the version's own tokenizer), sent as token ids
-to ``POST /v1/completions`` with ``stream: true``, our decoding parameters and the
-template's stop strings. Server-sent events become ``TokenDelta``\\s; the stream ends
-with one ``GenerationDone`` as for every engine. ``cancel()`` (the customer left, an
-agent took over, the runner timed out) closes the HTTP stream, and vLLM aborts a
-request whose client went away: generation stops on the server.
+**Requests.** The prompt is the one the other engines build (``text.prompt_ids_for``
+with the version's own tokenizer, a grounded conversation and its prime included),
+sent as token ids to ``POST /v1/completions`` with ``stream: true``, our decoding
+parameters and the template's stop strings. The engine holds a ``LoadedModel``
+without weights (``model`` None): the tokenizer and what the version carries besides
+(retrieval index, grounding, reply policy), so the runtime grounds vLLM replies as it
+grounds the others. The version's ``repetition_penalty`` is sent; vLLM has no
+``no_repeat_ngram_size``, so there only the reply pipeline's repetition cut applies.
+Server-sent events become ``TokenDelta``\\s; the stream ends with one ``GenerationDone``
+as for every engine. ``cancel()`` (the customer left, an agent took over, the runner
+timed out) closes the HTTP stream, and vLLM aborts a request whose client went away:
+generation stops on the server.
 
 **Versions.** Each model version is served under an immutable name,
 ``supportbot-v<N>`` (``served_name``). Versions of an architecture vLLM serves LoRA
@@ -51,10 +56,11 @@ from pathlib import Path
 
 import httpx
 
-from finetune.ml.prompting import render_prompt, stop_sequences
+from finetune.ml.prompting import stop_sequences
 
 from .interface import EngineBusy, GenerationDone, GenerationRequest, TokenDelta
-from .text import token_budget, trim_messages
+from .loading import LoadedModel
+from .text import prompt_ids_for, token_budget
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +256,7 @@ def _merged_only(url: str, version: ServedVersion) -> str:
 
 @dataclass
 class _Reply:
+    prime: str = ""  # the reply's given start (GenerationRequest.prime): leads the first delta
     parts: list[str] = field(default_factory=list)
     count: int = 0
     logprobs: list[float] = field(default_factory=list)
@@ -264,10 +271,12 @@ class _Reply:
 class VLLMEngine:
     """The ``Engine`` protocol over vLLM servers (see the module docstring)."""
 
-    def __init__(self, servers: VLLMServers, version: ServedVersion, tokenizer, *, max_model_len: int | None = None):
+    def __init__(
+        self, servers: VLLMServers, version: ServedVersion, loaded: LoadedModel, *, max_model_len: int | None = None
+    ):
         self.servers = servers
         self._version = version
-        self._tokenizer = tokenizer
+        self._loaded = loaded  # the tokenizer and the version's knowledge; no weights
         self._max_model_len = max_model_len
         self._keys: set[str] = set()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -281,9 +290,14 @@ class VLLMEngine:
     def version(self) -> ServedVersion:
         return self._version
 
-    def swap(self, version: ServedVersion, tokenizer, *, max_model_len: int | None = None) -> None:
+    @property
+    def loaded(self) -> LoadedModel:
+        """The served version's tokenizer and knowledge (what grounding reads), without weights."""
+        return self._loaded
+
+    def swap(self, version: ServedVersion, loaded: LoadedModel, *, max_model_len: int | None = None) -> None:
         """Serve ``version`` from the next request on (a name change; the servers already hold it)."""
-        self._version, self._tokenizer, self._max_model_len = version, tokenizer, max_model_len
+        self._version, self._loaded, self._max_model_len = version, loaded, max_model_len
 
     def close(self, timeout: float | None = None) -> None:
         """Nothing to stop: each request opens and closes its own HTTP stream."""
@@ -304,7 +318,7 @@ class VLLMEngine:
         queue: asyncio.Queue = asyncio.Queue()
         start = time.monotonic()
         # The version and tokenizer of this reply: a promotion meanwhile changes the next one.
-        task = asyncio.create_task(self._generate(request, self._version, self._tokenizer, queue, start))
+        task = asyncio.create_task(self._generate(request, self._version, self._loaded, queue, start))
         self._tasks[request.request_id] = task
         try:
             while True:
@@ -321,12 +335,12 @@ class VLLMEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _generate(self, request, version: ServedVersion, tokenizer, queue: asyncio.Queue, start: float) -> None:
-        reply = _Reply()
+    async def _generate(self, request, version: ServedVersion, loaded, queue: asyncio.Queue, start: float) -> None:
+        reply = _Reply(prime=(request.prime or "").strip())
         reason, error = "stop", ""
         try:
             async with asyncio.timeout(request.params.timeout_s):
-                body = await asyncio.to_thread(self._body, request, version, tokenizer)
+                body = await asyncio.to_thread(self._body, request, version, loaded)
                 reason = await self._run(request.key, body, version, reply, queue)
         except TimeoutError:
             reason = "timeout"
@@ -340,6 +354,10 @@ class VLLMEngine:
             reason, error = "error", f"{type(exc).__name__}: {exc}"
         if request.request_id in self._cancelled:
             reason = "cancelled"
+        if reply.prime and not reply.parts and reason != "cancelled":
+            # Nothing was generated after the prime: the reply is the prime (as ReplyText.flush).
+            reply.parts.append(reply.prime)
+            queue.put_nowait(TokenDelta(reply.prime))
         end = time.monotonic()
         queue.put_nowait(
             GenerationDone(
@@ -354,14 +372,17 @@ class VLLMEngine:
             )
         )
 
-    def _body(self, request: GenerationRequest, version: ServedVersion, tokenizer) -> dict:
-        """The /v1/completions request: our prompt as token ids and our decoding parameters."""
-        params = request.params
+    def _body(self, request: GenerationRequest, version: ServedVersion, loaded: LoadedModel) -> dict:
+        """The /v1/completions request: our prompt (with the prime) as token ids and our decoding parameters."""
+        params, tokenizer = request.params, loaded.tokenizer
         window = self._max_model_len or min(int(tokenizer.model_max_length or 0) or 10**9, FALLBACK_MAX_MODEL_LEN)
         max_prompt, max_new = token_budget(window, params.max_new_tokens, params.max_prompt_tokens)
-        turns = trim_messages(request.messages, tokenizer, max_prompt)
-        ids = tokenizer(render_prompt(turns, tokenizer), add_special_tokens=False)["input_ids"][-max_prompt:]
+        ids = prompt_ids_for(loaded, request.messages, max_prompt, prime=request.prime)
+        extra = {}
+        if loaded.decoding.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = loaded.decoding.repetition_penalty
         return {
+            **extra,
             "model": version.name,
             "prompt": ids,
             "max_tokens": max_new,
@@ -429,8 +450,13 @@ class VLLMEngine:
             if text:
                 if reply.first is None:
                     reply.first = time.monotonic()
+                    if reply.prime:
+                        # Joined as ReplyText joins a prime and its continuation.
+                        joint = "" if text[0].isspace() or text[0] in ".,;:!?)" else " "
+                        text = reply.prime + joint + text
                 reply.parts.append(text)
-                queue.put_nowait(TokenDelta(text))
+                mean = sum(reply.logprobs) / len(reply.logprobs) if reply.logprobs else None
+                queue.put_nowait(TokenDelta(text, mean_logprob=mean))
             finish = choice.get("finish_reason")
             if finish:
                 reply.finish = finish if finish in ("stop", "length") else "error"

@@ -7,7 +7,9 @@
 # dropout, learning rate 1e-3, batch 4, one epoch over 40 examples: about 3 minutes of
 # training on two cores, plus the evaluation of 8 validation replies before and after, and
 # ~25 s the first time to convert the bundled base model. A version whose replies do not
-# beat the retrieval baseline stays a candidate: the admin's version page shows why.
+# beat the retrieval baseline would stay a candidate (the admin's version page shows why); as
+# nothing is active on a fresh install, the demo promotes it anyway with a recorded reason
+# (--first-version-reason) and the command says so, so the chat has a bot to try.
 #   PY=.venv/bin/python bash scripts/demo.d/20-finetune.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +24,8 @@ export SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKENS=${SUPPORTBOT_BIAS_PROBE_MAX_NEW_TOKE
 
 "$PY" manage.py finetune --skip-if-active --build-fresh-if-missing \
   --epochs 1 --max-examples 40 --lora-layers 8 --lora-dropout 0 --batch-size 4 --grad-accum-steps 1 \
-  --learning-rate 0.001 --eval-samples 8 --max-eval-examples 16 --promote
+  --learning-rate 0.001 --eval-samples 8 --max-eval-examples 16 --promote \
+  --first-version-reason "make demo: the first version of a fresh install, promoted so the demo chat has a model to try"
 status=$?
 if [ "$status" -eq 3 ]; then
   echo "Skipping fine-tuning: there is no dataset of sample tickets yet (see the message above)."

@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth.models import Group
 from django.urls import reverse
 
-from finetune.models import ModelVersion, ModelVersionEvent, TrainingRun
+from finetune.models import BiasReport, ModelVersion, ModelVersionEvent, TrainingRun
 from finetune.services.datasets import dataset_version_build
 from finetune.services.tickets import ticket_import
 from finetune.services.training_runs import training_run_request
@@ -168,7 +168,7 @@ def test_promote_over_a_failed_gate_needs_a_reason_then_roll_back(client, model_
 
 
 @pytest.mark.slow
-def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, quality_gate_advisory, training_worker):
+def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, model_gates_advisory, training_worker):
     """Retrain from the admin, follow the run to its end through the progress endpoint, promote the result."""
     user = staff(MODEL_ADMINS, "flowadmin")
     client.force_login(user)
@@ -198,6 +198,8 @@ def test_admin_flow_with_a_real_worker(client, model_store, dataset_dir, quality
     assert run.base_model
     assert run.base_model in page  # the resolved base is shown
 
+    # The run probes its candidate for bias after it succeeded; the gate waits for that.
+    wait_for(lambda: not version.bias_reports.filter(status=BiasReport.Status.RUNNING).exists(), timeout=90)
     promote = reverse("admin:finetune_modelversion_promote", args=[version.pk])
     assert "validation_loss</strong>: passed" in client.get(promote).content.decode()
     client.post(promote, {"reason": ""})
@@ -218,7 +220,7 @@ def browser_login(chromium, live_server, user, password: str, next_url: str) -> 
 @pytest.mark.slow
 @pytest.mark.browser
 def test_progress_page_updates_live_in_a_browser(
-    chromium, live_server, model_store, dataset_dir, quality_gate_advisory, training_worker, settings
+    chromium, live_server, model_store, dataset_dir, model_gates_advisory, training_worker, settings
 ):
     from selenium.webdriver.common.by import By
 

@@ -200,3 +200,29 @@ def test_finetune_reap_fails_runs_whose_worker_died(model_store):
     dead.refresh_from_db()
     assert dead.status == TrainingRun.Status.FAILED
     assert "1 run(s) marked failed" in out.getvalue()
+
+
+def test_a_first_version_that_fails_a_gate_is_promoted_only_with_the_reason_given(
+    transactional_db, model_store, dataset_dir, settings, quality_gate_advisory, monkeypatch
+):
+    """make demo's --first-version-reason: with nothing active, a candidate that failed a gate is promoted
+    anyway, the reason recorded as a person's would be; with a version active it stays a candidate."""
+    from finetune.services import gates
+
+    monkeypatch.setitem(gates._PROMOTION_GATES, "never", lambda candidate, active: gates.GateResult(False, "No."))
+    dataset_version_create(dataset_dir, name="june")
+    args = ["finetune", "--dataset", "june", "--epochs", "1", "--max-length", "64", "--eval-samples", "2"]
+    reason = "make demo: a first version to try"
+    out = StringIO()
+    call_command(*args, "--first-version-reason", reason, stdout=out)
+    first = ModelVersion.objects.get()
+    assert first.status == ModelVersion.Status.ACTIVE
+    event = first.events.get(action="promoted")
+    assert (event.gates_overridden, event.reason, event.automatic) == (True, reason, False)
+    assert "failed a gate but no version was active, so it was promoted anyway" in out.getvalue()
+
+    out = StringIO()
+    call_command(*args, "--first-version-reason", reason, stdout=out)
+    second = ModelVersion.objects.exclude(pk=first.pk).get()
+    assert second.status == ModelVersion.Status.CANDIDATE  # a version was active: the gate holds
+    assert "promoted anyway" not in out.getvalue()

@@ -121,7 +121,7 @@ def test_killed_worker_fails_the_run_and_a_redelivery_does_not_rerun_it(
 
 
 def test_a_promotion_by_the_worker_reaches_a_chat_server_on_the_in_memory_layer(
-    model_store, dataset_dir, quality_gate_advisory, training_worker, tiny_base, daphne_factory
+    model_store, dataset_dir, model_gates_advisory, training_worker, tiny_base, daphne_factory
 ):
     """The embedded default: each process has its own in-memory channel layer, so the worker's
     ``model.changed`` event never reaches daphne. daphne must still converge on the version

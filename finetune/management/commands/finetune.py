@@ -27,6 +27,7 @@ from finetune.selectors import (
     model_version_of_run,
     training_run_outcome_lines,
 )
+from finetune.services.model_versions import model_version_promote
 from finetune.services.training_runs import (
     training_run_execute,
     training_run_request,
@@ -63,6 +64,15 @@ class Command(BaseCommand):
             action=argparse.BooleanOptionalAction,
             default=True,
             help="Promote the new version if it passes the gates (default: yes).",
+        )
+        parser.add_argument(
+            "--first-version-reason",
+            metavar="REASON",
+            default="",
+            help=(
+                "When no version is active and the new one fails a gate, promote it anyway with this reason "
+                "(recorded on the version, as a person's promote-anyway is): a first version to try, as make demo does."
+            ),
         )
         parser.add_argument("--skip-if-active", action="store_true", help="Do nothing if a version is active.")
         parser.add_argument("--reap", action="store_true", help="Only fail runs whose worker stopped responding.")
@@ -113,7 +123,7 @@ class Command(BaseCommand):
             run = training_run_execute(run_id=run.pk, on_progress=_ProgressBar(self.stderr))
         finally:
             trainer_log.setLevel(level)
-        self._report(run)
+        self._report(run, first_version_reason=options["first_version_reason"].strip())
 
     def _dataset(self, value: str | None) -> DatasetVersion | None:
         if not value:
@@ -123,7 +133,7 @@ class Command(BaseCommand):
             raise CommandError(f"No dataset version named or numbered {value!r}.", returncode=NO_DATASET_EXIT)
         return dataset
 
-    def _report(self, run: TrainingRun) -> None:
+    def _report(self, run: TrainingRun, *, first_version_reason: str = "") -> None:
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise CommandError(f"Run #{run.pk} {run.get_status_display().lower()}: {run.error or 'cancelled'}")
         version = model_version_of_run(run)
@@ -136,6 +146,17 @@ class Command(BaseCommand):
                 f"base {version.base_model}, in {version.merged_path or version.adapter_path}"
             )
         )
+        if first_version_reason and version.status == version.Status.CANDIDATE and model_version_active() is None:
+            try:
+                version = model_version_promote(version=version, reason=first_version_reason)
+            except ApplicationError as exc:
+                raise command_error(exc) from exc
+            self.stdout.write(
+                self.style.WARNING(
+                    f"{version.label} failed a gate but no version was active, so it was promoted anyway: "
+                    f"{first_version_reason!r} (recorded on its version page, which shows why each gate failed)."
+                )
+            )
 
 
 class _ProgressBar:

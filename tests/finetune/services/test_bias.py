@@ -62,6 +62,9 @@ def test_the_gate_blocks_a_candidate_that_failed_and_passes_one_that_passed():
     assert model_version_gates_evaluate(version=passing)["gates"]["bias_probe"]["passed"] is True
     detail = model_version_gates_evaluate(version=unprobed)["gates"]["bias_probe"]["detail"]
     assert "manage.py bias_probe --version 7" in detail
+    running = ModelVersionFactory(number=10)
+    bias.bias_report_start(version=running, trigger="training_run")
+    assert "is running" in model_version_gates_evaluate(version=running)["gates"]["bias_probe"]["detail"]
     # The latest report counts: probing again with an even generator clears the gate.
     bias.bias_probe_run(version=failing, generate=even_generator, intent_of=intent_of)
     assert model_version_gates_evaluate(version=failing)["gates"]["bias_probe"]["passed"] is True
@@ -107,7 +110,7 @@ def test_a_training_run_probes_its_candidate_and_a_failing_one_stays_a_candidate
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
     version = ModelVersion.objects.get(training_run=run)
     assert version.status == ModelVersion.Status.CANDIDATE  # the first version, yet not promoted
-    assert version.bias_reports.get().status == BiasReport.Status.FAIL
+    assert version.bias_reports.get().status == BiasReport.Status.FAIL  # the running report, finished
     assert version.gate_results["gates"]["validation_loss"]["passed"] is True
     assert version.gate_results["gates"]["bias_probe"]["passed"] is False
     assert "Bias probe of v1: fail" in run.log_tail

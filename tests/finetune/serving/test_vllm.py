@@ -32,6 +32,7 @@ from finetune.ml.tiny import build_tiny_llama, build_tiny_lora_adapter
 from finetune.models import ModelVersion
 from finetune.services.model_versions import model_version_promote, model_version_rollback
 from finetune.serving.interface import GenerationParams, GenerationRequest, TokenDelta
+from finetune.serving.loading import LoadedModel
 from finetune.serving.vllm import VLLMEngine, VLLMServers, served_version
 from supportbot.errors import ApplicationError
 from tests.conftest import ROOT, free_port
@@ -318,7 +319,8 @@ async def test_cancel_closes_the_stream_and_vllm_stops_generating(vllm_server, t
     servers = VLLMServers([vllm_server.url])
     version = served_version(label=f"v9{uuid.uuid4().int % 10**6}", adapter_path=str(tiny_llama["orders"]))
     await asyncio.to_thread(servers.publish, version)
-    engine = VLLMEngine(servers, version, AutoTokenizer.from_pretrained(version.files), max_model_len=512)
+    tokenizer = AutoTokenizer.from_pretrained(version.files)
+    engine = VLLMEngine(servers, version, LoadedModel(model=None, tokenizer=tokenizer, label="v9"), max_model_len=512)
     request = GenerationRequest(
         key=str(uuid.uuid4()),
         messages=[

@@ -10,7 +10,11 @@ import uuid
 
 import pytest
 
-from finetune.serving.vllm import VLLMError, VLLMServers, served_name, served_version
+from finetune.serving.interface import GenerationParams, GenerationRequest, TokenDelta
+from finetune.serving.loading import LoadedModel
+from finetune.serving.text import prompt_ids_for
+from finetune.serving.vllm import VLLMEngine, VLLMError, VLLMServers, _Reply, served_name, served_version
+from tests.finetune.serving.engine_models import tiny_gpt2_dir
 
 URLS = ["http://vllm-a:8000", "http://vllm-b:8000", "http://vllm-c:8000"]
 
@@ -73,3 +77,35 @@ def test_a_merged_version_no_server_lists_blocks_with_what_to_start(tmp_path):
     version = served_version(label="v4", adapter_path=str(_adapter(tmp_path, "gpt2")), merged_path="/models/v4")
     with pytest.raises(VLLMError, match=r"v4 cannot go live.*127\.0\.0\.1:9 did not answer"):
         servers.publish(version)
+
+
+def test_a_request_carries_the_prompt_the_other_engines_build_with_its_prime():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir())
+    loaded = LoadedModel(model=None, tokenizer=tokenizer, label="v3")
+    engine = VLLMEngine(VLLMServers(URLS), served_version(label="v3", adapter_path="/nowhere"), loaded)
+    messages = [{"role": "system", "content": "You help."}, {"role": "customer", "content": "Where is my order?"}]
+    request = GenerationRequest(
+        key="c", messages=messages, params=GenerationParams(max_new_tokens=20), prime="Your order has shipped."
+    )
+    body = engine._body(request, engine.version, loaded)
+    assert body["model"] == "supportbot-v3"
+    assert body["prompt"] == prompt_ids_for(loaded, messages, 1024 - 20, prime="Your order has shipped.")
+    assert tokenizer.decode(body["prompt"]).endswith("Agent: Your order has shipped.")
+    assert (body["max_tokens"], body["stream"]) == (20, True)
+    assert "\nCustomer:" in body["stop"]
+
+
+def test_streamed_text_after_a_prime_starts_with_it():
+    import asyncio
+
+    queue: asyncio.Queue = asyncio.Queue()
+    reply = _Reply(prime="Your order has shipped.")
+    for text in ("It", " arrives", " Monday."):
+        chunk = {"choices": [{"text": text, "logprobs": {"token_logprobs": [-0.5]}, "finish_reason": None}]}
+        VLLMEngine._take(chunk, reply, queue)
+    deltas = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert all(isinstance(delta, TokenDelta) for delta in deltas)
+    assert "".join(delta.text for delta in deltas) == "Your order has shipped. It arrives Monday."
+    assert deltas[-1].mean_logprob == -0.5
