@@ -66,33 +66,12 @@ COMPANY = "Acme"
 
 def build_bitext_dataset(csv_path: Path, out_dir: Path, tokenizer, tokenizer_name: str) -> Path:
     """The Bitext tickets through the project's importer and dataset builder (seed 0, 10% validation)."""
-    from finetune.ml.dataset_builder import BuildOptions, SourceConversation, build_dataset
-    from finetune.ml.importers import ParsedTicket, read_tickets
+    from finetune.ml.dataset_builder import BuildOptions, build_dataset, conversations_from_file
     from finetune.ml.prompting import system_prompt_text
-    from finetune.ml.redaction import CustomerFields
-
-    def conversations():
-        for item in read_tickets(csv_path, "bitext"):
-            if isinstance(item, ParsedTicket):
-                yield SourceConversation(
-                    origin=f"ticket:bitext:{item.external_id}",
-                    messages=[{"role": m.role, "content": m.body} for m in item.messages],
-                    intent=item.intent,
-                    category=item.category,
-                    tags=item.tags,
-                    segment=item.customer_segment,
-                    customer=CustomerFields.from_values(
-                        name=item.customer_name,
-                        email=item.customer_email,
-                        phone=item.customer_phone,
-                        address=item.customer_address,
-                        identifiers=item.customer_identifiers,
-                    ),
-                )
 
     system = system_prompt_text(template=SYSTEM_PROMPT, company=COMPANY)
     options = BuildOptions(out_dir=out_dir, tokenizer_name=tokenizer_name, system_prompt=system, max_length=1024)
-    build_dataset(conversations(), tokenizer, options)
+    build_dataset(conversations_from_file(csv_path, "bitext", source="bitext"), tokenizer, options)
     return out_dir
 
 

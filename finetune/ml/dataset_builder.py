@@ -671,12 +671,18 @@ def _nothing_kept_message(builder: _Builder) -> str:
 
 def conversations_from_jsonl(path: str | Path) -> Iterator[SourceConversation]:
     """Conversations straight from a ticket JSONL file (the importer's format), for scripts and tests."""
+    return conversations_from_file(path, "jsonl", source="file")
+
+
+def conversations_from_file(path: str | Path, fmt: str, *, source: str) -> Iterator[SourceConversation]:
+    """Conversations straight from a ticket file in any importer format (``jsonl``, ``bitext``, …),
+    without the database: for scripts, benchmarks and tests. Origins are ``ticket:<source>:<id>``."""
     from .importers import ParsedTicket, read_tickets
 
-    for item in read_tickets(path, "jsonl"):
+    for item in read_tickets(path, fmt):
         if isinstance(item, ParsedTicket):
             yield SourceConversation(
-                origin=f"ticket:file:{item.external_id}",
+                origin=f"ticket:{source}:{item.external_id}",
                 messages=[{"role": m.role, "content": m.body} for m in item.messages],
                 intent=item.intent,
                 category=item.category,

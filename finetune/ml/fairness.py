@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -631,32 +631,8 @@ def segment_report(
                         metric.kind,
                         confidence,
                     )
-    decision_p = [d["within_intent"].p_value if d.get("within_intent") else d["p_value"] for d in drafts]
-    adjusted = benjamini_hochberg(decision_p)
-    tests = []
-    for draft, p_adjusted in zip(drafts, adjusted, strict=True):
-        within = draft.pop("within_intent", None)
-        metric = draft.pop("_metric")
-        value, reference = (within.observed, within.expected) if within else (draft["value"], draft["value_rest"])
-        decision = alert_decision(
-            n=draft["n"],
-            p_adjusted=p_adjusted,
-            value=value,
-            reference=reference,
-            kind=metric.kind,
-            better=metric.better,
-            thresholds=thresholds,
-        )
-        tests.append(
-            SegmentTest(
-                **draft,
-                within_intent=within,
-                decision_basis="within-intent" if within else "raw",
-                p_adjusted=p_adjusted,
-                decision=decision,
-            )
-        )
-    return SegmentReport(tests=tests, thresholds=thresholds, rows=len(frame))
+    (report,) = adjust_family([SegmentDrafts(drafts=drafts, thresholds=thresholds)])
+    return replace(report, rows=len(frame))
 
 
 def _draft(field_name, segment, metric, seg_values, rest_values, confidence, n_resamples, seed) -> dict:
