@@ -111,6 +111,23 @@ def _activate(
 
 
 @transaction.atomic
+def model_version_promote_first(*, version: ModelVersion, reason: str) -> ModelVersion | None:
+    """Promote ``version`` with ``reason`` only when no version is active (a fresh install's first).
+
+    The gates still run and are shown; a failing one is overridden with ``reason``,
+    recorded as a person's promote-anyway is. Returns None, changing nothing, when a
+    version is active or ``version`` is no longer a candidate: then the gates hold.
+    """
+    advisory_lock(MODEL_VERSIONS_LOCK)
+    if selectors.model_version_active(for_update=True) is not None:
+        return None
+    version.refresh_from_db()
+    if version.status != ModelVersion.Status.CANDIDATE:
+        return None
+    return model_version_promote(version=version, reason=reason)
+
+
+@transaction.atomic
 def model_version_promote(
     *, version: ModelVersion, actor=None, reason: str = "", automatic: bool = False
 ) -> ModelVersion:

@@ -27,7 +27,7 @@ from finetune.selectors import (
     model_version_of_run,
     training_run_outcome_lines,
 )
-from finetune.services.model_versions import model_version_promote
+from finetune.services.model_versions import model_version_promote_first
 from finetune.services.training_runs import (
     training_run_execute,
     training_run_request,
@@ -146,11 +146,14 @@ class Command(BaseCommand):
                 f"base {version.base_model}, in {version.merged_path or version.adapter_path}"
             )
         )
-        if first_version_reason and version.status == version.Status.CANDIDATE and model_version_active() is None:
+        if first_version_reason and not version.gate_results.get("passed"):
             try:
-                version = model_version_promote(version=version, reason=first_version_reason)
+                promoted = model_version_promote_first(version=version, reason=first_version_reason)
             except ApplicationError as exc:
                 raise command_error(exc) from exc
+            if promoted is None:
+                return
+            version = promoted
             self.stdout.write(
                 self.style.WARNING(
                     f"{version.label} failed a gate but no version was active, so it was promoted anyway: "
