@@ -56,9 +56,26 @@ SYSTEM_PROMPT = (
 EMOJI = "\U0001f600\U0001f4e6\U0001f525\U0001f9fe"
 HUGE = EMOJI * 1024  # 4,096 characters, the chat's longest message
 NORMAL = "Where is my order? I ordered a blender last week and it has not arrived."
+# When the normal customer asks, in seconds after the three long messages are in flight.
+ARRIVALS_S = (0.2, 0.75, 1.9, 4.1, 6.6, 9.3, 12.8)
+PRODUCTS = ["blender", "kettle", "toaster", "lamp", "desk", "chair", "heater", "mixer", "drill", "fan"]
+
+
+def huge_message(n: int) -> str:
+    """The n-th distinct 4,096-character emoji message: its emoji start rotated, so that no
+    two share a prompt prefix and the prefix cache cannot spare their prefill."""
+    shift = n % len(EMOJI)
+    return chr(0x1F300 + n // len(EMOJI)) + (EMOJI[shift:] + EMOJI[:shift]) * 1023 + EMOJI[: len(EMOJI) - 1]
+
+
+def normal_message(n: int) -> str:
+    """The n-th normal customer's question: a new customer each time (only the system
+    prompt is in the prefix cache, as for a real new conversation)."""
+    return NORMAL.replace("blender", PRODUCTS[n % len(PRODUCTS)]) + f" Order {40417 + 7 * n}."
 # The settings' defaults (supportbot/settings.py), without importing Django.
 PROMPT_MAX_TOKENS = 1536
-PREFILL_TOKENS_PER_STEP = 256
+PREFILL_TOKENS_PER_STEP = 64
+PREFILL_WHOLE_TOKENS = 768
 
 
 def messages(text: str) -> list[dict[str, str]]:
@@ -88,16 +105,20 @@ async def drain(engine, text: str, params: GenerationParams) -> None:
 async def measure(engine, params_normal, params_huge, trials: int, timeout: float) -> dict:
     idle, loaded, loaded_ok = [], [], []
     for trial in range(trials + 1):  # trial 0 warms up (prefix cache, allocator)
-        seconds, _ = await asyncio.wait_for(first_word(engine, NORMAL, params_normal), timeout)
+        seconds, _ = await asyncio.wait_for(first_word(engine, normal_message(2 * trial), params_normal), timeout)
         if trial:
             idle.append(seconds)
-        huge = [asyncio.ensure_future(drain(engine, HUGE, params_huge)) for _ in range(3)]
+        huge = [asyncio.ensure_future(drain(engine, huge_message(3 * trial + i), params_huge)) for i in range(3)]
         deadline = time.monotonic() + timeout
         while engine._runner.in_flight < 3 and time.monotonic() < deadline:  # noqa: SLF001 - the bench looks inside
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # in flight: admitted and being prefilled
+        # The normal customer arrives at a different moment of the long prompts' work each
+        # trial (early or late in their chunked prefill, or once they are being answered).
+        await asyncio.sleep(ARRIVALS_S[(trial - 1) % len(ARRIVALS_S)] if trial else 0.2)
         try:
-            seconds, done = await asyncio.wait_for(first_word(engine, NORMAL, params_normal), timeout)
+            seconds, done = await asyncio.wait_for(
+                first_word(engine, normal_message(2 * trial + 1), params_normal), timeout
+            )
         except TimeoutError:
             seconds, done = float("inf"), None
         if trial:
@@ -126,12 +147,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", help="a merged model directory (default: the bundled SmolLM2-135M)")
     parser.add_argument("--model-store", default=str(ROOT / "var" / "models"))
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on one measurement after this")
     parser.add_argument("--compare", action="store_true", help="also measure the unbounded engine (slow)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS_PER_STEP, help="per-step prefill budget")
+    parser.add_argument(
+        "--prefill-whole", type=int, default=PREFILL_WHOLE_TOKENS, help="a prompt up to this is prefilled whole"
+    )
     parser.add_argument("--json", default="")
     args = parser.parse_args()
 
@@ -144,7 +168,13 @@ def main() -> None:
         configurations["unbounded"] = (None, 10**9)
     results = {}
     for name, (max_prompt, per_step) in configurations.items():
-        engine = BatchedEngine(loaded, max_batch_size=16, num_threads=args.threads, prefill_tokens=per_step)
+        engine = BatchedEngine(
+            loaded,
+            max_batch_size=16,
+            num_threads=args.threads,
+            prefill_tokens=per_step,
+            prefill_whole_tokens=args.prefill_whole if per_step < 10**9 else per_step,
+        )
         normal = GenerationParams(
             max_new_tokens=args.max_new_tokens, timeout_s=args.timeout, max_prompt_tokens=max_prompt
         )

@@ -443,12 +443,18 @@ SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
 # shared system prompt) is not prefilled again. ~75 KB per token for GPT-2-small: 512 MB
 # holds about 16 conversations of 400 tokens. 0 turns it off.
 SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
-# Prompt tokens the batched engine prefills between two decode steps. A longer prompt is
-# prefilled in chunks over several steps, shortest waiting prompt first, so a normal
-# customer's prompt never waits behind a long one and running replies keep streaming.
-# 256: each chunk also re-reads the prompt's cached prefix, so much smaller chunks cost more
-# in all (docs/benchmarks.md#fairness); a GPU takes far more (vLLM's default is 512 to 2048).
-SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 256)
+# Prompt tokens the batched engine prefills between two decode steps when it chunks a long
+# prompt. A new customer waits at most for the pass in progress, so a chunk must cost about
+# what one ordinary prompt costs: 64 tokens take 115-190 ms on two CPU cores with
+# SmolLM2-135M, 256 take 360-510 ms (docs/benchmarks.md#fairness). A GPU takes far more
+# (vLLM's default is 512 to 2048).
+SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 64)
+# A prompt first in line with at most this many tokens to prefill (after the prefix cache)
+# is prefilled whole, in one pass: an ordinary grounded prompt (GroundingConfig's budget is
+# 768 tokens) is never chunked, which would cost it a pass's fixed overhead per chunk. Only
+# longer prompts (a customer's long message on a version without grounding, up to
+# SUPPORTBOT_PROMPT_MAX_TOKENS) are chunked.
+SUPPORTBOT_PREFILL_WHOLE_TOKENS = env_int("SUPPORTBOT_PREFILL_WHOLE_TOKENS", 768)
 
 # --- Agent workspace (issue 11) ---------------------------------------------------------
 # Share of finished bot replies put in the "random sample" review queue, so agents also

@@ -134,6 +134,7 @@ def _make_engine(loaded):
         max_batch_size=settings.SUPPORTBOT_MAX_BATCH_SIZE,
         prefix_cache_mb=settings.SUPPORTBOT_PREFIX_CACHE_MB,
         prefill_tokens=settings.SUPPORTBOT_PREFILL_TOKENS_PER_STEP,
+        prefill_whole_tokens=settings.SUPPORTBOT_PREFILL_WHOLE_TOKENS,
     )
 
 

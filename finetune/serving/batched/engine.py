@@ -36,13 +36,13 @@ class BatchedEngine:
     wait in a queue; between two decode steps the thread admits waiting requests (up to
     ``max_batch_size`` rows) and prefills at most ``prefill_tokens`` prompt tokens (only
     the tokens the prefix cache does not already hold: a conversation's earlier turns,
-    the shared system prompt), the prompt with the fewest tokens left first and a long
-    one in chunks over several steps, so one expensive prompt neither holds up a short
-    one nor stops running replies; a prompt whose last chunk is done joins the batch's
-    KV cache. Then one forward pass over the batch gives every row its next token.
-    One reply per conversation at a time (``EngineBusy``), so no conversation takes more
-    than its row. Finished, cancelled and
-    timed-out rows leave between steps. Tokens reach each request's asyncio queue through
+    the shared system prompt), the prompt with the fewest tokens left first (whole when it
+    has at most ``prefill_whole_tokens`` left) and a longer one in chunks over several
+    steps, so one expensive prompt neither holds up a short one nor stops running
+    replies; a prompt whose last chunk is done joins the batch's KV cache. Then one
+    forward pass over the batch gives every row its next token. One reply per
+    conversation at a time (``EngineBusy``), so no conversation takes more than its row.
+    Finished, cancelled and timed-out rows leave between steps. Tokens reach each request's asyncio queue through
     ``loop.call_soon_threadsafe``.
 
     Greedy replies equal ``NaiveEngine``'s token for token (tests check it); batching
@@ -59,9 +59,15 @@ class BatchedEngine:
         max_batch_size: int = 16,
         num_threads: int | None = None,
         prefix_cache_mb: float = 512,
-        prefill_tokens: int = 256,
+        prefill_tokens: int = 64,
+        prefill_whole_tokens: int = 768,
     ):
-        self._scheduler = Scheduler(loaded, max_batch_size=max_batch_size, prefill_tokens=prefill_tokens)
+        self._scheduler = Scheduler(
+            loaded,
+            max_batch_size=max_batch_size,
+            prefill_tokens=prefill_tokens,
+            prefill_whole_tokens=prefill_whole_tokens,
+        )
         self._runner = Runner(self._scheduler, prefix_cache_bytes=int(prefix_cache_mb * 2**20))
         self.num_threads = num_threads or _cpu_count()
         self._thread: threading.Thread | None = None

@@ -41,9 +41,6 @@ MIN_CHUNK_TOKENS = 32
 # at decode speed instead of one prefill chunk per token.
 HOLD_TOKENS = 16
 HOLD_STEPS = 8
-# A prompt of at most this many times the step's budget is prefilled whole when it is first
-# in line: an ordinary customer's prompt (about 100 tokens) is never chunked.
-SHORT_PROMPT_BUDGETS = 2
 
 
 @dataclass(eq=False)
@@ -74,6 +71,7 @@ class Prefill:
     batch: KVBatch | None = None  # the batch (model) the row joins once prefilled
     upto: int = 0  # end of the tokens this step's pass computes
     skipped: int = 0  # steps it waited without a chunk (ages its priority)
+    chunked: bool = False  # a first chunk was computed: the rest comes in chunks too
 
     @property
     def new_tokens(self) -> int:
@@ -157,12 +155,14 @@ class Runner:
         """Prefill at most ``budget`` prompt tokens (one step's share), in the groups ``grouping`` forms.
 
         The prompt with the fewest tokens left goes first, so a normal customer's prompt
-        never waits behind a long one; a prompt longer than what is left of the budget
-        gets a chunk of it and continues at the next step (its keys and values so far
-        are kept), unless a reply that has just started shows no word yet (see
-        ``HOLD_STEPS``). A prompt passed over ages: each skipped step counts as ``budget``
-        tokens fewer, so a long prompt is never starved by a stream of short ones. A
-        prompt whose last chunk is computed gets its first token and joins its batch.
+        never waits behind a long one; when it has at most the scheduler's
+        ``prefill_whole_tokens`` left (an ordinary grounded prompt), it is prefilled whole,
+        alone. A prompt longer than what is left of the budget gets a chunk of it and
+        continues at the next step (its keys and values so far are kept), unless a reply
+        that has just started shows no word yet (see ``HOLD_STEPS``). A prompt passed over
+        ages: each skipped step counts as ``budget`` tokens fewer, so a long prompt is never
+        starved by a stream of short ones. A prompt whose last chunk is computed gets its
+        first token and joins its batch.
         """
         now = time.monotonic()
         for item in [p for p in self.pending if p.row.job.cancelled or now > p.row.job.deadline]:
@@ -180,7 +180,8 @@ class Runner:
         left, complete, chunks = max(1, budget), [], []
         for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
             take = min(item.remaining, left)
-            if not complete and not chunks and item.remaining <= SHORT_PROMPT_BUDGETS * budget:
+            whole = not item.chunked and item.remaining <= self.scheduler.prefill_whole_tokens
+            if not complete and not chunks and whole:
                 take = item.remaining  # the first in line, of an ordinary size: whole, in one pass
             if take == item.remaining:
                 complete.append(item)
@@ -190,6 +191,7 @@ class Runner:
                 continue
             else:
                 chunks.append(item)
+                item.chunked = True
             item.upto, item.skipped = item.reused + take, 0
             left -= take
         for item in chunks if complete else ():

@@ -8,7 +8,8 @@ decides between two decode steps what the generation thread does next:
   (``max_batch_size`` rows);
 - ``prefill_tokens`` is the most prompt tokens prefilled between two decode steps
   (the runner's ``prefill_some`` spends it, fewest tokens left first, long prompts in
-  chunks); the chunks of one step with similar lengths are grouped into shared prefill
+  chunks; a prompt first in line with at most ``prefill_whole_tokens`` left, an ordinary
+  customer's, in one pass); the chunks of one step with similar lengths are grouped into shared prefill
   passes (``prefill_groups``): prefill is compute-bound, so padding costs as much as
   real tokens.
 
@@ -67,12 +68,15 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, loaded: LoadedModel | None, *, max_batch_size: int, prefill_tokens: int):
+    def __init__(
+        self, loaded: LoadedModel | None, *, max_batch_size: int, prefill_tokens: int, prefill_whole_tokens: int
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}.")
         self.loaded = loaded  # served to requests admitted from now on
         self.max_batch_size = max_batch_size
         self.prefill_tokens = prefill_tokens
+        self.prefill_whole_tokens = prefill_whole_tokens
         self.cond = threading.Condition()
         self.waiting: collections.deque[Job] = collections.deque()
         self.jobs: dict[str, Job] = {}  # request_id -> job, from submission to its last event

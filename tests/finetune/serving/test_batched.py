@@ -221,7 +221,9 @@ async def test_a_queued_request_times_out_without_a_free_row(gpt2):
 
 
 async def test_one_generation_at_a_time_per_conversation(engine):
-    first = engine.stream(request("conv-1", conversation(QUESTIONS[0]), max_new_tokens=50))
+    # Long enough to be still running when the second request comes (a step of the tiny model
+    # takes about a millisecond: 50 tokens could be done before the next line runs).
+    first = engine.stream(request("conv-1", conversation(QUESTIONS[0]), max_new_tokens=400))
     await anext(first)
     with pytest.raises(EngineBusy):
         await anext(engine.stream(request("conv-1", conversation(QUESTIONS[1]))))
@@ -274,7 +276,7 @@ async def test_a_short_prompt_is_prefilled_before_a_long_one_that_came_first(gpt
     """One step prefills at most ``prefill_tokens`` prompt tokens, fewest tokens left first: a
     long prompt goes in chunks, and a normal customer's prompt arriving after it gets its first
     token first instead of waiting for the whole long prefill."""
-    engine = BatchedEngine(gpt2, max_batch_size=8, prefill_tokens=8, prefix_cache_mb=0)
+    engine = BatchedEngine(gpt2, max_batch_size=8, prefill_tokens=8, prefill_whole_tokens=16, prefix_cache_mb=0)
     try:
         long = conversation(" ".join(f"parcel{i} is late" for i in range(120)))
         short = conversation("Where is my order?")
@@ -302,3 +304,24 @@ async def test_a_short_prompt_is_prefilled_before_a_long_one_that_came_first(gpt
         assert long_done.text == want.text
     finally:
         engine.close(timeout=10)
+
+
+async def test_an_ordinary_prompt_first_in_line_is_prefilled_whole_and_a_longer_one_in_chunks(gpt2):
+    """A prompt with at most ``prefill_whole_tokens`` to prefill goes in one pass however small
+    the per-step chunk (chunking it would cost a pass's overhead per chunk); a longer one is
+    chunked to the end, even once what is left of it would fit the whole-prompt limit."""
+    ordinary = conversation(" ".join(f"parcel{i} is late" for i in range(10)))
+    longer = conversation(" ".join(f"parcel{i} is late" for i in range(40)))
+    ordinary_tokens = len(prompt_ids_for(gpt2, ordinary, token_budget(512, 4)[0]))
+    longer_tokens = len(prompt_ids_for(gpt2, longer, token_budget(512, 4)[0]))
+    assert 100 < ordinary_tokens < 200 < 400 < longer_tokens
+    for messages, passes in ((ordinary, lambda n: n == 1), (longer, lambda n: n >= (longer_tokens - 200) // 8)):
+        engine = BatchedEngine(gpt2, max_batch_size=8, prefill_tokens=8, prefill_whole_tokens=200, prefix_cache_mb=0)
+        try:
+            _, done = await collect(engine, request("c", messages, max_new_tokens=4))
+            assert done.finish_reason in {"length", "stop"}
+            assert passes(engine.prefills), engine.prefills
+            (want,) = await naive_replies(gpt2, [messages], max_new_tokens=4)
+            assert done.text == want.text
+        finally:
+            engine.close(timeout=10)
