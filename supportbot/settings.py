@@ -474,14 +474,17 @@ if SUPPORTBOT_REVIEW_LEASE_S < 30:
     raise ImproperlyConfigured("SUPPORTBOT_REVIEW_LEASE_S must be at least 30 seconds.")
 
 # --- Bias monitoring (issue 12) -----------------------------------------------------------
-# Django's cache holds the monitoring dashboard's computed figures (nothing else uses it):
-# with REDIS_URL in Redis, so every server process shares one copy; else in the process.
+# Django's cache holds the monitoring dashboard's computed figures and its refresh lock
+# (nothing else uses it): with REDIS_URL in Redis, so every server process and worker
+# shares one copy; else in the process. The Redis database is shared with the channel
+# layer, the broker and the rate limit ("supportbot:ratelimit:*"), so the cache has a
+# prefix of its own and its clear() deletes only those keys (supportbot/cache.py).
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "supportbot.cache.PrefixedRedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "supportbot",
+            "KEY_PREFIX": "supportbot-cache",
             "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 10},
         }
     }
