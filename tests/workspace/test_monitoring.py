@@ -20,13 +20,6 @@ from tests.factories import ConversationFactory, ModelVersionFactory, bot_reply
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def _empty_cache():
-    """Figures another test left would be shown for SUPPORTBOT_MONITORING_CACHE_S. With REDIS_URL
-    this clears only the cache's own keys (supportbot/cache.py; tests/supportbot/test_cache.py)."""
-    cache.clear()
-
-
 Z = 1.959963984540054  # the 97.5% normal quantile
 
 
