@@ -508,6 +508,13 @@ if not 0 < SUPPORTBOT_BIAS_RATIO_LOW <= 1 <= SUPPORTBOT_BIAS_RATIO_HIGH:
 SUPPORTBOT_MONITORING_CACHE_S = env_int("SUPPORTBOT_MONITORING_CACHE_S", 300)
 # The dashboard's default window: replies of the last this many days.
 SUPPORTBOT_MONITORING_DAYS = env_int("SUPPORTBOT_MONITORING_DAYS", 90)
+# Every Celery worker recomputes the default window's figures this often when replies
+# changed (one at a time, under a lock in the cache), so no page view waits for a
+# computation; only with a shared cache (REDIS_URL). 0 turns it off. 300 s: a
+# recomputation at 100,000 replies costs a few CPU seconds (docs/benchmarks.md).
+SUPPORTBOT_MONITORING_REFRESH_S = env_float("SUPPORTBOT_MONITORING_REFRESH_S", 300.0)
+if SUPPORTBOT_MONITORING_REFRESH_S < 0:
+    raise ImproperlyConfigured("SUPPORTBOT_MONITORING_REFRESH_S must be 0 (off) or a number of seconds.")
 # Counterfactual probes (manage.py bias_probe, and after every training run): how many
 # of the probe set's requests to ask (each in 23 variants; all 54 by default, at least
 # SUPPORTBOT_BIAS_MIN_N for a verdict) and the reply length. 64 tokens show curt replies.

@@ -9,7 +9,9 @@ intervals from value histograms, also counted in the database.
 
 ``monitoring_report`` returns a JSON-ready dict and keeps it in Django's cache: without
 new replies it is served as it is; with new ones, for ``SUPPORTBOT_MONITORING_CACHE_S``
-(the page says when it was computed and offers "Recompute").
+(the page says when it was computed and offers "Recompute"). Every Celery worker runs
+``monitoring_report_refresh`` every ``SUPPORTBOT_MONITORING_REFRESH_S`` (``refresh.py``),
+one at a time, so with a shared cache no page view waits for a computation.
 
 Every figure is per segment x model version: a segment is compared with the rest of
 the same version's replies (never across versions, whose traffic differs), within
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -60,6 +63,10 @@ from ..models import ReplyOutcome, Review
 from .services import REGISTER_FIELDS
 
 CACHE_PREFIX = "monitoring-report:v1"
+REFRESH_LOCK = "monitoring-report:refresh-lock"
+REFRESH_LOCK_S = 600  # a recomputation takes seconds; a holder that died frees the lock after this
+# Cache backends whose entries live in one process: a worker's figures never reach the page there.
+_PROCESS_CACHES = ("django.core.cache.backends.locmem", "django.core.cache.backends.dummy")
 NO_VERSION = "none"  # replies no recorded version wrote (a version deleted, or before versions existed)
 NO_LABEL = "(none)"  # a segment field left empty: no page segment, intent unknown, message unlabelled
 BOOTSTRAP_RESAMPLES = 2000
@@ -544,6 +551,50 @@ def _cache_key(filters: MonitoringFilters, thresholds: AlertThresholds) -> str:
     return f"{CACHE_PREFIX}:{hashlib.sha256(raw.encode()).hexdigest()[:24]}"
 
 
+def monitoring_cache_is_shared() -> bool:
+    """Whether every process reads one cache (Redis), so figures one process computes serve the others."""
+    backend = settings.CACHES["default"]["BACKEND"]
+    return backend.rsplit(".", 1)[0] not in _PROCESS_CACHES
+
+
+def monitoring_refresh_interval() -> float | None:
+    """Seconds between the workers' recomputations (``SUPPORTBOT_MONITORING_REFRESH_S``); None when
+    they do not run: turned off, or a cache of each process's own that a worker cannot fill for the page."""
+    interval = settings.SUPPORTBOT_MONITORING_REFRESH_S
+    return interval if interval > 0 and monitoring_cache_is_shared() else None
+
+
+def monitoring_report_refresh(filters: MonitoringFilters | None = None) -> dict[str, Any] | None:
+    """Recompute and keep the figures of ``filters`` (default: the page's default window) when replies
+    changed since they were kept; None when nothing changed or another process is recomputing.
+
+    What every worker runs every ``SUPPORTBOT_MONITORING_REFRESH_S``: the lock (an atomic
+    ``cache.add``, SET NX in Redis) lets one process compute while the others skip, and the
+    one that comes next finds the fingerprint current and does nothing.
+    """
+    filters = filters or MonitoringFilters.from_query({})
+    token = uuid.uuid4().hex
+    if not cache.add(REFRESH_LOCK, token, timeout=REFRESH_LOCK_S):
+        return None
+    try:
+        thresholds = bias_thresholds()
+        kept = cache.get(_cache_key(filters, thresholds))
+        fingerprint = _fingerprint(filters)
+        if kept is not None and kept.get("fingerprint") == fingerprint:
+            return None
+        return _report_compute_and_keep(filters, thresholds, fingerprint)
+    finally:
+        if cache.get(REFRESH_LOCK) == token:  # not a lock that expired and another process took
+            cache.delete(REFRESH_LOCK)
+
+
+def _report_compute_and_keep(filters: MonitoringFilters, thresholds: AlertThresholds, fingerprint: str) -> dict:
+    report = monitoring_report_compute(filters, thresholds=thresholds)
+    report["fingerprint"] = fingerprint
+    cache.set(_cache_key(filters, thresholds), report, timeout=None)
+    return report
+
+
 def monitoring_report(filters: MonitoringFilters, *, refresh: bool = False) -> dict[str, Any]:
     """The dashboard's figures: kept ones while nothing changed (or for ``SUPPORTBOT_MONITORING_CACHE_S``
     after a change), else computed now. ``report["fresh"]`` says whether they include every reply."""
@@ -555,9 +606,7 @@ def monitoring_report(filters: MonitoringFilters, *, refresh: bool = False) -> d
         age = (timezone.now() - pd.Timestamp(kept["computed_at"]).to_pydatetime()).total_seconds()
         if kept["fingerprint"] == fingerprint or age < settings.SUPPORTBOT_MONITORING_CACHE_S:
             return {**kept, "fresh": kept["fingerprint"] == fingerprint, "from_cache": True}
-    report = monitoring_report_compute(filters, thresholds=thresholds)
-    report["fingerprint"] = fingerprint
-    cache.set(key, report, timeout=None)
+    report = _report_compute_and_keep(filters, thresholds, fingerprint)
     return {**report, "fresh": True, "from_cache": False}
 
 
