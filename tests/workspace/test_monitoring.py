@@ -21,6 +21,7 @@ from conversations.monitoring.selectors import (
     monitoring_report,
     monitoring_report_compute,
 )
+from conversations.monitoring.services import reply_outcome_refresh
 from conversations.review import services as review_services
 from finetune.ml.fairness import bootstrap_mean_interval_from_counts
 from tests.factories import ConversationFactory, ModelVersionFactory, bot_reply
@@ -250,6 +251,21 @@ def test_the_report_is_kept_until_replies_change(settings):
     changed = monitoring_report(MonitoringFilters())
     assert changed["from_cache"] is False
     assert changed["rows"] == 35
+
+
+def test_a_review_of_a_reply_already_counted_changes_the_kept_figures(agent, settings):
+    """A reply's outcome is written when it finishes and again when it is reviewed: the second
+    write must change the window's fingerprint, or the kept figures would be served as current."""
+    settings.SUPPORTBOT_MONITORING_CACHE_S = 0
+    reply = bot_reply(model_version=ModelVersionFactory(number=1))
+    reply_outcome_refresh(message_id=reply.pk)  # as when the reply finished
+    first = monitoring_report(MonitoringFilters())
+    assert first["by_version"][0]["metrics"]["bad"]["n"] == 0
+    assert monitoring_report(MonitoringFilters())["from_cache"] is True
+    review_services.review_submit(agent=agent, message_id=reply.pk, good=False, rating=1, reasons=["incorrect"])
+    after = monitoring_report(MonitoringFilters())
+    assert after["from_cache"] is False
+    assert after["by_version"][0]["metrics"]["bad"]["value"] == 1.0
 
 
 def test_the_page_is_for_staff_and_offers_a_csv(client, agent, django_user_model):

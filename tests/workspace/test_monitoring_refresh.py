@@ -11,10 +11,10 @@ import pytest
 from django.core.cache import cache
 from django.utils import timezone
 
-from conversations.models import ReplyOutcome
 from conversations.monitoring import selectors as monitoring
 from conversations.monitoring.selectors import MonitoringFilters, monitoring_report, monitoring_report_refresh
 from conversations.monitoring.services import reply_outcome_refresh
+from conversations.review import services as review_services
 from finetune.selectors import bias_thresholds
 from tests.conftest import ROOT, celery_worker_command, child_process_env, stop_process
 from tests.factories import ModelVersionFactory, bot_reply
@@ -22,19 +22,28 @@ from tests.factories import ModelVersionFactory, bot_reply
 pytestmark = pytest.mark.django_db
 
 
-def rated_reply(version, *, good: bool = True) -> None:
+def rated_reply(version, agent, *, good: bool = True) -> None:
+    """A bot reply that finishes (its outcome written, unreviewed), then an agent's rating of it."""
     reply = bot_reply(model_version=version)
     reply_outcome_refresh(message_id=reply.pk)
-    ReplyOutcome.objects.filter(message=reply).update(reviewed=True, bad=not good, rating=4 if good else 2)
+    review_services.review_submit(
+        agent=agent, message_id=reply.pk, good=good, rating=4 if good else 2, reasons=[] if good else ["incorrect"]
+    )
 
 
 def kept(filters: MonitoringFilters) -> dict | None:
     return cache.get(monitoring._cache_key(filters, bias_thresholds()))
 
 
-def test_refresh_recomputes_only_when_replies_changed():
+def rated_in_kept(filters: MonitoringFilters) -> int:
+    """How many rated replies the kept figures count (0 when none are kept)."""
+    report = kept(filters)
+    return report["by_version"][0]["metrics"]["bad"]["n"] if report and report["by_version"] else 0
+
+
+def test_refresh_recomputes_only_when_replies_changed(agent):
     version = ModelVersionFactory()
-    rated_reply(version)
+    rated_reply(version, agent)
     filters = MonitoringFilters.from_query({})
 
     first = monitoring_report_refresh()
@@ -43,7 +52,7 @@ def test_refresh_recomputes_only_when_replies_changed():
     assert kept(filters)["computed_at"] == first["computed_at"]
     assert monitoring_report_refresh() is None  # nothing changed: the kept figures are current
 
-    rated_reply(version, good=False)
+    rated_reply(version, agent, good=False)
     second = monitoring_report_refresh()
     assert second is not None
     assert second["rows"] == 2
@@ -51,8 +60,8 @@ def test_refresh_recomputes_only_when_replies_changed():
     assert cache.get(monitoring.REFRESH_LOCK) is None  # released
 
 
-def test_refresh_skips_while_another_process_holds_the_lock():
-    rated_reply(ModelVersionFactory())
+def test_refresh_skips_while_another_process_holds_the_lock(agent):
+    rated_reply(ModelVersionFactory(), agent)
     assert cache.add(monitoring.REFRESH_LOCK, "another-worker", timeout=60)
     try:
         assert monitoring_report_refresh() is None
@@ -84,7 +93,7 @@ def test_the_page_says_how_often_the_figures_are_refreshed(client, agent, settin
 @pytest.mark.django_db(transaction=True)
 def test_a_real_worker_refreshes_the_figures_after_a_new_rated_reply(redis_url, tmp_path, client, agent):
     version = ModelVersionFactory()
-    rated_reply(version)
+    rated_reply(version, agent)
     filters = MonitoringFilters.from_query({})
     before = monitoring_report(filters)
     assert before["rows"] == 1
@@ -107,13 +116,15 @@ def test_a_real_worker_refreshes_the_figures_after_a_new_rated_reply(redis_url, 
         assert "Refreshing the monitoring figures every 1.0 s" in log.read_text()
 
         written = timezone.now()
-        rated_reply(version, good=False)  # nobody runs monitoring_refresh after this
+        rated_reply(version, agent, good=False)  # nobody runs monitoring_refresh after this
         deadline = time.monotonic() + 120
-        while (kept(filters) or {}).get("rows") != 2:
+        while rated_in_kept(filters) != 2:
             assert worker.poll() is None, f"the worker exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"not refreshed in 120 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
         refreshed = kept(filters)
+        assert refreshed["rows"] == 2
+        assert refreshed["by_version"][0]["metrics"]["bad"]["value"] == 0.5  # the new rating counted
         assert refreshed["computed_at"] > written.isoformat()
         assert "Recomputed the monitoring figures: 2 replies" in log.read_text()
 
