@@ -480,14 +480,17 @@ if SUPPORTBOT_REVIEW_LEASE_S < 30:
     raise ImproperlyConfigured("SUPPORTBOT_REVIEW_LEASE_S must be at least 30 seconds.")
 
 # --- Bias monitoring (issue 12) -----------------------------------------------------------
-# Django's cache holds the monitoring dashboard's computed figures (nothing else uses it):
-# with REDIS_URL in Redis, so every server process shares one copy; else in the process.
+# Django's cache holds the monitoring dashboard's computed figures and its refresh lock
+# (nothing else uses it): with REDIS_URL in Redis, so every server process and worker
+# shares one copy; else in the process. The Redis database is shared with the channel
+# layer, the broker and the rate limit ("supportbot:ratelimit:*"), so the cache has a
+# prefix of its own and its clear() deletes only those keys (supportbot/cache.py).
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "supportbot.cache.PrefixedRedisCache",
             "LOCATION": REDIS_URL,
-            "KEY_PREFIX": "supportbot",
+            "KEY_PREFIX": "supportbot-cache",
             "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 10},
         }
     }
@@ -511,6 +514,13 @@ if not 0 < SUPPORTBOT_BIAS_RATIO_LOW <= 1 <= SUPPORTBOT_BIAS_RATIO_HIGH:
 SUPPORTBOT_MONITORING_CACHE_S = env_int("SUPPORTBOT_MONITORING_CACHE_S", 300)
 # The dashboard's default window: replies of the last this many days.
 SUPPORTBOT_MONITORING_DAYS = env_int("SUPPORTBOT_MONITORING_DAYS", 90)
+# Every Celery worker recomputes the default window's figures this often when replies
+# changed (one at a time, under a lock in the cache), so no page view waits for a
+# computation; only with a shared cache (REDIS_URL). 0 turns it off. 300 s: a
+# recomputation at 100,000 replies costs a few CPU seconds (docs/benchmarks.md).
+SUPPORTBOT_MONITORING_REFRESH_S = env_float("SUPPORTBOT_MONITORING_REFRESH_S", 300.0)
+if SUPPORTBOT_MONITORING_REFRESH_S < 0:
+    raise ImproperlyConfigured("SUPPORTBOT_MONITORING_REFRESH_S must be 0 (off) or a number of seconds.")
 # Counterfactual probes (manage.py bias_probe, and after every training run): how many
 # of the probe set's requests to ask (each in 23 variants; all 54 by default, at least
 # SUPPORTBOT_BIAS_MIN_N for a verdict) and the reply length. 64 tokens show curt replies.

@@ -261,6 +261,21 @@ SMALL_BIAS_PROBES = {"SUPPORTBOT_BIAS_PROBE_REQUESTS": "20", "SUPPORTBOT_BIAS_PR
 
 
 @pytest.fixture(autouse=True)
+def _empty_django_cache():
+    """Each test starts with an empty Django cache: monitoring figures another test kept (in the
+    shared Redis, where daphne processes read them too) would be served for
+    SUPPORTBOT_MONITORING_CACHE_S. With Redis this deletes only the cache's own keys
+    (supportbot/cache.py), never the channel layer's or the broker's."""
+    import redis
+    from django.core.cache import cache
+
+    try:
+        cache.clear()
+    except redis.RedisError:  # Redis down: the tests that need it say so themselves
+        pass
+
+
+@pytest.fixture(autouse=True)
 def _small_bias_probes(settings):
     for name, value in SMALL_BIAS_PROBES.items():
         setattr(settings, name, int(value))

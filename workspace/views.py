@@ -645,6 +645,10 @@ def monitoring_page(request: HttpRequest) -> HttpResponse:
             "filters": filters,
             "day_choices": [(7, "7 days"), (30, "30 days"), (90, "90 days"), (365, "a year"), ("all", "all time")],
             "all_versions": monitoring.monitoring_version_choices(),
+            # The workers refresh the default window only; other windows are computed on view.
+            "refresh_s": monitoring.monitoring_refresh_interval(),
+            "window_refreshed": filters == monitoring.MonitoringFilters.from_query({}),
+            "cache_s": settings.SUPPORTBOT_MONITORING_CACHE_S,
             "query": query,
             "page_config": {"page": "monitoring"},
         },

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from finetune.ml import segments
 
@@ -102,13 +103,19 @@ def reply_outcome_refresh(*, message_id: int) -> ReplyOutcome | None:
         return None
     latest = message.reviews.order_by("-created_at", "-id").first()
     fields = _outcome_fields(message, message.in_reply_to, latest, _handoff_after(message))
-    updated = ReplyOutcome.objects.filter(message_id=message.pk).update(**fields)
-    if not updated:
+    row = ReplyOutcome.objects.filter(message_id=message.pk)
+    current = row.values(*fields).first()
+    if current is None:
         try:
             with transaction.atomic():  # a savepoint: a concurrent refresh may insert first
                 return ReplyOutcome.objects.create(message_id=message.pk, **fields)
         except IntegrityError:
-            ReplyOutcome.objects.filter(message_id=message.pk).update(**fields)
+            current = {}
+    if current != fields:
+        # update() skips auto_now, and the dashboard's cache fingerprint is the latest
+        # updated_at: a review of a reply already counted must make the kept figures stale.
+        # Unchanged rows keep theirs, so a repeated refresh (the backfill) changes nothing.
+        row.update(**fields, updated_at=timezone.now())
     return ReplyOutcome.objects.get(message_id=message.pk)
 
 

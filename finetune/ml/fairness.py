@@ -42,6 +42,7 @@ The entry point the dashboard calls is :func:`segment_report`.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,6 +75,23 @@ POISSON_MIN_N = 50
 # --- intervals -------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _z(confidence: float) -> float:
+    """The two-sided normal quantile (1.96 at 95%); cached: scipy's ppf costs ~0.1 ms a call."""
+    return float(stats.norm.ppf(0.5 + confidence / 2))
+
+
+@functools.lru_cache(maxsize=8192)
+def _t(confidence: float, df: int) -> float:
+    """The two-sided t quantile with ``df`` degrees of freedom, cached as :func:`_z`."""
+    return float(stats.t.ppf(0.5 + confidence / 2, df=df))
+
+
+def _chi2_1_sf(statistic: float) -> float:
+    """P(chi-squared with one degree of freedom > statistic), i.e. ``stats.chi2.sf(x, 1)``, in closed form."""
+    return math.erfc(math.sqrt(max(statistic, 0.0) / 2))
+
+
 @dataclass(frozen=True)
 class Interval:
     low: float
@@ -87,7 +105,7 @@ def wilson_interval(successes: int, n: int, *, confidence: float = DEFAULT_CONFI
         raise ValueError(f"wilson_interval needs 0 <= successes <= n, got {successes} of {n}")
     if n == 0:
         return Interval(math.nan, math.nan, "none")
-    z = stats.norm.ppf(0.5 + confidence / 2)
+    z = _z(confidence)
     p = successes / n
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
@@ -118,7 +136,7 @@ def bootstrap_mean_interval(
     if n == 1 or np.all(data == data[0]):
         return Interval(float(data[0]), float(data[0]), "bootstrap")
     if max_n is not None and n > max_n:
-        half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * data.std(ddof=1) / math.sqrt(n)
+        half = _t(confidence, n - 1) * data.std(ddof=1) / math.sqrt(n)
         return Interval(float(data.mean() - half), float(data.mean() + half), "normal")
     rng = np.random.default_rng(seed)
     means = np.empty(n_resamples)
@@ -138,12 +156,17 @@ def rate_test(successes: int, n: int, successes_rest: int, n_rest: int) -> float
     """G-test p-value that a segment's rate equals the rest's (2x2 table, no continuity correction).
 
     1.0 when either side is empty or the outcome never (or always) happens: no evidence.
+    The same as ``scipy.stats.chi2_contingency(table, correction=False,
+    lambda_="log-likelihood")``, in closed form (a dashboard runs hundreds; scipy's
+    costs ~1 ms each): G = 2 sum O ln(O / E) over the non-empty cells, one degree of freedom.
     """
     table = np.array([[successes, n - successes], [successes_rest, n_rest - successes_rest]], dtype=float)
     if n == 0 or n_rest == 0 or table[:, 0].sum() == 0 or table[:, 1].sum() == 0:
         return 1.0
-    _, p_value, _, _ = stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")
-    return float(p_value)
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / table.sum()
+    seen = table > 0
+    g = 2.0 * float(np.sum(table[seen] * np.log(table[seen] / expected[seen])))
+    return _chi2_1_sf(g)
 
 
 def mean_test(values: Sequence[float] | np.ndarray, rest: Sequence[float] | np.ndarray) -> float:
@@ -369,10 +392,10 @@ def _within_intent_stats(
     se = math.sqrt(float(np.sum(weights**2 * (var_seg / n_seg + var_rest / n_rest))))
     if kind != RATE:
         if se > 0:
-            p_value = float(2 * stats.norm.sf(abs(difference) / se))
+            p_value = math.erfc(abs(difference) / se / math.sqrt(2))  # 2 * P(Z > |d| / se)
         else:
             p_value = 1.0 if difference == 0 else 0.0
-    z = stats.norm.ppf(0.5 + confidence / 2)
+    z = _z(confidence)
     total_segment = float(n_seg_all.sum())
     return WithinIntent(
         observed=observed,
@@ -399,7 +422,7 @@ def _cmh_p_value(x_seg: np.ndarray, n_seg: np.ndarray, x_rest: np.ndarray, n_res
     if variance.sum() <= 0:
         return 1.0
     statistic = (max(abs(float(np.sum(x_seg[usable] - expected[usable]))) - 0.5, 0.0)) ** 2 / float(variance.sum())
-    return float(stats.chi2.sf(statistic, df=1))
+    return _chi2_1_sf(statistic)
 
 
 # --- disaggregation (fairlearn) --------------------------------------------------------
@@ -721,8 +744,27 @@ def t_mean_interval(stats_: CellStats, *, confidence: float = DEFAULT_CONFIDENCE
         return Interval(math.nan, math.nan, "none")
     if n == 1:
         return Interval(stats_.mean, stats_.mean, "normal")
-    half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * math.sqrt(stats_.variance / n)
+    half = _t(confidence, n - 1) * math.sqrt(stats_.variance / n)
     return Interval(stats_.mean - half, stats_.mean + half, "normal")
+
+
+def histogram_coarsen(values: np.ndarray, counts: np.ndarray, *, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a histogram's values into bins ``width`` wide (from the smallest value).
+
+    Each bin stands at the count-weighted mean of its values, so the row count, the total
+    and the mean are unchanged; only the spread within a bin is lost (at most
+    ``width**2 / 4`` of variance, about ``width**2 / 12`` for values spread over the bin).
+    Returns (bin values, counts), empty bins left out.
+    """
+    values = np.asarray(values, dtype=float)
+    counts = np.asarray(counts, dtype=np.int64)
+    if width <= 0 or values.size == 0:
+        raise ValueError(f"histogram_coarsen needs a positive width and values, got width {width}")
+    _, bin_of = np.unique(np.floor((values - values.min()) / width).astype(np.int64), return_inverse=True)
+    merged = np.bincount(bin_of, weights=counts)
+    totals = np.bincount(bin_of, weights=counts * values)
+    keep = merged > 0
+    return totals[keep] / merged[keep], np.rint(merged[keep]).astype(np.int64)
 
 
 def bootstrap_mean_interval_from_counts(
@@ -732,6 +774,7 @@ def bootstrap_mean_interval_from_counts(
     confidence: float = DEFAULT_CONFIDENCE,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    bin_width_sd: float | None = None,
 ) -> Interval:
     """The percentile bootstrap of the mean from a histogram (distinct values and their counts).
 
@@ -743,6 +786,12 @@ def bootstrap_mean_interval_from_counts(
     drawn as Poisson(count) instead (the Poisson bootstrap: Hanley & MacGibbon 2006,
     Chamandy et al. 2012), which gives the same interval to within the bootstrap's own
     resolution at a third of numpy's multinomial cost.
+
+    ``bin_width_sd`` (off by default) first merges a histogram of more than
+    ``POISSON_MIN_VALUES`` distinct values into bins that many standard deviations wide
+    (:func:`histogram_coarsen`): the cost falls with the number of values, the mean is
+    kept exactly, and at 0.25 the variance lost is under 1/64 (about 1/192 for values
+    spread over their bins), so the interval narrows by under 0.8% (about 0.3%).
     """
     values = np.asarray(values, dtype=float)
     counts = np.asarray(counts, dtype=np.int64)
@@ -753,6 +802,11 @@ def bootstrap_mean_interval_from_counts(
         return Interval(math.nan, math.nan, "none")
     if values.size == 1:
         return Interval(float(values[0]), float(values[0]), "bootstrap")
+    if bin_width_sd and values.size > POISSON_MIN_VALUES:
+        mean = float(counts @ values) / n
+        sd = math.sqrt(float(counts @ (values - mean) ** 2) / n)
+        if sd > 0:
+            values, counts = histogram_coarsen(values, counts, width=bin_width_sd * sd)
     rng = np.random.default_rng(seed)
     if values.size > POISSON_MIN_VALUES and n >= POISSON_MIN_N:
         draws = rng.poisson(counts, size=(n_resamples, values.size)).astype(float)

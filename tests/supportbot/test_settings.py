@@ -63,3 +63,9 @@ def test_a_connection_pool_needs_postgresql_and_no_persistent_connections():
     )
     assert persistent.returncode != 0
     assert "unset DJANGO_CONN_MAX_AGE" in persistent.stderr
+
+
+def test_a_negative_monitoring_refresh_interval_is_refused():
+    result = run_manage("check", SUPPORTBOT_MONITORING_REFRESH_S="-1")
+    assert result.returncode != 0
+    assert "SUPPORTBOT_MONITORING_REFRESH_S must be 0 (off)" in result.stderr

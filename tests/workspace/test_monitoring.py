@@ -8,23 +8,25 @@ import math
 import re
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from django.core.cache import cache
 from django.utils import timezone
 
 from conversations.models import Message, ReplyOutcome
-from conversations.monitoring.selectors import MonitoringFilters, monitoring_report, monitoring_report_compute
+from conversations.monitoring.selectors import (
+    BOOTSTRAP_BIN_WIDTH_SD,
+    BOOTSTRAP_RESAMPLES,
+    MonitoringFilters,
+    monitoring_report,
+    monitoring_report_compute,
+)
+from conversations.monitoring.services import reply_outcome_refresh
 from conversations.review import services as review_services
+from finetune.ml.fairness import bootstrap_mean_interval_from_counts
 from tests.factories import ConversationFactory, ModelVersionFactory, bot_reply
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(settings):
-    """A cache of this test's own: clearing the Redis one would flush the shared Redis database."""
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "mon"}}
-    cache.clear()  # figures another test left would be shown for SUPPORTBOT_MONITORING_CACHE_S
 
 
 Z = 1.959963984540054  # the 97.5% normal quantile
@@ -190,6 +192,53 @@ def test_versions_are_compared_separately_and_thresholds_come_from_settings(sett
     assert monitoring_report_compute(MonitoringFilters())["alerts"] == []
 
 
+def test_mean_intervals_are_bootstrapped_from_each_segments_own_values():
+    """The value histograms behind the bootstrap count a reply in each register it carries, and
+    the page segment's empty label and the rest apart; each cell's interval is the bootstrap of
+    exactly its own replies' values (merged into quarter-sd bins as the dashboard does)."""
+    v1 = ModelVersionFactory(number=1)
+    conversation = ConversationFactory(segment="pro")
+    replies = Message.objects.bulk_create(
+        Message(conversation=conversation, role=Message.Role.BOT, status=Message.Status.COMPLETE, body="ok")
+        for _ in range(90)
+    )
+    words = [5 + (i * 7) % 61 for i in range(90)]  # 61 distinct lengths: the coarsening applies
+    ReplyOutcome.objects.bulk_create(
+        ReplyOutcome(
+            message=reply,
+            model_version=v1,
+            created_at=timezone.now() - timedelta(days=1),
+            register="colloquial" if i < 60 else "plain",
+            reg_colloquial=i < 60,
+            reg_typos=30 <= i < 75,  # 30 colloquial and 15 plain replies also carry typos
+            reg_plain=i >= 60,
+            language="en",
+            page_segment="pro" if i % 3 else "",
+            intent="track_order",
+            reply_words=words[i],
+            latency_ms=400 + i,
+        )
+        for i, reply in enumerate(replies)
+    )
+    report = monitoring_report_compute(MonitoringFilters())
+    expected = {
+        ("register", "colloquial"): range(60),
+        ("register", "typos"): range(30, 75),
+        ("register", "plain"): range(60, 90),
+        ("page_segment", "pro"): [i for i in range(90) if i % 3],
+        ("page_segment", "(none)"): [i for i in range(90) if not i % 3],
+    }
+    for (dimension, segment), chosen in expected.items():
+        values, counts = np.unique([words[i] for i in chosen], return_counts=True)
+        interval = bootstrap_mean_interval_from_counts(
+            values, counts, n_resamples=BOOTSTRAP_RESAMPLES, seed=0, bin_width_sd=BOOTSTRAP_BIN_WIDTH_SD
+        )
+        figure = cell(report, dimension, segment, "v1")["metrics"]["reply_words"]
+        assert figure["n"] == len(chosen)
+        assert figure["value"] == pytest.approx(np.mean([words[i] for i in chosen]))
+        assert (figure["low"], figure["high"], figure["method"]) == (interval.low, interval.high, "bootstrap")
+
+
 def test_the_report_is_kept_until_replies_change(settings):
     cache.clear()
     v1 = ModelVersionFactory(number=1)
@@ -202,6 +251,21 @@ def test_the_report_is_kept_until_replies_change(settings):
     changed = monitoring_report(MonitoringFilters())
     assert changed["from_cache"] is False
     assert changed["rows"] == 35
+
+
+def test_a_review_of_a_reply_already_counted_changes_the_kept_figures(agent, settings):
+    """A reply's outcome is written when it finishes and again when it is reviewed: the second
+    write must change the window's fingerprint, or the kept figures would be served as current."""
+    settings.SUPPORTBOT_MONITORING_CACHE_S = 0
+    reply = bot_reply(model_version=ModelVersionFactory(number=1))
+    reply_outcome_refresh(message_id=reply.pk)  # as when the reply finished
+    first = monitoring_report(MonitoringFilters())
+    assert first["by_version"][0]["metrics"]["bad"]["n"] == 0
+    assert monitoring_report(MonitoringFilters())["from_cache"] is True
+    review_services.review_submit(agent=agent, message_id=reply.pk, good=False, rating=1, reasons=["incorrect"])
+    after = monitoring_report(MonitoringFilters())
+    assert after["from_cache"] is False
+    assert after["by_version"][0]["metrics"]["bad"]["value"] == 1.0
 
 
 def test_the_page_is_for_staff_and_offers_a_csv(client, agent, django_user_model):

@@ -3,8 +3,9 @@
     python manage.py monitoring_refresh               # the default window (SUPPORTBOT_MONITORING_DAYS)
     python manage.py monitoring_refresh --days all
 
-With a shared cache (REDIS_URL) every server then shows them at once. Run it from cron
-(every few minutes) on a busy deployment, so no page view waits for a computation.
+With a shared cache (REDIS_URL) every server then shows them at once. The Celery workers
+already recompute the default window every SUPPORTBOT_MONITORING_REFRESH_S
+(conversations/monitoring/refresh.py); this command is for another window, or now.
 """
 
 from django.core.management.base import BaseCommand, CommandError

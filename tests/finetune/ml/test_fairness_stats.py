@@ -20,7 +20,9 @@ from finetune.ml.fairness import (
     bootstrap_mean_interval_from_counts,
     disaggregate,
     disaggregate_cells,
+    histogram_coarsen,
     mean_test,
+    rate_test,
     segment_drafts_from_stats,
     segment_report,
     segment_report_from_stats,
@@ -151,3 +153,53 @@ def test_the_poisson_bootstrap_of_many_values_agrees_with_the_row_bootstrap():
     width = from_rows.high - from_rows.low
     assert abs(from_counts.low - from_rows.low) < 0.05 * width
     assert abs(from_counts.high - from_rows.high) < 0.05 * width
+
+
+def test_coarsening_a_histogram_keeps_rows_and_mean_and_loses_little_spread():
+    rng = np.random.default_rng(5)
+    data = np.round(rng.lognormal(6.5, 0.5, size=2000) / 10) * 10
+    values, counts = np.unique(data, return_counts=True)
+    width = 0.25 * data.std()
+    merged_values, merged_counts = histogram_coarsen(values, counts, width=width)
+    assert merged_values.size < values.size / 3
+    assert merged_counts.sum() == counts.sum()
+    assert merged_counts @ merged_values / merged_counts.sum() == pytest.approx(data.mean(), rel=1e-12)
+    variance = np.cov(np.repeat(merged_values, merged_counts), ddof=0)
+    assert data.var() - width**2 / 4 <= variance <= data.var()
+    with pytest.raises(ValueError, match="positive width"):
+        histogram_coarsen(values, counts, width=0)
+
+
+def test_the_coarsened_bootstrap_agrees_with_the_row_bootstrap():
+    rng = np.random.default_rng(6)
+    data = np.round(rng.lognormal(6.5, 0.5, size=1500) / 10) * 10  # latencies in 10 ms bins
+    values, counts = np.unique(data, return_counts=True)
+    coarse = bootstrap_mean_interval_from_counts(values, counts, n_resamples=8000, seed=0, bin_width_sd=0.25)
+    exact = bootstrap_mean_interval_from_counts(values, counts, n_resamples=8000, seed=0)
+    from_rows = bootstrap_mean_interval(data, n_resamples=8000, seed=0)
+    width = from_rows.high - from_rows.low
+    for interval in (coarse, exact):
+        assert abs(interval.low - from_rows.low) < 0.04 * width
+        assert abs(interval.high - from_rows.high) < 0.04 * width
+    assert coarse.high - coarse.low == pytest.approx(width, rel=0.03)
+    # Few distinct values are never merged: the same draws as without it.
+    few_values, few_counts = np.array([1.0, 2, 3, 4, 5]), np.array([10, 20, 40, 20, 10])
+    assert bootstrap_mean_interval_from_counts(few_values, few_counts, bin_width_sd=0.25) == (
+        bootstrap_mean_interval_from_counts(few_values, few_counts)
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_closed_form_g_test_equals_scipys(seed):
+    from scipy import stats
+
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        n, n_rest = int(rng.integers(1, 400)), int(rng.integers(1, 4000))
+        k, k_rest = int(rng.integers(0, n + 1)), int(rng.integers(0, n_rest + 1))
+        table = np.array([[k, n - k], [k_rest, n_rest - k_rest]], dtype=float)
+        if table[:, 0].sum() == 0 or table[:, 1].sum() == 0:
+            assert rate_test(k, n, k_rest, n_rest) == 1.0
+            continue
+        _, expected, _, _ = stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")
+        assert rate_test(k, n, k_rest, n_rest) == pytest.approx(expected, rel=1e-9, abs=1e-300)
