@@ -51,6 +51,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,19 +232,45 @@ class VLLMServers:
                 f"{version.label} cannot go live: not every vLLM server serves {version.name}. " + " ".join(problems)
             )
 
-    def health(self) -> list[dict]:
-        """Each server: ``{"url", "ok", "models": [names]}`` or ``{"url", "ok": False, "error"}``."""
-        report = []
-        for url in self.urls:
+    def health(self, *, timeout_s: float = 3.0) -> list[dict]:
+        """Each server, in configured order: ``{"url", "ok": True, "models": [names], "latency_ms"}`` or
+        ``{"url", "ok": False, "error"}``.
+
+        The servers are asked at once, each with ``timeout_s`` for the whole request, and the
+        answer comes within about ``timeout_s`` however many servers hang: a server that has
+        not answered by then is reported as not answering (its request ends by its own timeout
+        in the background).
+        """
+        timeout = httpx.Timeout(timeout_s)
+
+        def check(url: str) -> dict:
             started = time.monotonic()
             try:
-                names = sorted(self.models(url))
-            except (httpx.HTTPError, ValueError) as exc:
-                report.append({"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            latency = round((time.monotonic() - started) * 1000, 1)
-            report.append({"url": url, "ok": True, "models": names, "latency_ms": latency})
-        return report
+                response = httpx.get(f"{url}/v1/models", timeout=timeout)
+                response.raise_for_status()
+                names = sorted(card["id"] for card in response.json().get("data", []))
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                return {"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            return {
+                "url": url,
+                "ok": True,
+                "models": names,
+                "latency_ms": round((time.monotonic() - started) * 1000, 1),
+            }
+
+        pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="vllm-health")
+        try:
+            futures = [pool.submit(check, url) for url in self.urls]
+            # A little past the requests' own timeout: an answer that arrives at the limit still counts.
+            wait(futures, timeout=timeout_s + 0.5)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # never wait for a hung server here
+        return [
+            future.result()
+            if future.done() and not future.cancelled()
+            else {"url": url, "ok": False, "error": f"No answer within {timeout_s:g} s."}
+            for url, future in zip(self.urls, futures, strict=True)
+        ]
 
 
 def _merged_only(url: str, version: ServedVersion) -> str:
