@@ -12,8 +12,11 @@ sent as token ids to ``POST /v1/completions`` with ``stream: true``, our decodin
 parameters and the template's stop strings. The engine holds a ``LoadedModel``
 without weights (``model`` None): the tokenizer and what the version carries besides
 (retrieval index, grounding, reply policy), so the runtime grounds vLLM replies as it
-grounds the others. The version's ``repetition_penalty`` is sent; vLLM has no
-``no_repeat_ngram_size``, so there only the reply pipeline's repetition cut applies.
+grounds the others. The version's ``no_repeat_ngram_size`` goes in ``vllm_xargs``, which
+the servers' plugin (``finetune.serving.vllm_logits``; vLLM has no such setting) applies
+to the generated tokens as the in-process engines do; its ``repetition_penalty`` (off by
+default) is vLLM's own, which also counts the prompt. The reply pipeline after the
+engine (repetition cut, reply policy, safety filter, placeholders) is the same.
 Server-sent events become ``TokenDelta``\\s; the stream ends with one ``GenerationDone``
 as for every engine. ``cancel()`` (the customer left, an agent took over, the runner
 timed out) closes the HTTP stream, and vLLM aborts a request whose client went away:
@@ -406,7 +409,12 @@ class VLLMEngine:
         max_prompt, max_new = token_budget(window, params.max_new_tokens, params.max_prompt_tokens)
         ids = prompt_ids_for(loaded, request.messages, max_prompt, prime=request.prime)
         extra = {}
+        if loaded.decoding.no_repeat_ngram_size > 0:
+            # Applied by the server's plugin (finetune.serving.vllm_logits); ignored by a server without it.
+            extra["vllm_xargs"] = {"no_repeat_ngram_size": loaded.decoding.no_repeat_ngram_size}
         if loaded.decoding.repetition_penalty != 1.0:
+            # vLLM's penalty also counts the prompt's tokens (the in-process engines' does not):
+            # docs/deploy.md#decoding-on-vllm.
             extra["repetition_penalty"] = loaded.decoding.repetition_penalty
         return {
             **extra,

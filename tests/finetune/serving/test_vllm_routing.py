@@ -161,6 +161,13 @@ def test_a_request_carries_the_prompt_the_other_engines_build_with_its_prime():
     assert tokenizer.decode(body["prompt"]).endswith("Agent: Your order has shipped.")
     assert (body["max_tokens"], body["stream"]) == (20, True)
     assert "\nCustomer:" in body["stop"]
+    # The version's n-gram ban, for the servers' plugin (finetune.serving.vllm_logits); no penalty by default.
+    assert (
+        body["vllm_xargs"]
+        == {"no_repeat_ngram_size": loaded.decoding.no_repeat_ngram_size}
+        == {"no_repeat_ngram_size": 6}
+    )
+    assert "repetition_penalty" not in body
 
 
 def test_streamed_text_after_a_prime_starts_with_it():
