@@ -28,9 +28,13 @@ VLLM_PY=$(scripts/vllm-venv.sh)
 export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
 # KV cache in GiB: ~2 GiB holds about 40 conversations of 2,000 tokens of SmolLM2-135M.
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+# The n-gram ban vLLM lacks (finetune/serving/vllm_logits.py) is imported from this checkout;
+# nothing else of the project is (its venv has only vLLM's dependencies).
+export PYTHONPATH="$PWD"
 echo "vLLM: serving $SUPPORTBOT_VLLM_BASE on http://$HOST:$PORT" >&2
 exec "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
   --model "$SUPPORTBOT_VLLM_BASE" --served-model-name supportbot-base \
   --host "$HOST" --port "$PORT" \
+  --logits-processors finetune.serving.vllm_logits:NoRepeatNGramLogitsProcessor \
   --enable-lora --max-lora-rank "${VLLM_MAX_LORA_RANK:-32}" --max-loras "${VLLM_MAX_LORAS:-4}" \
   --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" --dtype "${VLLM_DTYPE:-auto}"

@@ -102,12 +102,16 @@ def model_check() -> dict:
     ok only when this process serves the active version or says it is loading it (or
     loads it on the first reply); a process still serving an older version is not ok.
     With ``SUPPORTBOT_ENGINE=vllm``, ``vllm_servers`` lists every configured server:
-    whether it answers, and the model names it serves.
+    whether it answers, and the model names it serves. They are asked concurrently, within
+    ``CHECK_TIMEOUT_S`` in all. A server that is down does not make this check fail: the
+    others take its conversations, and a web process that cannot reach any still serves
+    the chat (a person answers); taking web processes out of the balancer for it would not
+    help.
     """
     from finetune.serving.runtime import engine_converged, engine_status, vllm_health
 
     here = {"this_process": engine_status()}
-    servers = vllm_health()
+    servers = vllm_health(timeout_s=CHECK_TIMEOUT_S)
     if servers is not None:
         here["vllm_servers"] = servers
     try:

@@ -13,6 +13,10 @@ tokens only.
 
 Batches are left-padded, so every row's generated tokens start at the same column.
 ``BatchedEngine`` keeps one token list per row; it calls ``apply_to_row``.
+
+``NoRepeatNGram`` is the same n-gram ban for one sequence, kept up to date token by
+token: what a vLLM server applies per request (``finetune.serving.vllm_logits``), since
+vLLM has no ``no_repeat_ngram_size`` of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +35,43 @@ class DecodingConfig:
     # Off: a penalty on every token already used also pushes the model off the words of
     # the reply it is adapting (not measured here; a candidate for phase B's sweep).
     repetition_penalty: float = 1.0
+
+
+class NoRepeatNGram:
+    """The ``no_repeat_ngram_size`` ban for one sequence's generated tokens, updated incrementally.
+
+    ``model(generated, logits_row)`` sets to -inf every token that would complete an
+    ``n``-token run already among ``generated`` (the sequence's generated tokens only, as
+    ``GeneratedOnly`` gives transformers' processor): the same tokens
+    ``NoRepeatNGramLogitsProcessor`` bans. Each call indexes only the runs ended by the
+    tokens added since the last one, so a reply costs O(length); a list that got shorter
+    (a preempted request restarted) is indexed again from the start.
+    """
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError(f"no_repeat_ngram_size must be 1 or more, not {n}.")
+        self.n = n
+        self._next: dict[tuple[int, ...], set[int]] = {}  # n-1 tokens -> the tokens that followed them
+        self._indexed = 0  # runs ending before this many tokens are in _next
+
+    def banned(self, generated) -> set[int]:
+        """The tokens that may not come next after ``generated``."""
+        n, length = self.n, len(generated)
+        if length < self._indexed:
+            self._next, self._indexed = {}, 0
+        for end in range(max(self._indexed, n), length + 1):
+            self._next.setdefault(tuple(generated[end - n : end - 1]), set()).add(generated[end - 1])
+        self._indexed = max(self._indexed, length)
+        if length + 1 < n:
+            return set()
+        return self._next.get(tuple(generated[length - n + 1 :]), set())
+
+    def __call__(self, generated, logits_row):
+        banned = self.banned(generated)
+        if banned:
+            logits_row[list(banned)] = float("-inf")
+        return logits_row
 
 
 class GeneratedOnly:

@@ -243,11 +243,12 @@ def engine_status() -> dict:
     return status
 
 
-def vllm_health() -> list[dict] | None:
-    """Each configured vLLM server and the names it lists (None with an in-process engine)."""
+def vllm_health(*, timeout_s: float = 3.0) -> list[dict] | None:
+    """Each configured vLLM server and the names it lists (None with an in-process engine); all are
+    asked at once, and one that has not answered within ``timeout_s`` is reported as down."""
     if settings.SUPPORTBOT_ENGINE != "vllm":
         return None
-    return vllm_servers().health()
+    return vllm_servers().health(timeout_s=timeout_s)
 
 
 def engine_converged(active_label: str | None) -> tuple[bool, str]:

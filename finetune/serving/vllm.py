@@ -12,8 +12,11 @@ sent as token ids to ``POST /v1/completions`` with ``stream: true``, our decodin
 parameters and the template's stop strings. The engine holds a ``LoadedModel``
 without weights (``model`` None): the tokenizer and what the version carries besides
 (retrieval index, grounding, reply policy), so the runtime grounds vLLM replies as it
-grounds the others. The version's ``repetition_penalty`` is sent; vLLM has no
-``no_repeat_ngram_size``, so there only the reply pipeline's repetition cut applies.
+grounds the others. The version's ``no_repeat_ngram_size`` goes in ``vllm_xargs``, which
+the servers' plugin (``finetune.serving.vllm_logits``; vLLM has no such setting) applies
+to the generated tokens as the in-process engines do; its ``repetition_penalty`` (off by
+default) is vLLM's own, which also counts the prompt. The reply pipeline after the
+engine (repetition cut, reply policy, safety filter, placeholders) is the same.
 Server-sent events become ``TokenDelta``\\s; the stream ends with one ``GenerationDone``
 as for every engine. ``cancel()`` (the customer left, an agent took over, the runner
 timed out) closes the HTTP stream, and vLLM aborts a request whose client went away:
@@ -51,6 +54,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,19 +235,45 @@ class VLLMServers:
                 f"{version.label} cannot go live: not every vLLM server serves {version.name}. " + " ".join(problems)
             )
 
-    def health(self) -> list[dict]:
-        """Each server: ``{"url", "ok", "models": [names]}`` or ``{"url", "ok": False, "error"}``."""
-        report = []
-        for url in self.urls:
+    def health(self, *, timeout_s: float = 3.0) -> list[dict]:
+        """Each server, in configured order: ``{"url", "ok": True, "models": [names], "latency_ms"}`` or
+        ``{"url", "ok": False, "error"}``.
+
+        The servers are asked at once, each with ``timeout_s`` for the whole request, and the
+        answer comes within about ``timeout_s`` however many servers hang: a server that has
+        not answered by then is reported as not answering (its request ends by its own timeout
+        in the background).
+        """
+        timeout = httpx.Timeout(timeout_s)
+
+        def check(url: str) -> dict:
             started = time.monotonic()
             try:
-                names = sorted(self.models(url))
-            except (httpx.HTTPError, ValueError) as exc:
-                report.append({"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            latency = round((time.monotonic() - started) * 1000, 1)
-            report.append({"url": url, "ok": True, "models": names, "latency_ms": latency})
-        return report
+                response = httpx.get(f"{url}/v1/models", timeout=timeout)
+                response.raise_for_status()
+                names = sorted(card["id"] for card in response.json().get("data", []))
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                return {"url": url, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            return {
+                "url": url,
+                "ok": True,
+                "models": names,
+                "latency_ms": round((time.monotonic() - started) * 1000, 1),
+            }
+
+        pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="vllm-health")
+        try:
+            futures = [pool.submit(check, url) for url in self.urls]
+            # A little past the requests' own timeout: an answer that arrives at the limit still counts.
+            wait(futures, timeout=timeout_s + 0.5)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # never wait for a hung server here
+        return [
+            future.result()
+            if future.done() and not future.cancelled()
+            else {"url": url, "ok": False, "error": f"No answer within {timeout_s:g} s."}
+            for url, future in zip(self.urls, futures, strict=True)
+        ]
 
 
 def _merged_only(url: str, version: ServedVersion) -> str:
@@ -379,7 +409,12 @@ class VLLMEngine:
         max_prompt, max_new = token_budget(window, params.max_new_tokens, params.max_prompt_tokens)
         ids = prompt_ids_for(loaded, request.messages, max_prompt, prime=request.prime)
         extra = {}
+        if loaded.decoding.no_repeat_ngram_size > 0:
+            # Applied by the server's plugin (finetune.serving.vllm_logits); ignored by a server without it.
+            extra["vllm_xargs"] = {"no_repeat_ngram_size": loaded.decoding.no_repeat_ngram_size}
         if loaded.decoding.repetition_penalty != 1.0:
+            # vLLM's penalty also counts the prompt's tokens (the in-process engines' does not):
+            # docs/deploy.md#decoding-on-vllm.
             extra["repetition_penalty"] = loaded.decoding.repetition_penalty
         return {
             **extra,

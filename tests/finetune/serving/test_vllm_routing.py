@@ -5,8 +5,13 @@ The engine against real vLLM servers: test_vllm.py (marked ``vllm``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -79,6 +84,67 @@ def test_a_merged_version_no_server_lists_blocks_with_what_to_start(tmp_path):
         servers.publish(version)
 
 
+class _ModelsHandler(BaseHTTPRequestHandler):
+    """``GET /v1/models`` as a vLLM server answers it, listing one adapter."""
+
+    def do_GET(self):  # noqa: N802 - the http.server name
+        body = json.dumps({"object": "list", "data": [{"id": "tiny"}, {"id": "supportbot-v3", "parent": "tiny"}]})
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _servers_answering_hanging_and_refusing(hanging: int):
+    """A server that answers, ``hanging`` that accept connections and never reply, and a closed port."""
+    answering = ThreadingHTTPServer(("127.0.0.1", 0), _ModelsHandler)
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    hung = []
+    for _ in range(hanging):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)  # the kernel completes connections; nobody reads the request
+        hung.append(sock)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = closed.getsockname()[1]
+    try:
+        yield (
+            f"http://127.0.0.1:{answering.server_port}",
+            [f"http://127.0.0.1:{sock.getsockname()[1]}" for sock in hung],
+            f"http://127.0.0.1:{refused}",
+        )
+    finally:
+        answering.shutdown()
+        answering.server_close()
+        for sock in hung:
+            sock.close()
+
+
+def test_health_asks_every_server_at_once_and_reports_each():
+    with _servers_answering_hanging_and_refusing(hanging=4) as (up, hanging, refused):
+        servers = VLLMServers([*hanging, refused, up])  # asked in turn, "up" would wait 4 s
+        started = time.monotonic()
+        report = servers.health(timeout_s=1.0)
+        took = time.monotonic() - started
+
+    # Asked one after another, the four hanging servers alone would take 4 s.
+    assert took < 3.5, f"health() took {took:.1f} s: the servers were not asked concurrently"
+    assert tuple(server["url"] for server in report) == servers.urls  # configured order
+    by_url = {server["url"]: server for server in report}
+    assert by_url[up]["ok"] is True
+    assert by_url[up]["models"] == ["supportbot-v3", "tiny"]
+    assert by_url[refused]["ok"] is False
+    assert "ConnectError" in by_url[refused]["error"]
+    for url in hanging:
+        assert by_url[url]["ok"] is False
+        assert "Timeout" in by_url[url]["error"] or "No answer within 1 s" in by_url[url]["error"]
+
+
 def test_a_request_carries_the_prompt_the_other_engines_build_with_its_prime():
     from transformers import AutoTokenizer
 
@@ -95,6 +161,13 @@ def test_a_request_carries_the_prompt_the_other_engines_build_with_its_prime():
     assert tokenizer.decode(body["prompt"]).endswith("Agent: Your order has shipped.")
     assert (body["max_tokens"], body["stream"]) == (20, True)
     assert "\nCustomer:" in body["stop"]
+    # The version's n-gram ban, for the servers' plugin (finetune.serving.vllm_logits); no penalty by default.
+    assert (
+        body["vllm_xargs"]
+        == {"no_repeat_ngram_size": loaded.decoding.no_repeat_ngram_size}
+        == {"no_repeat_ngram_size": 6}
+    )
+    assert "repetition_penalty" not in body
 
 
 def test_streamed_text_after_a_prime_starts_with_it():
