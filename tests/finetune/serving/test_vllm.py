@@ -500,22 +500,20 @@ def test_a_version_a_celery_worker_trains_and_promotes_reaches_vllm_and_the_next
     ModelVersionFactory.reset_sequence(live.number + 1)
     run = training_run_request(hyperparameters={**FAST, "lora_r": 8, "lora_alpha": 16})
 
-    def promoted() -> ModelVersion | None:
-        version = ModelVersion.objects.filter(training_run_id=run.pk).first()
-        if version is not None and version.status == ModelVersion.Status.ACTIVE:
-            return version
+    def promoted() -> bool:
         log_tail = TrainingRun.objects.get(pk=run.pk).log_tail
         assert "stays a candidate" not in log_tail, log_tail
         assert "was not promoted" not in log_tail, log_tail
         assert "Failed" not in log_tail, f"{log_tail}\n{worker.text()[-3000:]}"
-        return None
+        # The run's last line, written once the promotion has returned.
+        return "passed the gates and is now active" in log_tail
 
-    trained = wait_for(promoted, timeout=600, interval=0.5, message="the worker to train and promote a version")
+    wait_for(promoted, timeout=600, interval=0.5, message="the worker to train and promote a version")
+    trained = ModelVersion.objects.get(training_run_id=run.pk)
+    assert trained.status == ModelVersion.Status.ACTIVE
     name = f"supportbot-{trained.label}"
     assert name in vllm_server.models()  # the worker loaded its adapter
     assert name not in _lora_requests_seen(vllm_server)
-    log_tail = TrainingRun.objects.get(pk=run.pk).log_tail
-    assert f"{trained.label} passed the gates and is now active" in log_tail, log_tail
 
     for base in servers:
         async_to_sync(_wait_serving)(base, trained.label)
