@@ -72,6 +72,8 @@ def normal_message(n: int) -> str:
     """The n-th normal customer's question: a new customer each time (only the system
     prompt is in the prefix cache, as for a real new conversation)."""
     return NORMAL.replace("blender", PRODUCTS[n % len(PRODUCTS)]) + f" Order {40417 + 7 * n}."
+
+
 # The settings' defaults (supportbot/settings.py), without importing Django.
 PROMPT_MAX_TOKENS = 1536
 PREFILL_TOKENS_PER_STEP = 64

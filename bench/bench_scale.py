@@ -8,8 +8,9 @@ At each concurrency (1, 16 and 64 conversations by default), every conversation 
 
 - ``engines``: aggregate tokens/s (generated tokens / wall time) and time to first
   token p50/p95, the BatchedEngine in this process, then ``VLLMEngine`` against one
-  vLLM server started here (``scripts/vllm-venv.sh`` builds its venv once). The two run
-  one after the other, never together.
+  vLLM server started here as the product starts one (``scripts/vllm-serve.sh``: the
+  n-gram ban plugin, so its cost is in the numbers, and LoRA enabled; the venv is built
+  once by ``scripts/vllm-venv.sh``). The two run one after the other, never together.
 - ``web``: the same questions through real websockets to one, then two, daphne
   processes (``SUPPORTBOT_ENGINE=vllm``, the Redis channel layer, PostgreSQL), sockets
   spread evenly over them: first token p50/p95 as the customer sees it, replies/s, and
@@ -17,6 +18,7 @@ At each concurrency (1, 16 and 64 conversations by default), every conversation 
 
     .venv/bin/python bench/bench_scale.py --json var/bench/scale.json                # full
     .venv/bin/python bench/bench_scale.py --concurrency 1,4 --max-new-tokens 16 --skip-web   # smoke
+    .venv/bin/python bench/bench_scale.py --skip-web --ngram-ban-ab   # also vLLM without the n-gram ban
 
 ``web`` needs DATABASE_URL (PostgreSQL; the bench migrates it and sets an active
 version there: use a database of its own) and REDIS_URL. Prints a JSON summary with the
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_engine import conversation_messages, load_exchanges, percentile, run_level  # noqa: E402
 
 from finetune.ml.base_model import convert_bundled  # noqa: E402
+from finetune.ml.decoding import DecodingConfig  # noqa: E402
 from finetune.serving.batched import BatchedEngine  # noqa: E402
 from finetune.serving.loading import LoadedModel, load_for_inference  # noqa: E402
 from finetune.serving.vllm import ServedVersion, VLLMEngine, VLLMServers  # noqa: E402
@@ -71,15 +74,20 @@ def metric(url: str, name: str) -> float:
 
 
 def start_vllm(model: Path, work: Path, args) -> tuple[subprocess.Popen, str, float]:
-    python = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "vllm-venv.sh")], capture_output=True, text=True, check=True
-    ).stdout.split()[-1]
+    """A vLLM server started as the product starts one (scripts/vllm-serve.sh: the n-gram ban plugin,
+    LoRA enabled), serving ``model``; returns it, its URL and its start-up time."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "DJANGO_SETTINGS_MODULE"}}
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_kv_gib)
-    # vLLM keeps one core out of its compute threads by default (for its API server); the
-    # in-process engine computes on every core, so by default vLLM does too.
-    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
+    env.update(
+        SUPPORTBOT_VLLM_BASE=str(model),
+        VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gib),
+        VLLM_MAX_MODEL_LEN=str(args.max_model_len),
+        VLLM_DTYPE=args.vllm_dtype,
+        PY=sys.executable,
+        # vLLM keeps one core out of its compute threads by default (for its API server); the
+        # in-process engine computes on every core, so by default vLLM does too.
+        VLLM_CPU_NUM_OF_RESERVED_CPU=str(args.vllm_reserved_cpus),
+    )
     if args.threads:
         # As many compute threads as the in-process engine gets: cores 0..threads-1.
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
@@ -87,30 +95,21 @@ def start_vllm(model: Path, work: Path, args) -> tuple[subprocess.Popen, str, fl
     started = time.monotonic()
     process = subprocess.Popen(
         [
-            python,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            # Two names for one model: the base, and the bench database's active version.
+            "bash",
+            str(ROOT / "scripts" / "vllm-serve.sh"),
+            str(port),
+            # Added to the script's arguments (the last of a repeated one counts): two names for one
+            # model, the base and the bench database's active version, and room for every chat at once.
             "--served-model-name",
             "supportbot-base",
             VERSION_NAME,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-model-len",
-            str(args.max_model_len),
             "--max-num-seqs",
             str(max(args.levels + args.web_levels)),
-            "--dtype",
-            args.vllm_dtype,
         ],  # fmt: skip
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True,  # its own process group: stop() takes the engine core too
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -122,6 +121,9 @@ def start_vllm(model: Path, work: Path, args) -> tuple[subprocess.Popen, str, fl
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"vLLM did not start; see {work / 'vllm.log'}") from None
             time.sleep(1)
+    if "NoRepeatNGramLogitsProcessor" not in (work / "vllm.log").read_text(errors="replace"):
+        stop(process)
+        raise SystemExit(f"vLLM started without the n-gram ban plugin; see {work / 'vllm.log'}")
     return process, url, time.monotonic() - started
 
 
@@ -167,16 +169,19 @@ async def engines_part(model: Path, exchanges, args, work: Path) -> dict:
         servers = VLLMServers([url], read_timeout_s=3600)
         version = ServedVersion(label="base", name="supportbot-base", files=str(model), lora_path=None)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        vllm = VLLMEngine(
-            servers,
-            version,
-            LoadedModel(model=None, tokenizer=tokenizer, label="base"),
-            max_model_len=args.max_model_len,
-        )
-        await run_level(vllm, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
-        for level in [] if args.skip_engines else args.levels:
-            out["vllm"].append(await run_level(vllm, exchanges, level, _level_args(args), random.Random(level)))
-            print(json.dumps({"vllm": out["vllm"][-1]}), file=sys.stderr)
+        # The product's decoding (the n-gram ban, which the server's plugin applies), and with
+        # --ngram-ban-ab the same requests without it too: the plugin's cost on the same server.
+        variants = {"vllm": DecodingConfig()}
+        if args.ngram_ban_ab:
+            variants["vllm_no_ngram_ban"] = DecodingConfig(no_repeat_ngram_size=0)
+        for key, decoding in variants.items():
+            out[key] = []
+            loaded = LoadedModel(model=None, tokenizer=tokenizer, label="base", decoding=decoding)
+            vllm = VLLMEngine(servers, version, loaded, max_model_len=args.max_model_len)
+            await run_level(vllm, exchanges, 1, _level_args(args, turns=1), random.Random(0))  # warm-up
+            for level in [] if args.skip_engines else args.levels:
+                out[key].append(await run_level(vllm, exchanges, level, _level_args(args), random.Random(level)))
+                print(json.dumps({key: out[key][-1]}), file=sys.stderr)
         out["vllm_memory_mb"] = vllm_memory_mb(process)
         if not args.skip_web:
             out["web"] = await web_part(url, model, args, work)
@@ -354,6 +359,11 @@ def parse_args(argv=None):
     parser.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
     parser.add_argument("--vllm-dtype", default="float32", help="float32 (default: as the in-process engine)")
     parser.add_argument("--vllm-reserved-cpus", type=int, default=0, help="cores vLLM keeps from compute")
+    parser.add_argument(
+        "--ngram-ban-ab",
+        action="store_true",
+        help="also run vLLM's levels without the n-gram ban (the plugin idle): the plugin's cost",
+    )
     parser.add_argument("--skip-web", action="store_true", help="engines only, no daphne processes")
     parser.add_argument("--skip-engines", action="store_true", help="the web part only (vLLM still starts)")
     parser.add_argument("--work", default=str(ROOT / "var" / "bench" / "scale"))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Start one vLLM CPU server for SupportBot: the base model, with LoRA adapters loaded at run time.
 #
-#   scripts/vllm-serve.sh [PORT]          # PORT defaults to $VLLM_PORT, else 8400
+#   scripts/vllm-serve.sh [PORT [VLLM_ARG...]]   # PORT defaults to $VLLM_PORT, else 8400
 #
-# Used by the Procfile (make cluster). The server runs from its own venv (built once by
+# Used by the Procfile (make cluster) and bench/bench_scale.py (which adds --max-num-seqs and a
+# second served name: arguments after PORT go to vLLM last, so they override those below). The server runs from its own venv (built once by
 # scripts/vllm-venv.sh). It serves the base model under "supportbot-base"; model versions
 # are adapters the promotion service loads by name (supportbot-v<N>) through
 # POST /v1/load_lora_adapter, which VLLM_ALLOW_RUNTIME_LORA_UPDATING enables: bind the
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 HOST=${VLLM_HOST:-127.0.0.1}
 PORT=${1:-${VLLM_PORT:-8400}}
+[ $# -gt 0 ] && shift
 if [ -z "${SUPPORTBOT_VLLM_BASE:-}" ]; then
   SUPPORTBOT_VLLM_BASE=$("$PY" -c '
 import os, sys
@@ -37,4 +39,5 @@ exec "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
   --host "$HOST" --port "$PORT" \
   --logits-processors finetune.serving.vllm_logits:NoRepeatNGramLogitsProcessor \
   --enable-lora --max-lora-rank "${VLLM_MAX_LORA_RANK:-32}" --max-loras "${VLLM_MAX_LORAS:-4}" \
-  --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" --dtype "${VLLM_DTYPE:-auto}"
+  --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" --dtype "${VLLM_DTYPE:-auto}" \
+  "$@"

@@ -30,9 +30,10 @@ for (the Llama family, as SmolLM2) are adapters loaded at run time with
 has no LoRA for GPT-2: such a version is served as its merged export, by a server
 started with ``--model <merged dir> --served-model-name supportbot-v<N>``; nothing
 can load it at run time (the limitation is in docs/deploy.md). ``VLLMServers.publish``
-makes sure every server lists a version's name, loading the adapter where missing, and
-raises ``VLLMError`` naming each server that does not: the promotion service calls it
-before a version goes live, so a rollback to a name still listed loads nothing.
+makes sure every server lists a version's name, loading the adapter where missing (on all
+servers at once, within a bounded time), and raises ``VLLMError`` naming each server that
+does not: the promotion service calls it before a version goes live, so a rollback to a
+name still listed loads nothing.
 
 **Several servers.** A conversation's requests go to one server (its prefix cache
 holds the conversation), chosen by rendezvous hashing of the conversation id over the
@@ -215,25 +216,51 @@ class VLLMServers:
     def publish(self, version: ServedVersion) -> None:
         """Make every server list ``version.name``: load the adapter where it is missing, then check.
 
-        Raises ``VLLMError`` naming every server that does not list it afterwards.
-        A server that lists it already is not touched (a rollback loads nothing).
+        The servers are asked at once (a promotion waits for the slowest load, not for their
+        sum), and the answer comes within ``publish_budget_s()`` however many servers hang: a
+        server still loading then is reported as not done (its requests end by their own
+        timeouts in the background). Raises ``VLLMError`` naming every server that does not
+        list the name afterwards, in configured order. A server that lists it already is not
+        touched (a rollback loads nothing).
         """
-        problems = []
-        for url in self.urls:
+
+        def publish_on(url: str) -> str | None:
             try:
                 if version.name in self.models(url):
-                    continue
+                    return None
                 self.load_adapter(url, version)
                 if version.name not in self.models(url):
-                    problems.append(f"{url} accepted {version.name} but does not list it in /v1/models")
+                    return f"{url} accepted {version.name} but does not list it in /v1/models"
             except VLLMError as exc:
-                problems.append(str(exc))
+                return str(exc)
             except httpx.HTTPError as exc:
-                problems.append(f"{url} did not answer ({type(exc).__name__}: {exc})")
+                return f"{url} did not answer ({type(exc).__name__}: {exc})"
+            except (ValueError, KeyError, TypeError) as exc:
+                return f"{url} answered something other than vLLM's /v1/models list ({type(exc).__name__}: {exc})"
+            return None
+
+        budget = self.publish_budget_s()
+        pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="vllm-publish")
+        try:
+            futures = [pool.submit(publish_on, url) for url in self.urls]
+            wait(futures, timeout=budget)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # never wait for a hung server here
+        problems = []
+        for url, future in zip(self.urls, futures, strict=True):
+            if not future.done() or future.cancelled():
+                problems.append(f"{url} had not loaded {version.name} after {budget:g} s")
+            elif (problem := future.result()) is not None:
+                problems.append(problem)
         if problems:
             raise VLLMError(
                 f"{version.label} cannot go live: not every vLLM server serves {version.name}. " + " ".join(problems)
             )
+
+    def publish_budget_s(self) -> float:
+        """The longest ``publish`` waits: a listing, a load and a second listing at their timeouts, and a
+        second for the answers that arrive at the limit."""
+        return self.connect_timeout_s + self.load_timeout_s + self.connect_timeout_s + 1.0
 
     def health(self, *, timeout_s: float = 3.0) -> list[dict]:
         """Each server, in configured order: ``{"url", "ok": True, "models": [names], "latency_ms"}`` or

@@ -28,13 +28,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 
 from conversations.models import BotProfile, Message
 from conversations.selectors import system_prompt_for
 from finetune.ml.decoding import DecodingConfig
 from finetune.ml.tiny import build_tiny_llama, build_tiny_lora_adapter
-from finetune.models import ModelVersion
+from finetune.models import ModelVersion, TrainingRun
 from finetune.services.model_versions import model_version_promote, model_version_rollback
 from finetune.serving.interface import GenerationParams, GenerationRequest, TokenDelta
 from finetune.serving.loading import LoadedModel
@@ -452,6 +453,77 @@ async def test_a_repeating_reply_from_vllm_is_cut_by_the_reply_pipeline(
     assert done["body"] == _streamed(frames).strip() == TRACK_START
     reply = await database_sync_to_async(Message.objects.get)(pk=done["id"])
     assert reply.generation["cut_reason"] == "sentence"
+
+
+def _lora_requests_seen(server: VLLMServer) -> set[str]:
+    """Adapter names the server has run requests under: vLLM's ``vllm:lora_requests_info`` gauge keeps a
+    series per ``running_lora_adapters`` value it has seen (comma-joined when a step ran several)."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:  # noqa: S310 - local
+        text = response.read().decode()
+    seen = set()
+    for labels in re.findall(r"^vllm:lora_requests_info\{([^}]*)\}", text, re.MULTILINE):
+        running = dict(re.findall(r'(\w+)="([^"]*)"', labels)).get("running_lora_adapters", "")
+        seen.update(name for name in running.split(",") if name)
+    return seen
+
+
+def test_a_version_a_celery_worker_trains_and_promotes_reaches_vllm_and_the_next_reply_on_each_web_process(
+    on_vllm, settings, vllm_server, tiny_llama, model_gates_advisory, training_worker, daphne_factory, tmp_path
+):
+    """The product's path end to end, in real processes: a Celery worker trains a LoRA version of the tiny
+    Llama, its automatic promotion loads the adapter on vLLM, and both web processes (told through the
+    Redis channel layer) send the next reply under the new version's name."""
+    from finetune.ml.training import load_tokenizer
+    from finetune.services.training_runs import training_run_request
+    from tests.finetune.fixtures import FAST, conversation, dataset_version_create, wait_for, write_dataset
+
+    live = _candidate(tiny_llama, "orders")
+    # The run scores the live version on its validation set (the validation-loss gate) from its merged
+    # model; "orders" changes nothing (a zero LoRA update), so merged it is the base itself.
+    live.merged_path = str(tiny_llama["base"])
+    live.save(update_fields=["merged_path"])
+    model_version_promote(version=live, reason="vLLM test")
+    servers = [daphne_factory(**on_vllm), daphne_factory(**on_vllm)]
+    for base in servers:
+        async_to_sync(_wait_serving)(base, live.label)
+
+    # A dataset of the tiny Llama's exchanges, for the worker to train on.
+    tokenizer = load_tokenizer(str(tiny_llama["base"]))
+    exchanges = [conversation(question, REFUND_REPLY) for question, _ in EXCHANGES]
+    dataset_version_create(write_dataset(tmp_path / "dataset", exchanges, exchanges[:2], tokenizer))
+    settings.SUPPORTBOT_MODEL_STORE = tmp_path / "models"
+    settings.SUPPORTBOT_BASE_MODEL = str(tiny_llama["base"])
+    worker = training_worker(**on_vllm)  # promotes as the product's workers do: onto the vLLM servers
+    # The run's version takes the next number (live's + 1). The server keeps every adapter it loaded
+    # under its name for the whole module, so the factory must not give that number to a later test's
+    # version: publishing it would find the name listed and serve this run's adapter.
+    ModelVersionFactory.reset_sequence(live.number + 1)
+    run = training_run_request(hyperparameters={**FAST, "lora_r": 8, "lora_alpha": 16})
+
+    def promoted() -> bool:
+        log_tail = TrainingRun.objects.get(pk=run.pk).log_tail
+        assert "stays a candidate" not in log_tail, log_tail
+        assert "was not promoted" not in log_tail, log_tail
+        assert "Failed" not in log_tail, f"{log_tail}\n{worker.text()[-3000:]}"
+        # The run's last line, written once the promotion has returned.
+        return "passed the gates and is now active" in log_tail
+
+    wait_for(promoted, timeout=600, interval=0.5, message="the worker to train and promote a version")
+    trained = ModelVersion.objects.get(training_run_id=run.pk)
+    assert trained.status == ModelVersion.Status.ACTIVE
+    name = f"supportbot-{trained.label}"
+    assert name in vllm_server.models()  # the worker loaded its adapter
+    assert name not in _lora_requests_seen(vllm_server)
+
+    for base in servers:
+        async_to_sync(_wait_serving)(base, trained.label)
+        assert served_here(base)["vllm_model"] == name
+        frames = async_to_sync(_ask)(base, "Where is my order?")
+        done = frames[-1]
+        assert (done["status"], done["model_version"]) == ("complete", trained.label), done
+        assert done["body"] == _streamed(frames).strip()
+    # vLLM itself ran the replies under the new version's adapter.
+    assert name in _lora_requests_seen(vllm_server)
 
 
 # Last in the module: it kills the shared server (and restarts it).

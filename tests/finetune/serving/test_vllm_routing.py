@@ -1,4 +1,5 @@
-"""The vLLM engine's choices that need no vLLM server: server per conversation, served names, LoRA or merged.
+"""The vLLM engine's choices that need no vLLM server: server per conversation, served names, LoRA or merged,
+publishing a version to every server (against local stand-ins that answer vLLM's adapter endpoints).
 
 The engine against real vLLM servers: test_vllm.py (marked ``vllm``).
 """
@@ -143,6 +144,148 @@ def test_health_asks_every_server_at_once_and_reports_each():
     for url in hanging:
         assert by_url[url]["ok"] is False
         assert "Timeout" in by_url[url]["error"] or "No answer within 1 s" in by_url[url]["error"]
+
+
+class _AdapterHandler(BaseHTTPRequestHandler):
+    """``GET /v1/models`` and ``POST /v1/load_lora_adapter`` as a vLLM server answers them (``_StandIn``)."""
+
+    server: _StandIn
+
+    def do_GET(self):  # noqa: N802 - the http.server name
+        with self.server.lock:
+            cards = [{"id": name} for name in sorted(self.server.names)]
+        self._answer(200 if self.path == "/v1/models" else 404, {"object": "list", "data": cards})
+
+    def do_POST(self):  # noqa: N802 - the http.server name
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        stand_in = self.server
+        if stand_in.hold_load_s:  # a load that hangs (until the test ends)
+            stand_in.released.wait(stand_in.hold_load_s)
+        if stand_in.meet is not None:
+            try:  # every server that meets here loads at the same time, or none does
+                stand_in.meet.wait()
+            except threading.BrokenBarrierError:
+                self._answer(500, {"error": "the other servers' loads did not overlap with this one"})
+                return
+        if stand_in.refuse:
+            self._answer(400, {"error": {"message": "Invalid LoRA adapter: rank 64 exceeds max_lora_rank 16"}})
+            return
+        with stand_in.lock:
+            stand_in.names.add(request["lora_name"])
+        self._answer(200, {"message": f"Success: LoRA adapter '{request['lora_name']}' added successfully."})
+
+    def _answer(self, status: int, body: dict) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+class _StandIn(ThreadingHTTPServer):
+    """A local HTTP server that lists and loads adapters as vLLM does; a load can meet the other servers'
+    loads at ``meet`` (a barrier), be refused, or hang for ``hold_load_s``."""
+
+    def __init__(self, *, meet=None, refuse=False, hold_load_s=0.0):
+        super().__init__(("127.0.0.1", 0), _AdapterHandler)
+        self.names = {"tiny"}
+        self.lock = threading.Lock()
+        self.meet, self.refuse, self.hold_load_s = meet, refuse, hold_load_s
+        self.released = threading.Event()
+        self.url = f"http://127.0.0.1:{self.server_port}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.released.set()
+        if self.meet is not None:
+            self.meet.abort()
+        self.shutdown()
+        self.server_close()
+
+
+@contextlib.contextmanager
+def _stand_ins(*configs: dict):
+    servers = [_StandIn(**config) for config in configs]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_publish_loads_the_adapter_on_every_server_at_once(tmp_path):
+    """Each server's load waits at a barrier for the other two (for at most 10 s): loads made one after
+    another never meet there, and each would be refused."""
+    version = served_version(label="v5", adapter_path=str(_adapter(tmp_path, "llama")))
+    meet = threading.Barrier(3, timeout=10)
+    with _stand_ins({"meet": meet}, {"meet": meet}, {"meet": meet}) as stand_ins:
+        servers = VLLMServers([server.url for server in stand_ins])
+        servers.publish(version)
+        assert all("supportbot-v5" in server.names for server in stand_ins)
+        assert all("supportbot-v5" in servers.models(url) for url in servers.urls)
+        # Listed everywhere now: publishing again (a rollback to it) loads nothing, so never meets.
+        meet.reset()
+        servers.publish(version)
+
+
+def test_publish_reports_every_server_that_fails_within_a_bounded_time(tmp_path):
+    """One server loads, one refuses, three hang past the load timeout, one is down: the version cannot go
+    live, the message names all five failures, and publish returns within its budget (the three hung loads,
+    waited for one after another, would take longer)."""
+    version = served_version(label="v6", adapter_path=str(_adapter(tmp_path, "llama")))
+    hung = {"hold_load_s": 60}
+    with _stand_ins({}, {"refuse": True}, hung, hung, hung) as (good, refusing, *hanging):
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        urls = [good.url, refusing.url, *(server.url for server in hanging), down]
+        servers = VLLMServers(urls, connect_timeout_s=1, load_timeout_s=2)
+        started = time.monotonic()
+        with pytest.raises(VLLMError) as refused:
+            servers.publish(version)
+        took = time.monotonic() - started
+
+    message = str(refused.value)
+    assert message.startswith("v6 cannot go live: not every vLLM server serves supportbot-v6.")
+    assert good.url not in message
+    assert f"{refusing.url} refused to load supportbot-v6" in message
+    assert "rank 64 exceeds max_lora_rank 16" in message  # the server's own reason
+    for server in hanging:
+        assert f"{server.url} did not answer (ReadTimeout" in message
+    assert f"{down} did not answer (ConnectError" in message
+    positions = [message.index(url) for url in urls[1:]]
+    assert positions == sorted(positions)  # in configured order
+    assert took < servers.publish_budget_s() < 3 * servers.load_timeout_s
+    assert "supportbot-v6" in good.names  # loaded there, but live nowhere: the promotion is refused
+
+
+@pytest.mark.django_db
+def test_a_promotion_is_refused_while_one_server_fails_the_load_and_goes_through_once_all_load(settings, tmp_path):
+    from finetune.models import ModelVersion
+    from finetune.services.model_versions import model_version_promote
+    from supportbot.errors import ApplicationError
+    from tests.factories import ModelVersionFactory
+
+    with _stand_ins({}, {"refuse": True}) as (good, refusing):
+        settings.SUPPORTBOT_ENGINE = "vllm"
+        settings.SUPPORTBOT_VLLM_URLS = [good.url, refusing.url]
+        version = ModelVersionFactory(
+            status=ModelVersion.Status.CANDIDATE, adapter_path=str(_adapter(tmp_path, "llama")), merged_path=""
+        )
+        with pytest.raises(ApplicationError) as refused:
+            model_version_promote(version=version, reason="vLLM stand-ins")
+        assert refused.value.code == "vllm_not_serving"
+        assert f"{refusing.url} refused to load {served_name(version.label)}" in str(refused.value)
+        version.refresh_from_db()
+        assert version.status == ModelVersion.Status.CANDIDATE
+
+        refusing.refuse = False  # the operator fixed that server
+        model_version_promote(version=version, reason="vLLM stand-ins")
+        version.refresh_from_db()
+        assert version.status == ModelVersion.Status.ACTIVE
+        assert served_name(version.label) in good.names & refusing.names
 
 
 def test_a_request_carries_the_prompt_the_other_engines_build_with_its_prime():
