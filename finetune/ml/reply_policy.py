@@ -43,6 +43,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from typing import Any
 
 from .evaluation import rouge_l
@@ -52,6 +53,7 @@ SOURCE_MODEL = "model"
 SOURCE_RETRIEVED = "retrieved"
 SOURCE_HANDOFF = "handoff"
 MODES = ("consensus", "fallback", "model")
+WEIGHTINGS = ("uniform", "score")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,12 @@ class ReplyPolicyConfig:
     mode: str = "consensus"
     # Nearest answers of the voted intent that compete with the model's reply (E1b: 3 and 5 within 0.005).
     consensus_answers: int = 3
+    # consensus mode: the model's reply goes out only when its agreement with the other candidates
+    # (mean ROUGE-L) beats the best past answer's by this much; 0 is plain minimum Bayes risk.
+    model_margin: float = 0.0
+    # consensus mode: "uniform" (every other candidate counts the same) or "score" (a past answer
+    # counts by its retrieval similarity, the model's reply as much as the closest answer).
+    weighting: str = "uniform"
     # fallback mode: below this mean log-probability the model's reply is doubtful (E2/E3: -0.5 beat -0.7).
     fallback_logprob: float = -0.5
     # ...and an answer this similar (cosine, 0..1) replaces it; farther answers are no better than the model.
@@ -78,6 +86,10 @@ class ReplyPolicyConfig:
             raise ValueError(f"Unknown reply policy mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.consensus_answers < 1:
             raise ValueError("consensus_answers must be at least 1.")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"Unknown consensus weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}.")
+        if not 0.0 <= self.model_margin <= 1.0:
+            raise ValueError("model_margin is a ROUGE-L difference: between 0 and 1 (1: never the model's reply).")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,15 +126,46 @@ def usable_answers(hits: Sequence[Neighbour], config: ReplyPolicyConfig | None =
     return close[: config.consensus_answers], intent
 
 
-def consensus(candidates: Sequence[str]) -> int:
-    """Index of the candidate most like the others (mean ROUGE-L); ties go to the earlier one.
+@lru_cache(maxsize=16384)
+def _similarity(a: str, b: str) -> float:
+    # ROUGE-L F1 is symmetric: one entry per pair. Popular answers meet again and again.
+    return rouge_l(a, b) if a <= b else rouge_l(b, a)
+
+
+def agreement(candidates: Sequence[str], weights: Sequence[float] | None = None) -> list[float]:
+    """Each candidate's mean ROUGE-L with the others, weighted by ``weights`` (default: equal).
+
+    The candidate that agrees most is the minimum-Bayes-risk choice: the one closest, on
+    average, to what the others say a good reply is.
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(candidates)
+    if len(weights) != len(candidates):
+        raise ValueError("agreement needs one weight per candidate")
+    out = []
+    for i, candidate in enumerate(candidates):
+        total = sum(weights[j] for j in range(len(candidates)) if j != i)
+        score = sum(weights[j] * _similarity(candidate, other) for j, other in enumerate(candidates) if j != i)
+        out.append(score / total if total > 0 else 0.0)
+    return out
+
+
+def consensus(candidates: Sequence[str], weights: Sequence[float] | None = None) -> int:
+    """Index of the candidate most like the others (``agreement``); ties go to the earlier one.
 
     Fewer than three candidates cannot outvote each other: 0.
     """
     if len(candidates) < 3:
         return 0
-    totals = [sum(rouge_l(c, o) for j, o in enumerate(candidates) if j != i) for i, c in enumerate(candidates)]
-    return max(range(len(candidates)), key=lambda i: (totals[i], -i))
+    scores = agreement(candidates, weights)
+    return max(range(len(candidates)), key=lambda i: (scores[i], -i))
+
+
+def consensus_weights(answers: Sequence[Neighbour], config: ReplyPolicyConfig, *, model: bool) -> list[float] | None:
+    """The weights of ``agreement`` for [model reply,] answers under ``config.weighting`` (None: equal)."""
+    if config.weighting == "uniform":
+        return None
+    scores = [max(a.score, 0.0) for a in answers]
+    return [max(scores, default=0.0), *scores] if model else scores
 
 
 _SENTENCE_RE = re.compile(r".*?(?:[.!?](?=\s|$)|\n|$)", re.S)
@@ -189,12 +232,17 @@ def choose_reply(
         pool = [a.exchange.reply.strip() for a in answers]
         if partial:
             pool = [first_sentences(a, sentence_count) for a in pool]
-        best = consensus([text, *pool])
-        if best == 0:
-            return model(f"The model's reply agrees most with the {len(answers)} nearest answers.")
+        scores = agreement([text, *pool], consensus_weights(answers, config, model=True))
+        best = max(range(1, len(scores)), key=lambda i: (scores[i], -i))
+        if scores[0] >= scores[best] + config.model_margin:
+            return model(
+                f"The model's reply agrees most with the {len(answers)} nearest answers "
+                f"({scores[0]:.2f} >= {scores[best]:.2f} + margin {config.model_margin})."
+            )
         return retrieved(
             answers[best - 1],
-            f"Past answer {best} of the {len(answers)} nearest agrees most with the others and the model's reply.",
+            f"Past answer {best} of the {len(answers)} nearest agrees most with the others and the model's reply "
+            f"({scores[best]:.2f}; the model's {scores[0]:.2f}, margin {config.model_margin}).",
         )
     top = answers[0]
     if unsure and top.score >= config.fallback_score:

@@ -11,6 +11,7 @@ from finetune.ml.reply_policy import (
     SOURCE_MODEL,
     SOURCE_RETRIEVED,
     ReplyPolicyConfig,
+    agreement,
     choose_reply,
     consensus,
     sentences,
@@ -67,6 +68,48 @@ def test_consensus_replaces_a_reply_that_answers_another_question():
     assert choice.text in {TRACK_1, TRACK_2, TRACK_3}
     assert choice.intent == "track_order"
     assert choice.score is not None
+
+
+def test_the_model_margin_makes_a_reply_that_barely_agrees_lose_to_the_most_central_answer():
+    reply = "Your parcel is with the courier. Track it with the tracking link in your e-mail."
+    scores = agreement([reply, TRACK_1, TRACK_2, TRACK_3])
+    lead = scores[0] - max(scores[1:])
+    assert lead > 0  # plain minimum Bayes risk sends the model's reply
+
+    narrow = ReplyPolicyConfig(model_margin=round(lead / 2, 4))
+    wide = ReplyPolicyConfig(model_margin=round(lead + 0.01, 4))
+    never = ReplyPolicyConfig(model_margin=1.0)
+
+    assert choose_reply(reply, -0.3, HITS, narrow).source == SOURCE_MODEL
+    beaten = choose_reply(reply, -0.3, HITS, wide)
+    assert beaten.source == SOURCE_RETRIEVED
+    assert beaten.text == [TRACK_1, TRACK_2, TRACK_3][max(range(3), key=lambda i: (scores[i + 1], -i))]
+    assert "margin" in beaten.reason
+    assert choose_reply(TRACK_2, -0.1, HITS, never).source == SOURCE_RETRIEVED  # even a copy of an answer
+
+
+def test_agreement_is_a_weighted_mean_of_similarities():
+    same = "the parcel is with the courier"
+    other = "refunds reach your card in five days"
+
+    assert agreement([same, same, other]) == pytest.approx([0.5, 0.5, 0.0])
+    # With the outsider weighing nothing, the two copies agree fully with what counts.
+    assert agreement([same, same, other], [1.0, 1.0, 0.0]) == pytest.approx([1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="one weight per candidate"):
+        agreement([same, other], [1.0])
+
+
+def test_score_weighting_lets_the_closer_answers_outvote_the_farther_ones():
+    near = [hit(TRACK_1, "track_order", 0.9, "ticket:a:1", 1), hit(TRACK_2, "track_order", 0.9, "ticket:a:2", 2)]
+    far = [hit(TRACK_3, "track_order", 0.06, f"ticket:b:{i}", 3 + i) for i in range(3)]
+    reply = "Your parcel is with the courier."
+
+    uniform = choose_reply(reply, -0.2, near + far, ReplyPolicyConfig(consensus_answers=5))
+    weighted = choose_reply(reply, -0.2, near + far, ReplyPolicyConfig(consensus_answers=5, weighting="score"))
+
+    assert uniform.origin.startswith("ticket:b:")  # three far copies of TRACK_3 outvote the two close answers
+    assert weighted.source == SOURCE_RETRIEVED
+    assert weighted.origin in {"ticket:a:1", "ticket:a:2"}
 
 
 def test_fallback_mode_replaces_an_unsure_reply_with_a_close_answer():
@@ -127,3 +170,7 @@ def test_config_round_trips_and_rejects_unknown_modes():
     assert ReplyPolicyConfig.from_json({"mode": "model", "future_field": 1}).mode == "model"
     with pytest.raises(ValueError, match="Unknown reply policy mode"):
         ReplyPolicyConfig(mode="random")
+    with pytest.raises(ValueError, match="Unknown consensus weighting"):
+        ReplyPolicyConfig(weighting="votes")
+    with pytest.raises(ValueError, match="model_margin"):
+        ReplyPolicyConfig(model_margin=-0.1)
