@@ -110,11 +110,14 @@ def evaluate_model(name, path, args, val, classifier, dataset_knowledge, recipe)
     from finetune.ml.decoding import DecodingConfig
     from finetune.ml.knowledge import load_knowledge
     from finetune.ml.quality import GenerationCache, generate_for, quality_examples, served_row, settings_key
+    from finetune.ml.reply_policy import ReplyPolicyConfig
 
     model, tokenizer, model_dir = load_model(path, args.base)
     own = load_knowledge(model_dir) if name != "base" else None
     grounding = own.grounding if own is not None and own.grounding is not None else recipe.grounding_config()
     policy = own.policy if own is not None and own.policy is not None else recipe.policy_config()
+    if args.policy_defaults:  # what the version would serve with if trained today (its mode kept)
+        policy = dataclasses.replace(ReplyPolicyConfig(), mode=policy.mode)
     grounded = grounding.neighbours > 0 and (own is None or own.grounding is not None or own.index is None)
     examples = quality_examples(
         val["messages"],
@@ -195,31 +198,30 @@ def weights_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-SWEEP_ANSWERS = (2, 3, 4, 5, 6)
-SWEEP_MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 1.0)
-SWEEP_WEIGHTINGS = ("uniform", "score")
+SWEEP_ANSWERS = (3, 4, 5, 6, 8)
+SWEEP_MARGINS = (-0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 1.0)
 
 
 def sweep(name, examples, generated, classifier, policy) -> list[dict]:
-    """The consensus policy's settings over one generation (no new generation): every combination
-    of answers in the consensus, the model's margin and the weighting, beside the retrieval
-    consensus of the same answers. For tuning on a development sample (``--split train``)."""
+    """The consensus policy's settings over one generation (no new generation): answers in the
+    consensus, whether the model's reply votes, and the model's margin, each beside the retrieval
+    consensus of as many answers. For tuning on a development sample (``--split train``)."""
     import dataclasses
 
     from finetune.ml.quality import retrieval_rows, served_row
 
     out = []
     for answers in SWEEP_ANSWERS:
-        for weighting in SWEEP_WEIGHTINGS:
-            base = dataclasses.replace(policy, mode="consensus", consensus_answers=answers, weighting=weighting)
+        for votes in (False, True):
+            base = dataclasses.replace(policy, mode="consensus", consensus_answers=answers, model_votes=votes)
             agreed = retrieval_rows(examples, classifier, base)[1]
-            for margin in SWEEP_MARGINS:
+            for margin in SWEEP_MARGINS if not votes else (0.0, 1.0):
                 variant = dataclasses.replace(base, model_margin=margin)
                 row = served_row(name, "sweep", examples, generated, classifier, policy=variant)
                 out.append(
                     {
                         "consensus_answers": answers,
-                        "weighting": weighting,
+                        "model_votes": votes,
                         "model_margin": margin,
                         "rouge_l": row.rouge_l,
                         "intent_accuracy": row.intent_accuracy,
@@ -229,10 +231,10 @@ def sweep(name, examples, generated, classifier, policy) -> list[dict]:
                 )
     out.sort(key=lambda r: -(r["rouge_l"] or 0))
     print(f"{name}: policy sweep on {len(examples)} examples (best first)")  # noqa: T201
-    print(f"{'answers':>8} {'weighting':>9} {'margin':>7} {'ROUGE-L':>8} {'intent':>7} {'model':>6} {'ret.cons.':>9}")  # noqa: T201
+    print(f"{'answers':>8} {'votes':>6} {'margin':>7} {'ROUGE-L':>8} {'intent':>7} {'model':>6} {'ret.cons.':>9}")  # noqa: T201
     for r in out:
         print(  # noqa: T201
-            f"{r['consensus_answers']:8d} {r['weighting']:>9} {r['model_margin']:7.2f} {r['rouge_l']:8.4f} "
+            f"{r['consensus_answers']:8d} {r['model_votes']!s:>6} {r['model_margin']:7.2f} {r['rouge_l']:8.4f} "
             f"{r['intent_accuracy'] or 0:7.4f} {r['model_replies']:6d} {r['retrieval_consensus_rouge_l']:9.4f}"
         )
     return out
@@ -302,6 +304,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--sweep", action="store_true", help="also score the consensus policy's settings (no new generation)"
+    )
+    parser.add_argument(
+        "--policy-defaults",
+        action="store_true",
+        help="score every model with today's ReplyPolicyConfig defaults, not the settings its train_config.json saved",
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="generate every reply (default: reuse OUT/generated/ by prompt)"

@@ -30,6 +30,7 @@ the others, shown so that a model whose replies are never chosen is visible.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -50,7 +51,7 @@ from .reply_policy import (
     ReplyPolicyConfig,
     choose_reply,
     consensus,
-    consensus_weights,
+    first_model_sentence,
     usable_answers,
 )
 from .retrieval import Neighbour, retrieval_query
@@ -250,8 +251,7 @@ def retrieval_rows(
         top_origins.append(nearest.exchange.origin if nearest else "")
         answers, _ = usable_answers(example.hits, policy)
         if answers:
-            weights = consensus_weights(answers, policy, model=False)
-            best = answers[consensus([a.exchange.reply for a in answers], weights)]
+            best = answers[consensus([a.exchange.reply for a in answers])]
             agreed.append(fill_neutral(best.exchange.reply, example.values))
             agreed_origins.append(best.exchange.origin)
         else:
@@ -439,17 +439,21 @@ def generate_for(
     found = [cache.get(p) if cache is not None else None for p in prompts]
     missing = [i for i, item in enumerate(found) if item is None]
     started = time.perf_counter()
-    fresh = generate_scored(
-        model,
-        tokenizer,
-        [prompts[i] for i in missing],
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        decoding=decoding,
-        device=device,
-        autocast=autocast,
-        progress=progress,
-    )
+    fresh = []
+    if missing:  # all cached: the model is not needed (None will do)
+        fresh = generate_scored(
+            model,
+            tokenizer,
+            [prompts[i] for i in missing],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            decoding=decoding,
+            device=device,
+            autocast=autocast,
+            progress=progress,
+        )
+    elif progress is not None:
+        progress(0, 0)
     seconds = time.perf_counter() - started
     if cache is not None and missing:
         cache.put_many([prompts[i] for i in missing], fresh)
@@ -459,7 +463,7 @@ def generate_for(
     for prime, result in zip(primes, generated, strict=True):
         raw = join_prime(prime, result["text"]) if prime else result["text"]
         trimmed = cut_repetition(raw)
-        result.update(text=trimmed.text, cut=bool(trimmed.cut), raw=raw)
+        result.update(text=trimmed.text, cut=bool(trimmed.cut), raw=raw, prime=prime.strip())
     return generated, seconds
 
 
@@ -473,11 +477,25 @@ def served_row(
     policy: ReplyPolicyConfig | None = None,
     seconds: float = 0.0,
 ) -> QualityRow:
-    """What customers get from ``generated`` under ``policy`` (``reply_policy.choose_reply``), filled and scored."""
+    """What customers get from ``generated`` under ``policy`` (``reply_policy.choose_reply``), filled and scored.
+
+    Decided where serving decides (``finetune.serving.safety.ReplyPipeline``): on the reply up
+    to the first sentence the model wrote after the prime (``first_model_sentence``,
+    ``partial=True``), and on the whole reply when it has no complete sentence there. A model
+    reply kept at that point goes out whole. (Serving passes the mean log-probability of the
+    tokens so far; here the whole reply's: it matters only to the fallback and handoff rules.)
+    """
     policy = policy or ReplyPolicyConfig()
     replies, sources, origins = [], [], []
     for example, result in zip(examples, generated, strict=True):
-        choice = choose_reply(result["text"], result["mean_logprob"], example.hits if example.grounded else [], policy)
+        text, mean_logprob = result["text"], result["mean_logprob"]
+        first = first_model_sentence(text, result.get("prime", "")) if example.grounded else None
+        if first is not None:
+            choice = choose_reply(first, mean_logprob, example.hits, policy, partial=True)
+            if choice.source == SOURCE_MODEL:
+                choice = dataclasses.replace(choice, text=text)  # the rest of the reply streams on
+        else:
+            choice = choose_reply(text, mean_logprob, example.hits if example.grounded else [], policy)
         replies.append(fill_neutral(choice.text, example.values) if choice.source != SOURCE_HANDOFF else "")
         sources.append(choice.source)
         origins.append(choice.origin)

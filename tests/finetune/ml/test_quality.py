@@ -30,6 +30,9 @@ REFUND = [
 ]
 
 
+NO_MARGIN = ReplyPolicyConfig(model_margin=0.0)  # the model's reply wins when it agrees as well as the best answer
+
+
 @pytest.fixture(scope="module")
 def index():
     rows = [Exchange(q, a, "track_order", f"ticket:t:{i}") for i, (q, a) in enumerate(TRACK)]
@@ -109,7 +112,7 @@ def test_the_served_row_applies_the_policy_and_fills_slots(index, classifier, ti
     for g in generated:
         g["tokens"] = 10
 
-    consensus = served_row("candidate", "Candidate", examples, generated, classifier)
+    consensus = served_row("candidate", "Candidate", examples, generated, classifier, policy=NO_MARGIN)
     own = served_row("own", "Own words", examples, generated, classifier, policy=ReplyPolicyConfig(mode="model"))
 
     assert consensus.examples[0]["source"] == "model"
@@ -120,6 +123,37 @@ def test_the_served_row_applies_the_policy_and_fills_slots(index, classifier, ti
     assert (consensus.model_replies, consensus.retrieved, consensus.handoffs) == (1, 1, 0)
     assert own.model_replies == 2
     assert own.rouge_l < consensus.rouge_l
+
+
+def test_the_served_row_decides_where_serving_does_on_the_first_sentence(index, classifier, ticket_tokenizer):
+    examples = quality_examples(conversations(), ["track_order", "get_refund"], index, ticket_tokenizer)[:1]
+    prime = "Your package is with the courier."
+    policy = NO_MARGIN
+    on_track = prime + " Track it under Orders in your account. Then the model talks about the weather for a while."
+    wanders = (
+        prime + " Refunds for damaged items are issued by the manufacturer. Track it under Orders in your account."
+    )
+
+    kept = served_row(
+        "c",
+        "C",
+        examples,
+        [{"text": on_track, "mean_logprob": -0.2, "tokens": 9, "prime": prime}],
+        classifier,
+        policy=policy,
+    )
+    replaced = served_row(
+        "c",
+        "C",
+        examples,
+        [{"text": wanders, "mean_logprob": -0.2, "tokens": 9, "prime": prime}],
+        classifier,
+        policy=policy,
+    )
+
+    assert kept.examples[0]["source"] == "model"
+    assert "weather" in kept.examples[0]["reply"]  # kept at the first sentence, the whole reply goes out
+    assert replaced.examples[0]["source"] == "retrieved"  # its first sentence wandered: replaced before it showed
 
 
 def test_generation_is_batched_scored_and_reports_progress(tiny_base, tiny_tokenizer):
