@@ -22,6 +22,14 @@ Rows:
 - for every model also ``<name>:fallback`` (the confidence fallback policy) and
   ``<name>:own-words`` (the model's replies whatever their quality), from the same generation.
 
+``--split train`` scores a development sample of the training split instead (each
+example's own exchange left out of its neighbours, as grounded training does; the quick
+adapter's training rows left out of the sample): tune reply-policy thresholds there
+(``--sweep`` prints the consensus settings' grid), never on the validation split.
+Generated replies are cached by prompt under ``OUT/generated/`` (``quality.GenerationCache``):
+another policy (``--policy-defaults``: today's ``ReplyPolicyConfig`` defaults rather than
+those a version saved) or an overlapping sample generates nothing again.
+
 The dataset defaults to the Bitext tickets (``../shared/data/bitext``), imported and
 built with the project's own importer and dataset builder (redaction, seed 0, 10%
 validation, with its retrieval index and intent classifier) into ``var/bench/quality/``.

@@ -13,7 +13,8 @@ A model's row is its *served path*, built from the same parts as serving:
    (``decoding.repetition_processors``), recording each reply's mean token log-probability,
 4. the repetition cut (``finetune.serving.repetition.cut_repetition``),
 5. the reply policy (``reply_policy.choose_reply``): the model's words, a retrieved
-   answer or a handoff,
+   answer or a handoff, decided where serving decides (on the first sentence the model
+   wrote after the prime, ``reply_policy.first_model_sentence``; ``served_row``),
 6. placeholders filled with neutral words and the customer's own values
    (``knowledge.fill_neutral``); the reference and retrieved answers are filled the same way.
 
@@ -513,7 +514,7 @@ def served_row(
         handoffs=sources.count(SOURCE_HANDOFF),
         cut=sum(bool(r.get("cut")) for r in generated),
         seconds=round(seconds, 1),
-        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else None,
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 and tokens else None,
     )
 
 
