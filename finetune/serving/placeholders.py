@@ -180,6 +180,8 @@ def _resolve(name: str, before: str, after: str, facts: Mapping[str, str], value
             return _capitalise_if_sentence_start(text, before[: phrase.start()]), len(before) - phrase.start()
         if _ID_WORD_RE.search(before):
             return "you provided", 0
+        if _DETERMINER_RE.search(before):  # "check the {{Order Number}}" -> "check the order number"
+            return _ID_KINDS[kind], 0
         text = "your " + _ID_KINDS[kind]
         return _capitalise_if_sentence_start(text, before), 0
     if kind == "name":

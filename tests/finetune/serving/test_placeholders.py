@@ -54,6 +54,15 @@ def test_unknown_slots_become_neutral_words():
     assert not SLOT.search(reply)
 
 
+def test_an_unknown_number_after_a_determiner_takes_no_second_determiner():
+    # "the your order number" read as a slot filled by a machine.
+    assert fill_placeholders("for your order with the {{NUMBER}}.") == "for your order with the order number."
+    assert fill_placeholders("Check your {{Order Number}} first.") == "Check your order number first."
+    assert fill_placeholders("About this {{Invoice Number}}.") == "About this invoice number."
+    assert fill_placeholders("Regarding {{Order Number}}.") == "Regarding your order number."
+    assert fill_placeholders("Check the {{Order Number}}.", values={"order": "4512"}) == "Check the 4512."
+
+
 def test_redaction_placeholders_and_a_cut_off_slot():
     reply = fill_placeholders("Hi {{NAME}}, we e-mailed {{EMAIL}} about invoice {{INVOICE_ID}}. See {{Order Num")
 
