@@ -22,6 +22,14 @@ Rows:
 - for every model also ``<name>:fallback`` (the confidence fallback policy) and
   ``<name>:own-words`` (the model's replies whatever their quality), from the same generation.
 
+``--split train`` scores a development sample of the training split instead (each
+example's own exchange left out of its neighbours, as grounded training does; the quick
+adapter's training rows left out of the sample): tune reply-policy thresholds there
+(``--sweep`` prints the consensus settings' grid), never on the validation split.
+Generated replies are cached by prompt under ``OUT/generated/`` (``quality.GenerationCache``):
+another policy (``--policy-defaults``: today's ``ReplyPolicyConfig`` defaults rather than
+those a version saved) or an overlapping sample generates nothing again.
+
 The dataset defaults to the Bitext tickets (``../shared/data/bitext``), imported and
 built with the project's own importer and dataset builder (redaction, seed 0, 10%
 validation, with its retrieval index and intent classifier) into ``var/bench/quality/``.
@@ -107,17 +115,36 @@ def evaluate_model(name, path, args, val, classifier, dataset_knowledge, recipe)
     """The served path of one model, plus its fallback and own-words rows from the same generation."""
     import dataclasses
 
+    from finetune.ml.decoding import DecodingConfig
     from finetune.ml.knowledge import load_knowledge
-    from finetune.ml.quality import generate_for, quality_examples, served_row
+    from finetune.ml.quality import GenerationCache, generate_for, quality_examples, served_row, settings_key
+    from finetune.ml.reply_policy import ReplyPolicyConfig
 
     model, tokenizer, model_dir = load_model(path, args.base)
     own = load_knowledge(model_dir) if name != "base" else None
     grounding = own.grounding if own is not None and own.grounding is not None else recipe.grounding_config()
     policy = own.policy if own is not None and own.policy is not None else recipe.policy_config()
+    if args.policy_defaults:  # what the version would serve with if trained today (its mode kept)
+        policy = dataclasses.replace(ReplyPolicyConfig(), mode=policy.mode)
     grounded = grounding.neighbours > 0 and (own is None or own.grounding is not None or own.index is None)
     examples = quality_examples(
-        val["messages"], val["intents"], dataset_knowledge.index, tokenizer, grounding=grounding, grounded=grounded
+        val["messages"],
+        val["intents"],
+        dataset_knowledge.index,
+        tokenizer,
+        grounding=grounding,
+        grounded=grounded,
+        exclude=val["exclude"],
     )
+    cache = None
+    if not args.no_cache:
+        identity = settings_key(
+            weights=weights_fingerprint(model_dir),
+            base=str(Path(args.base).resolve()) if (model_dir / "adapter_config.json").exists() else None,
+            max_new_tokens=args.max_new_tokens,
+            decoding=DecodingConfig().__dict__,
+        )
+        cache = GenerationCache(Path(args.out) / "generated", identity)
 
     def progress(done, total):
         print(f"  {name}: {done}/{total} replies", file=sys.stderr, flush=True)  # noqa: T201
@@ -130,6 +157,7 @@ def evaluate_model(name, path, args, val, classifier, dataset_knowledge, recipe)
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=progress,
+        cache=cache,
     )
     from finetune.ml.quality import SLOT_RE
     from finetune.serving.repetition import has_repetition
@@ -153,10 +181,71 @@ def evaluate_model(name, path, args, val, classifier, dataset_knowledge, recipe)
         "raw_replies_with_slots": sum(bool(SLOT_RE.search(g["raw"])) for g in generated),
         "raw_replies_repeating": sum(has_repetition(g["raw"]) for g in generated),
         "mean_logprob": round(sum(g["mean_logprob"] or 0 for g in generated) / max(1, len(generated)), 4),
+        "cached_replies": sum(bool(g.get("cached")) for g in generated),
         "generated": [{"raw": g["raw"], "mean_logprob": g["mean_logprob"]} for g in generated],
     }
+    if args.sweep:
+        rows[0]["extra"]["sweep"] = sweep(name, examples, generated, classifier, policy)
     del model
     return rows
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """A hash of a model's weight files (what its replies depend on besides the prompt)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise SystemExit(f"No weight files in {model_dir}.")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+SWEEP_ANSWERS = (3, 4, 5, 6, 8)
+SWEEP_MARGINS = (-0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2, 1.0)
+
+
+def sweep(name, examples, generated, classifier, policy) -> list[dict]:
+    """The consensus policy's settings over one generation (no new generation): answers in the
+    consensus, whether the model's reply votes, and the model's margin, each beside the retrieval
+    consensus of as many answers. For tuning on a development sample (``--split train``)."""
+    import dataclasses
+
+    from finetune.ml.quality import retrieval_rows, served_row
+
+    out = []
+    for answers in SWEEP_ANSWERS:
+        for votes in (False, True):
+            base = dataclasses.replace(policy, mode="consensus", consensus_answers=answers, model_votes=votes)
+            agreed = retrieval_rows(examples, classifier, base)[1]
+            for margin in SWEEP_MARGINS if not votes else (0.0, 1.0):
+                variant = dataclasses.replace(base, model_margin=margin)
+                row = served_row(name, "sweep", examples, generated, classifier, policy=variant)
+                out.append(
+                    {
+                        "consensus_answers": answers,
+                        "model_votes": votes,
+                        "model_margin": margin,
+                        "rouge_l": row.rouge_l,
+                        "intent_accuracy": row.intent_accuracy,
+                        "model_replies": row.model_replies,
+                        "retrieval_consensus_rouge_l": agreed.rouge_l,
+                    }
+                )
+    out.sort(key=lambda r: -(r["rouge_l"] or 0))
+    print(f"{name}: policy sweep on {len(examples)} examples (best first)")  # noqa: T201
+    print(f"{'answers':>8} {'votes':>6} {'margin':>7} {'ROUGE-L':>8} {'intent':>7} {'model':>6} {'ret.cons.':>9}")  # noqa: T201
+    for r in out:
+        print(  # noqa: T201
+            f"{r['consensus_answers']:8d} {r['model_votes']!s:>6} {r['model_margin']:7.2f} {r['rouge_l']:8.4f} "
+            f"{r['intent_accuracy'] or 0:7.4f} {r['model_replies']:6d} {r['retrieval_consensus_rouge_l']:9.4f}"
+        )
+    return out
 
 
 def train_quick(args, dataset: Path, out_dir: Path) -> tuple[Path, dict]:
@@ -191,6 +280,17 @@ def train_quick(args, dataset: Path, out_dir: Path) -> tuple[Path, dict]:
     return out_dir, info
 
 
+def development_indices(count: int, limit: int | None, seed: int, leave_out: set[int]) -> list[int]:
+    """A seeded sample of training rows for tuning, other than ``leave_out`` (drawn apart from the
+    validation sample's and the training sample's streams: a string seed)."""
+    import random
+
+    rows = [i for i in range(count) if i not in leave_out]
+    if limit is None or limit >= len(rows):
+        return rows
+    return sorted(random.Random(f"development:{seed}").sample(rows, limit))  # noqa: S311 - reproducible sampling
+
+
 # --- main --------------------------------------------------------------------------------------------
 
 
@@ -203,6 +303,24 @@ def main(argv=None) -> int:
     parser.add_argument("--model", action="append", default=[], help="version, run, merged or adapter directory")
     parser.add_argument("--no-base", action="store_true", help="skip the base model")
     parser.add_argument("--limit", type=int, default=None, help="seeded sample of validation examples (default: all)")
+    parser.add_argument(
+        "--split",
+        choices=("validation", "train"),
+        default="validation",
+        help="train: a development sample of the training split (for tuning the reply policy; each example's own "
+        "exchange left out of its neighbours, the quick adapter's training rows left out of the sample)",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="also score the consensus policy's settings (no new generation)"
+    )
+    parser.add_argument(
+        "--policy-defaults",
+        action="store_true",
+        help="score every model with today's ReplyPolicyConfig defaults, not the settings its train_config.json saved",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="generate every reply (default: reuse OUT/generated/ by prompt)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -215,6 +333,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from finetune.ml.grounded_data import own_positions
     from finetune.ml.knowledge import load_knowledge
     from finetune.ml.quality import quality_examples, retrieval_rows, sample_indices, score_row, split_column
     from finetune.ml.training import QUICK_RECIPE, TrainConfig, load_conversations, load_tokenizer
@@ -235,13 +354,23 @@ def main(argv=None) -> int:
     knowledge = load_knowledge(dataset, strict=True)
     if knowledge.index is None or knowledge.classifier is None:
         raise SystemExit(f"{dataset} has no retrieval/ or intent/: rebuild it with this version's dataset builder.")
-    _, val_rows = load_conversations(dataset)
-    intents = split_column(dataset, "validation", "intent")
-    pick = sample_indices(len(val_rows), args.limit, args.seed)
-    val = {"messages": [val_rows[i] for i in pick], "intents": [intents[i] for i in pick]}
+    train_rows, val_rows = load_conversations(dataset)
+    if args.split == "train":
+        rows = train_rows
+        intents = split_column(dataset, "train", "intent")
+        # The quick adapter's training rows (train_lora samples them as sample_indices does) are not for tuning.
+        trained = set(sample_indices(len(train_rows), args.quick_examples, args.seed))
+        pick = development_indices(len(train_rows), args.limit, args.seed, trained)
+        exclude = own_positions([rows[i] for i in pick], knowledge.index)
+    else:
+        rows = val_rows
+        intents = split_column(dataset, "validation", "intent")
+        pick = sample_indices(len(val_rows), args.limit, args.seed)
+        exclude = None
+    val = {"messages": [rows[i] for i in pick], "intents": [intents[i] for i in pick], "exclude": exclude}
     recipe = TrainConfig(base_model=args.base)
 
-    examples = quality_examples(val["messages"], val["intents"], knowledge.index, tokenizer)
+    examples = quality_examples(val["messages"], val["intents"], knowledge.index, tokenizer, exclude=exclude)
     results = [r.to_json() for r in retrieval_rows(examples, knowledge.classifier, recipe.policy_config())]
     reference = retrieval_rows(examples, knowledge.classifier)[0]
 
@@ -269,6 +398,7 @@ def main(argv=None) -> int:
 
     report = {
         "dataset": str(dataset),
+        "split": args.split,
         "validation_examples": len(examples),
         "validation_rows": pick if args.limit else "all",
         "quick": quick,

@@ -1,4 +1,4 @@
-"""Write finetune/fixtures/sample_tickets.jsonl: the project's own demo tickets, reproducibly.
+"""Write the project's own demo tickets, reproducibly: finetune/fixtures/sample_tickets{,_shipping}.jsonl.
 
 Hand-written templates for the usual support intents, in several registers (polite,
 colloquial, typos, keyword-only, rude), some threads several turns long, and fake
@@ -9,7 +9,7 @@ A few tickets are deliberately unusable (an obfuscated e-mail address, repeated
 keyword-only questions) so the dataset card shows drops too. Seeded: the same
 command always writes the same file.
 
-    .venv/bin/python scripts/make_sample_tickets.py            # 330 tickets
+    .venv/bin/python scripts/make_sample_tickets.py            # 330 tickets, + 24 delivery-address ones
     .venv/bin/python scripts/make_sample_tickets.py --count 500 --out /tmp/t.jsonl
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "finetune" / "fixtures" / "sample_tickets.jsonl"
+DEFAULT_SHIPPING_OUT = ROOT / "finetune" / "fixtures" / "sample_tickets_shipping.jsonl"
 
 FIRST = [
     "Amelia", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ines", "Jonas",
@@ -373,6 +374,97 @@ FOLLOWUPS = [
 ]
 
 
+# Delivery-address changes, in English and in French (language -> scenarios, as in INTENTS).
+# The demo asks "je voudrais changer mon adresse de livraison"; the 330 tickets above only change
+# an account's postal or e-mail address, so retrieval answered with the e-mail answer
+# (docs/benchmarks.md, "Reply quality"). They go to a file of their own, from a random stream of
+# their own, so that the 330 tickets, and the tests and tiny tokenizer built on them, stay as they are.
+SHIPPING_INTENT = "change_shipping_address"
+SHIPPING: dict[str, list[tuple[list[tuple[str, str]], list[str]]]] = {
+    "en": [
+        (
+            [
+                ("P", "Hello, could you change the delivery address of order {order} to {address}, please?"),
+                ("Q", "need to change the shipping address on order {order}, new one is {address}"),
+                ("Z", "pls chnage the delivry adress for ordr {order} to {address}"),
+            ],
+            [
+                "Done: order {order} will now be delivered to {address}. If it has already left our warehouse, "
+                "the courier's tracking page lets you redirect it.",
+            ],
+        ),
+        (
+            [("BI", "How do I change my delivery address?"), ("K", "change shipping address")],
+            [
+                "You can change the delivery address under Account > Orders until the order ships; after that, "
+                "reply here and we will ask the courier to redirect it.",
+            ],
+        ),
+    ],
+    "fr": [
+        (
+            [
+                ("P", "Bonjour, je voudrais changer mon adresse de livraison pour la commande {order} : {address}."),
+                ("Q", "faut changer l'adresse de livraison de ma commande {order}, c'est {address} maintenant"),
+            ],
+            [
+                "C'est fait : la commande {order} sera livrée à l'adresse {address}. Si elle a déjà quitté notre "
+                "entrepôt, la page de suivi du transporteur permet de la rediriger.",
+            ],
+        ),
+        (
+            [
+                ("BI", "Comment modifier mon adresse de livraison ?"),
+                ("P", "Je voudrais changer mon adresse de livraison, s'il vous plaît."),
+                ("K", "changer adresse de livraison"),
+            ],
+            [
+                "Vous pouvez modifier l'adresse de livraison dans Compte > Commandes tant que la commande n'est "
+                "pas expédiée ; ensuite, répondez-nous ici et nous demanderons au transporteur de la rediriger.",
+            ],
+        ),
+    ],
+}
+
+
+def make_shipping_tickets(count: int, seed: int) -> list[dict]:
+    """``count`` delivery-address tickets, English and French in turn (ids S-S001...), seeded apart from the rest."""
+    rng = random.Random(f"{seed}:{SHIPPING_INTENT}")  # noqa: S311 - reproducible fake data, not secrets
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    tickets = []
+    for i in range(count):
+        language = ("en", "fr")[i % 2]
+        customer = make_customer(rng, 1000 + i)
+        openings, replies = rng.choice(SHIPPING[language])
+        tag, opening = rng.choice(openings)
+        messages = [
+            {"role": "customer", "body": opening.format(**customer)},
+            {"role": "agent", "body": rng.choice(replies).format(**customer)},
+        ]
+        created = start + timedelta(minutes=rng.randint(0, 60 * 24 * 540))
+        tickets.append(
+            {
+                "external_id": f"S-S{i + 1:03d}",
+                "subject": messages[0]["body"][:80],
+                "intent": SHIPPING_INTENT,
+                "category": "SHIPPING",
+                "tags": list(tag),
+                "language": language,
+                "customer_segment": rng.choice(SEGMENTS),
+                "customer_name": customer["name"],
+                "customer_email": customer["email"],
+                "customer_phone": customer["phone"],
+                "customer_address": customer["address"],
+                "customer_identifiers": [{"type": "order", "value": customer["order"]}],
+                "created_at": created.isoformat().replace("+00:00", "Z"),
+                "resolved_at": (created + timedelta(hours=rng.randint(1, 72))).isoformat().replace("+00:00", "Z"),
+                "messages": messages,
+            }
+        )
+    tickets.sort(key=lambda t: t["created_at"])
+    return tickets
+
+
 def make_customer(rng: random.Random, index: int) -> dict:
     first, last = rng.choice(FIRST), rng.choice(LAST)
     town, postcode = rng.choice(TOWNS)
@@ -471,12 +563,18 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=330, help="number of tickets (default 330: 30 per intent)")
     parser.add_argument("--seed", type=int, default=3, help="random seed; the default reproduces the shipped file")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--shipping-count", type=int, default=24, help="delivery-address tickets (English, French)")
+    parser.add_argument("--shipping-out", type=Path, default=DEFAULT_SHIPPING_OUT)
     args = parser.parse_args()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8") as handle:
-        for ticket in make_tickets(args.count, args.seed):
-            handle.write(json.dumps(ticket, ensure_ascii=False) + "\n")
-    print(f"Wrote {args.count} tickets to {args.out}")
+    for path, tickets in (
+        (args.out, make_tickets(args.count, args.seed)),
+        (args.shipping_out, make_shipping_tickets(args.shipping_count, args.seed)),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as handle:
+            for ticket in tickets:
+                handle.write(json.dumps(ticket, ensure_ascii=False) + "\n")
+        print(f"Wrote {len(tickets)} tickets to {path}")
 
 
 if __name__ == "__main__":

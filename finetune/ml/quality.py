@@ -13,7 +13,8 @@ A model's row is its *served path*, built from the same parts as serving:
    (``decoding.repetition_processors``), recording each reply's mean token log-probability,
 4. the repetition cut (``finetune.serving.repetition.cut_repetition``),
 5. the reply policy (``reply_policy.choose_reply``): the model's words, a retrieved
-   answer or a handoff,
+   answer or a handoff, decided where serving decides (on the first sentence the model
+   wrote after the prime, ``reply_policy.first_model_sentence``; ``served_row``),
 6. placeholders filled with neutral words and the customer's own values
    (``knowledge.fill_neutral``); the reference and retrieved answers are filled the same way.
 
@@ -30,6 +31,7 @@ the others, shown so that a model whose replies are never chosen is visible.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -42,9 +44,17 @@ from pathlib import Path
 from typing import Any
 
 from .decoding import DecodingConfig
-from .grounding import GroundedPrompt, GroundingConfig, ground, ground_conversation, reply_prime
+from .grounding import SEARCH_K, GroundedPrompt, GroundingConfig, ground, ground_conversation, reply_prime
 from .knowledge import fill_neutral
-from .reply_policy import SOURCE_HANDOFF, SOURCE_MODEL, ReplyPolicyConfig, choose_reply, consensus, usable_answers
+from .reply_policy import (
+    SOURCE_HANDOFF,
+    SOURCE_MODEL,
+    ReplyPolicyConfig,
+    choose_reply,
+    consensus,
+    first_model_sentence,
+    usable_answers,
+)
 from .retrieval import Neighbour, retrieval_query
 
 # A template slot a customer must never see: "{{", "}}" or "[Slot Name]" (not a Markdown link "[text](url)").
@@ -136,20 +146,27 @@ def quality_examples(
     *,
     grounding: GroundingConfig | None = None,
     grounded: bool = True,
+    exclude: Sequence[int | None] | None = None,
 ) -> list[QualityExample]:
     """Ground every usable validation conversation (last turn: the agent's reply).
 
     ``index`` is the training split's ``RetrievalIndex`` (the retrieval baseline needs it
     even for an ungrounded model); ``grounded`` False (a version trained without grounding)
     keeps the plain prompt and gives the reply policy no neighbours, as its serving does.
+    ``exclude`` gives each conversation's own row in ``index`` (``grounded_data.own_positions``)
+    for a development sample drawn from the training split: as in grounded training, an
+    example never sees its own exchange, neither in its prompt nor among the policy's answers.
     """
+    if exclude is not None and len(exclude) != len(conversations):
+        raise ValueError("exclude must give one index row (or None) per conversation")
     from finetune.serving.placeholders import customer_values
 
     from .prompting import normalise_messages
 
     grounding = grounding or GroundingConfig()
     examples = []
-    for raw, intent in zip(conversations, intents, strict=True):
+    for number, (raw, intent) in enumerate(zip(conversations, intents, strict=True)):
+        own = exclude[number] if exclude is not None else None
         try:
             turns = normalise_messages(raw)
         except (ValueError, KeyError, TypeError):
@@ -160,10 +177,10 @@ def quality_examples(
         values = customer_values(before)
         if grounded and index is not None:
             prompt, hits = ground_conversation(
-                before, index, tokenizer, config=grounding, max_prompt_tokens=grounding.max_prompt_tokens
+                before, index, tokenizer, config=grounding, max_prompt_tokens=grounding.max_prompt_tokens, exclude=own
             )
         else:
-            hits = index.search(retrieval_query(before), 8) if index is not None else []
+            hits = index.search(retrieval_query(before), SEARCH_K, exclude=own) if index is not None else []
             prompt = ground(before, [], tokenizer, config=grounding, max_prompt_tokens=grounding.max_prompt_tokens)
         examples.append(
             QualityExample(
@@ -351,6 +368,50 @@ def generate_scored(
     return results  # type: ignore[return-value]
 
 
+class GenerationCache:
+    """A model's generated replies by prompt, in a JSON-lines file: re-scoring a sample under
+    another reply policy, or a sample that shares prompts with an earlier one, generates nothing.
+
+    Greedy decoding gives one reply per prompt, so a reply is keyed by its prompt text (the
+    prime included) within a file named by ``identity``: what else the reply depends on
+    (the weights, the decoding, ``max_new_tokens``; see ``settings_key``). Batching may move a
+    reply by a rounding error (left padding changes the float sums), which a cache freezes.
+    A line that cannot be read is skipped: that reply is generated again.
+    """
+
+    def __init__(self, directory: str | Path, identity: str):
+        self.path = Path(directory) / f"generated-{identity}.jsonl"
+        self._items: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    item = json.loads(line)
+                    self._items[item["key"]] = {k: item[k] for k in ("text", "mean_logprob", "tokens")}
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
+
+    def get(self, prompt: str) -> dict[str, Any] | None:
+        item = self._items.get(self.key(prompt))
+        return dict(item) if item is not None else None
+
+    def put_many(self, prompts: Sequence[str], results: Sequence[dict[str, Any]]) -> None:
+        lines = []
+        for prompt, result in zip(prompts, results, strict=True):
+            item = {"text": result["text"], "mean_logprob": result["mean_logprob"], "tokens": result["tokens"]}
+            self._items[self.key(prompt)] = item
+            lines.append(json.dumps({"key": self.key(prompt), **item}, ensure_ascii=False))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+
+
 def generate_for(
     model,
     tokenizer,
@@ -363,33 +424,47 @@ def generate_for(
     device: str = "cpu",
     autocast: Callable | None = None,
     progress: Progress | None = None,
+    cache: GenerationCache | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """The model's raw replies to ``examples`` (primed, cut at a repetition) and the seconds it took.
 
-    Each item: ``{"text", "mean_logprob", "tokens", "cut"}``; ``text`` starts with the prime.
+    Each item: ``{"text", "mean_logprob", "tokens", "cut", "raw", "cached"}``; ``text`` starts
+    with the prime. With ``cache``, only prompts it lacks are generated (and added to it); the
+    seconds are those of the generation that ran.
     """
     from finetune.serving.repetition import cut_repetition
 
     grounding = grounding or GroundingConfig()
     primes = [reply_prime(e.prompt) if (grounding.prime and e.grounded) else "" for e in examples]
     prompts = [e.prompt.text + prime_join(p, tokenizer) for e, p in zip(examples, primes, strict=True)]
+    found = [cache.get(p) if cache is not None else None for p in prompts]
+    missing = [i for i, item in enumerate(found) if item is None]
     started = time.perf_counter()
-    generated = generate_scored(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        decoding=decoding,
-        device=device,
-        autocast=autocast,
-        progress=progress,
-    )
+    fresh = []
+    if missing:  # all cached: the model is not needed (None will do)
+        fresh = generate_scored(
+            model,
+            tokenizer,
+            [prompts[i] for i in missing],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            decoding=decoding,
+            device=device,
+            autocast=autocast,
+            progress=progress,
+        )
+    elif progress is not None:
+        progress(0, 0)
     seconds = time.perf_counter() - started
+    if cache is not None and missing:
+        cache.put_many([prompts[i] for i in missing], fresh)
+    generated: list[dict[str, Any]] = [{**item, "cached": True} if item is not None else {} for item in found]
+    for i, result in zip(missing, fresh, strict=True):
+        generated[i] = {**result, "cached": False}
     for prime, result in zip(primes, generated, strict=True):
         raw = join_prime(prime, result["text"]) if prime else result["text"]
         trimmed = cut_repetition(raw)
-        result.update(text=trimmed.text, cut=bool(trimmed.cut), raw=raw)
+        result.update(text=trimmed.text, cut=bool(trimmed.cut), raw=raw, prime=prime.strip())
     return generated, seconds
 
 
@@ -403,15 +478,29 @@ def served_row(
     policy: ReplyPolicyConfig | None = None,
     seconds: float = 0.0,
 ) -> QualityRow:
-    """What customers get from ``generated`` under ``policy`` (``reply_policy.choose_reply``), filled and scored."""
+    """What customers get from ``generated`` under ``policy`` (``reply_policy.choose_reply``), filled and scored.
+
+    Decided where serving decides (``finetune.serving.safety.ReplyPipeline``): on the reply up
+    to the first sentence the model wrote after the prime (``first_model_sentence``,
+    ``partial=True``), and on the whole reply when it has no complete sentence there. A model
+    reply kept at that point goes out whole. (Serving passes the mean log-probability of the
+    tokens so far; here the whole reply's: it matters only to the fallback and handoff rules.)
+    """
     policy = policy or ReplyPolicyConfig()
     replies, sources, origins = [], [], []
     for example, result in zip(examples, generated, strict=True):
-        choice = choose_reply(result["text"], result["mean_logprob"], example.hits if example.grounded else [], policy)
+        text, mean_logprob = result["text"], result["mean_logprob"]
+        first = first_model_sentence(text, result.get("prime", "")) if example.grounded else None
+        if first is not None:
+            choice = choose_reply(first, mean_logprob, example.hits, policy, partial=True)
+            if choice.source == SOURCE_MODEL:
+                choice = dataclasses.replace(choice, text=text)  # the rest of the reply streams on
+        else:
+            choice = choose_reply(text, mean_logprob, example.hits if example.grounded else [], policy)
         replies.append(fill_neutral(choice.text, example.values) if choice.source != SOURCE_HANDOFF else "")
         sources.append(choice.source)
         origins.append(choice.origin)
-    tokens = sum(r["tokens"] for r in generated)
+    tokens = sum(r["tokens"] for r in generated if not r.get("cached"))  # the rate of what was generated now
     return score_row(
         name,
         label,
@@ -425,7 +514,7 @@ def served_row(
         handoffs=sources.count(SOURCE_HANDOFF),
         cut=sum(bool(r.get("cut")) for r in generated),
         seconds=round(seconds, 1),
-        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else None,
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 and tokens else None,
     )
 
 

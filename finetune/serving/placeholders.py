@@ -2,7 +2,8 @@
 
 Past replies, and so the model's, are full of slots: Bitext writes
 ``{{Customer Support Phone Number}}``, ``{{Website URL}}``, ``{{Order Number}}``,
-sometimes ``[Live Chat]``; redacted tickets hold ``{{PHONE}}``, ``{{ORDER_ID}}``,
+sometimes ``[Live Chat]`` or a slot in brackets, ``[{{Website Name}}]`` (filled as one
+slot, brackets and all); redacted tickets hold ``{{PHONE}}``, ``{{ORDER_ID}}``,
 ``{{NAME}}``. Each slot is filled, in this order of preference, from:
 
 1. the company's facts (``facts``: ``company_name``, ``support_phone``,
@@ -42,10 +43,14 @@ FACT_KEYS = (
 VALUE_KEYS = ("order", "invoice", "account", "tracking", "name", "email", "phone", "address")
 
 _CURLY_RE = re.compile(r"\{\{\s*([^{}\n]{1,60}?)\s*\}\}")
+# A curly slot inside square brackets is one slot, brackets included: Bitext writes
+# "visit [{{Website Name}}]", which filled inside the brackets would still show "[our website]".
+_BRACKETED_RE = re.compile(r"\[[ \t]*" + _CURLY_RE.pattern + r"[ \t]*\](?!\()")
 # A square-bracket slot is a short label of words; "[text](url)" is a Markdown link, not a slot.
 _SQUARE_BODY = r"[A-Za-z][A-Za-z0-9 _/.'&-]{0,40}"
 _SQUARE_RE = re.compile(r"\[(" + _SQUARE_BODY + r")\](?!\()")
-_SLOT_RE = re.compile(_CURLY_RE.pattern + "|" + _SQUARE_RE.pattern)
+# Bracketed first: at a "[" the bracketed slot is tried before the curly slot inside it is reached.
+_SLOT_RE = re.compile(_BRACKETED_RE.pattern + "|" + _CURLY_RE.pattern + "|" + _SQUARE_RE.pattern)
 _SQUARE_PREFIX_RE = re.compile(r"\[(?:" + _SQUARE_BODY + r")?$")
 
 _DETERMINER_RE = re.compile(r"(?i)\b(?:our|the|your|its|their|this|that)\s+$")
@@ -175,6 +180,8 @@ def _resolve(name: str, before: str, after: str, facts: Mapping[str, str], value
             return _capitalise_if_sentence_start(text, before[: phrase.start()]), len(before) - phrase.start()
         if _ID_WORD_RE.search(before):
             return "you provided", 0
+        if _DETERMINER_RE.search(before):  # "check the {{Order Number}}" -> "check the order number"
+            return _ID_KINDS[kind], 0
         text = "your " + _ID_KINDS[kind]
         return _capitalise_if_sentence_start(text, before), 0
     if kind == "name":
@@ -209,7 +216,7 @@ def _fill(text: str, facts: Mapping[str, str], values: Mapping[str, str]) -> str
     last = 0
     for match in _SLOT_RE.finditer(text):
         out += text[last : match.start()]
-        name = match.group(1) if match.group(1) is not None else match.group(2)
+        name = next(group for group in match.groups() if group is not None)
         replacement, consumed = _resolve(name, out, text[match.end() : match.end() + 1], facts, values)
         if consumed:
             out = out[:-consumed]

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.ml.redaction import UNSPACED_LETTERS, redact
+from finetune.ml.reply_policy import first_model_sentence
 
 from .interface import Engine, GenerationDone, GenerationRequest, TokenDelta
 from .placeholders import PlaceholderFiller, customer_values
@@ -330,8 +331,6 @@ class ReplyPlan:
 
 
 _SOURCE_MODEL, _SOURCE_RETRIEVED, _SOURCE_HANDOFF = "model", "retrieved", "handoff"
-# The end of a sentence followed by more text (or a line break): the sentence is complete.
-_SENTENCE_DONE_RE = re.compile(r"[.!?。！？](?=\s)|\n")
 
 
 class ReplyPipeline:
@@ -416,9 +415,7 @@ class ReplyPipeline:
 
     def _first_sentence(self, text: str) -> str | None:
         """The text up to the end of the first sentence the model wrote after the prime; None until complete."""
-        start = len(self.prime) if self.prime and text.startswith(self.prime) else 0
-        match = _SENTENCE_DONE_RE.search(text, start + (len(text[start:]) - len(text[start:].lstrip())))
-        return text[: match.end()].strip() if match else None
+        return first_model_sentence(text, self.prime)
 
     def _decide(self, model_text: str, *, partial: bool) -> str:
         self.choice = self.plan.decide(model_text.strip(), self.mean_logprob, partial=partial)

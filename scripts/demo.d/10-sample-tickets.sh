@@ -3,4 +3,7 @@
 # Idempotent: on a second `make demo` every ticket is reported unchanged.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-"$PY" manage.py import_tickets finetune/fixtures/sample_tickets.jsonl --format jsonl --source sample --no-progress
+# sample_tickets_shipping.jsonl: delivery-address changes in English and French (the demo asks one in French).
+for file in finetune/fixtures/sample_tickets.jsonl finetune/fixtures/sample_tickets_shipping.jsonl; do
+  "$PY" manage.py import_tickets "$file" --format jsonl --source sample --no-progress
+done

@@ -20,6 +20,7 @@ from finetune.services.model_versions import MODEL_EVENTS_GROUP
 from tests.conftest import ROOT
 
 SAMPLE_TICKETS = ROOT / "finetune" / "fixtures" / "sample_tickets.jsonl"
+SHIPPING_TICKETS = ROOT / "finetune" / "fixtures" / "sample_tickets_shipping.jsonl"  # the demo imports both
 
 # Short, varied support exchanges: enough for a tokenizer and for overfitting tests.
 EXCHANGES = [

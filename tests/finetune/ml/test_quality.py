@@ -6,7 +6,9 @@ import pytest
 
 from finetune.ml.intent import IntentClassifier
 from finetune.ml.quality import (
+    GenerationCache,
     cached_rows,
+    generate_for,
     generate_scored,
     quality_examples,
     retrieval_rows,
@@ -26,6 +28,9 @@ REFUND = [
     ("refund please", "I have started your refund; it reaches your card within five days."),
     ("how do refunds work", "Send the item back; the refund reaches your card within five days."),
 ]
+
+
+NO_MARGIN = ReplyPolicyConfig(model_margin=0.0)  # the model's reply wins when it agrees as well as the best answer
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,22 @@ def test_examples_are_grounded_and_the_reference_filled_with_the_customers_value
     assert ungrounded[0].hits  # the retrieval baseline still has its neighbours
 
 
+def test_a_development_example_from_the_training_split_never_sees_its_own_exchange(index, ticket_tokenizer):
+    # The index's own row 1: "my parcel has not arrived" and its reply.
+    own = [{"role": "customer", "content": TRACK[1][0]}, {"role": "agent", "content": TRACK[1][1]}]
+
+    seen = quality_examples([own], ["track_order"], index, ticket_tokenizer)[0]
+    kept_out = quality_examples([own], ["track_order"], index, ticket_tokenizer, exclude=[1])[0]
+    ungrounded = quality_examples([own], ["track_order"], index, ticket_tokenizer, grounded=False, exclude=[1])[0]
+
+    assert seen.hits[0].position == 1  # without exclude the answer is in the index: a perfect "retrieval"
+    assert 1 not in [h.position for h in kept_out.hits]
+    assert all(n.position != 1 for n in kept_out.prompt.used)
+    assert 1 not in [h.position for h in ungrounded.hits]
+    with pytest.raises(ValueError, match="one index row"):
+        quality_examples([own], ["track_order"], index, ticket_tokenizer, exclude=[])
+
+
 def test_retrieval_rows_answer_with_the_nearest_and_the_consensus(index, classifier, ticket_tokenizer):
     examples = quality_examples(conversations(), ["track_order", "get_refund"], index, ticket_tokenizer)
 
@@ -91,7 +112,7 @@ def test_the_served_row_applies_the_policy_and_fills_slots(index, classifier, ti
     for g in generated:
         g["tokens"] = 10
 
-    consensus = served_row("candidate", "Candidate", examples, generated, classifier)
+    consensus = served_row("candidate", "Candidate", examples, generated, classifier, policy=NO_MARGIN)
     own = served_row("own", "Own words", examples, generated, classifier, policy=ReplyPolicyConfig(mode="model"))
 
     assert consensus.examples[0]["source"] == "model"
@@ -102,6 +123,37 @@ def test_the_served_row_applies_the_policy_and_fills_slots(index, classifier, ti
     assert (consensus.model_replies, consensus.retrieved, consensus.handoffs) == (1, 1, 0)
     assert own.model_replies == 2
     assert own.rouge_l < consensus.rouge_l
+
+
+def test_the_served_row_decides_where_serving_does_on_the_first_sentence(index, classifier, ticket_tokenizer):
+    examples = quality_examples(conversations(), ["track_order", "get_refund"], index, ticket_tokenizer)[:1]
+    prime = "Your package is with the courier."
+    policy = NO_MARGIN
+    on_track = prime + " Track it under Orders in your account. Then the model talks about the weather for a while."
+    wanders = (
+        prime + " Refunds for damaged items are issued by the manufacturer. Track it under Orders in your account."
+    )
+
+    kept = served_row(
+        "c",
+        "C",
+        examples,
+        [{"text": on_track, "mean_logprob": -0.2, "tokens": 9, "prime": prime}],
+        classifier,
+        policy=policy,
+    )
+    replaced = served_row(
+        "c",
+        "C",
+        examples,
+        [{"text": wanders, "mean_logprob": -0.2, "tokens": 9, "prime": prime}],
+        classifier,
+        policy=policy,
+    )
+
+    assert kept.examples[0]["source"] == "model"
+    assert "weather" in kept.examples[0]["reply"]  # kept at the first sentence, the whole reply goes out
+    assert replaced.examples[0]["source"] == "retrieved"  # its first sentence wandered: replaced before it showed
 
 
 def test_generation_is_batched_scored_and_reports_progress(tiny_base, tiny_tokenizer):
@@ -157,3 +209,39 @@ def test_the_prime_and_its_continuation_stay_apart():
     assert join_prime("Steps:\n", "1. Sign in.") == "Steps:\n1. Sign in."
     assert join_prime("Sure.", "") == "Sure."
     assert join_prime("Sure", ", here it is.") == "Sure, here it is."
+
+
+def test_generation_cache_reuses_replies_by_prompt(tiny_base, tiny_tokenizer, index, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    examples = quality_examples(conversations(), ["track_order", "get_refund"], index, tiny_tokenizer)
+    calls = []
+
+    first, _ = generate_for(
+        model,
+        tiny_tokenizer,
+        examples,
+        max_new_tokens=5,
+        cache=GenerationCache(tmp_path, "m1"),
+        progress=lambda d, t: calls.append(t),
+    )
+    again, _ = generate_for(
+        model,
+        tiny_tokenizer,
+        examples[1:],
+        max_new_tokens=5,
+        cache=GenerationCache(tmp_path, "m1"),  # read back from its file
+        progress=lambda d, t: calls.append(t),
+    )
+    other, _ = generate_for(
+        model, tiny_tokenizer, examples[:1], max_new_tokens=5, cache=GenerationCache(tmp_path, "m2")
+    )
+
+    assert calls[0] == 2
+    assert calls[-1] == 0  # nothing left to generate
+    assert [g["cached"] for g in first] == [False, False]
+    assert [g["cached"] for g in again] == [True]
+    assert (again[0]["text"], again[0]["mean_logprob"]) == (first[1]["text"], first[1]["mean_logprob"])
+    assert other[0]["cached"] is False  # another identity (weights, decoding) is another file
+    assert len(GenerationCache(tmp_path, "m1")) == 2

@@ -54,10 +54,39 @@ def test_unknown_slots_become_neutral_words():
     assert not SLOT.search(reply)
 
 
+def test_an_unknown_number_after_a_determiner_takes_no_second_determiner():
+    # "the your order number" read as a slot filled by a machine.
+    assert fill_placeholders("for your order with the {{NUMBER}}.") == "for your order with the order number."
+    assert fill_placeholders("Check your {{Order Number}} first.") == "Check your order number first."
+    assert fill_placeholders("About this {{Invoice Number}}.") == "About this invoice number."
+    assert fill_placeholders("Regarding {{Order Number}}.") == "Regarding your order number."
+    assert fill_placeholders("Check the {{Order Number}}.", values={"order": "4512"}) == "Check the 4512."
+
+
 def test_redaction_placeholders_and_a_cut_off_slot():
     reply = fill_placeholders("Hi {{NAME}}, we e-mailed {{EMAIL}} about invoice {{INVOICE_ID}}. See {{Order Num")
 
     assert reply == "Hi there, we e-mailed your e-mail address about your invoice. See "
+
+
+BRACKETED_REPLY = (
+    'To reach us, please visit [{{Website Name}}] and navigate to the "Contact Us" page, '
+    "or quote [ {{Order Number}} ] when you call. See [{{Website Name}}](https://acme.example/help)."
+)
+
+
+def test_a_slot_in_square_brackets_is_filled_brackets_and_all():
+    # Bitext writes "visit [{{Website Name}}]"; filling inside the brackets left "[our website]".
+    neutral = fill_placeholders(BRACKETED_REPLY)
+    known = fill_placeholders(BRACKETED_REPLY, FACTS, {"order": "4512-77"})
+
+    assert neutral.startswith("To reach us, please visit our website and navigate")
+    assert "or quote your order number when you call" in neutral
+    assert "please visit acme.example and navigate" in known
+    assert "or quote 4512-77 when you call" in known
+    assert "See [our website](https://acme.example/help)." in neutral  # a Markdown link keeps its brackets
+    assert not SLOT.search(neutral)
+    assert not SLOT.search(known)
 
 
 def test_slot_names_map_to_kinds():
@@ -93,6 +122,40 @@ def test_streaming_fills_a_slot_split_across_tokens():
     assert all("{" not in p and "}" not in p for p in pieces)
     assert pieces[0] == ""  # "Call us on " is held: a slot may start
     assert any(pieces[:-1])  # text went out before the end: streaming stays incremental
+
+
+def test_streaming_a_bracketed_slot_split_across_tokens():
+    text = "Please visit [{{Website Name}}] and navigate to the Contact Us page for more help."
+    # "[" alone, "{" "{", inside the name, "}}" then "]" in its own token, then the next word.
+    cuts = [13, 14, 15, 20, 28, 29, 30, 31, 35]
+
+    streamed, pieces = _stream(text, cuts)
+
+    assert (
+        streamed
+        == fill_placeholders(text)
+        == "Please visit our website and navigate to the Contact Us page for more help."
+    )
+    sent = ""
+    for piece in pieces:
+        sent += piece
+        assert "[" not in sent
+        assert "{" not in sent
+    assert any(pieces[:-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(BRACKETED_REPLY)), max_size=40), known=st.booleans())
+def test_any_token_split_of_bracketed_slots_streams_the_same_text(cuts, known):
+    facts = FACTS if known else {}
+
+    streamed, pieces = _stream(BRACKETED_REPLY, cuts, facts)
+
+    assert streamed == fill_placeholders(BRACKETED_REPLY, facts)
+    sent = ""
+    for piece in pieces:
+        sent += piece
+        assert not SLOT.search(sent)  # "[our website]" would be one; "[our website](url)" is a link
 
 
 @settings(max_examples=200, deadline=None)
