@@ -76,7 +76,7 @@ def normal_message(n: int) -> str:
 
 # The settings' defaults (supportbot/settings.py), without importing Django.
 PROMPT_MAX_TOKENS = 1536
-PREFILL_TOKENS_PER_STEP = 64
+PREFILL_TOKENS_PER_STEP = 32
 PREFILL_WHOLE_TOKENS = 768
 
 

@@ -59,7 +59,7 @@ class BatchedEngine:
         max_batch_size: int = 16,
         num_threads: int | None = None,
         prefix_cache_mb: float = 512,
-        prefill_tokens: int = 64,
+        prefill_tokens: int = 32,
         prefill_whole_tokens: int = 768,
     ):
         self._scheduler = Scheduler(
