@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import pytest
 from selenium.webdriver.common.action_chains import ActionChains
@@ -108,6 +109,7 @@ def test_a_customer_and_an_agent_in_two_browsers(chromium_factory, site):
     # The customer asks in the widget; the bot answers.
     open_widget(customer, shop)
     customer.find_element(By.ID, "sb-input").send_keys("Where is my order?", Keys.ENTER)
+    asked_at = time.monotonic()
     reply = wait(customer, lambda d: d.find_element(By.CSS_SELECTOR, '.sb-msg--bot[data-status="complete"]'))
     bot_text = reply.find_element(By.CSS_SELECTOR, ".sb-body").text.strip()
     assert bot_text
@@ -155,6 +157,10 @@ def test_a_customer_and_an_agent_in_two_browsers(chromium_factory, site):
     wait(customer, lambda d: banner.is_displayed() and "Sam from the support team" in banner.text)
 
     # Typing shows both ways.
+    # The widget sends "typing" at most every 3 s (chat.js TYPING_EVERY_MS) and the server
+    # relays it at most every 2 s: on a fast run the question above was typed less than 3 s
+    # ago, and "Hello" would (rightly) send no new "typing".
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - asked_at)))
     customer.find_element(By.ID, "sb-input").send_keys("Hello")
     wait(agent, lambda d: d.find_element(By.ID, "ws-typing").is_displayed())
     assert "customer is typing" in agent.find_element(By.ID, "ws-typing").text
