@@ -177,12 +177,15 @@ class Runner:
             for batch in self.batches
             for row in batch.rows
         )
-        left, complete, chunks = max(1, budget), [], []
+        # Ordinary prompts (never chunked, at most ``prefill_whole_tokens`` left) go whole and
+        # share the pass, up to that many tokens in all; other prompts get ``budget`` tokens.
+        whole_limit = self.scheduler.prefill_whole_tokens
+        left, whole_left, complete, chunks = max(1, budget), max(budget, whole_limit), [], []
         for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
             take = min(item.remaining, left)
-            whole = not item.chunked and item.remaining <= self.scheduler.prefill_whole_tokens
-            if not complete and not chunks and whole:
-                take = item.remaining  # the first in line, of an ordinary size: whole, in one pass
+            ordinary = not item.chunked and item.remaining <= whole_limit
+            if ordinary and not chunks and (not complete or item.remaining <= whole_left):
+                take = item.remaining  # whole, in one pass (the first in line, and those that fit beside it)
             if take == item.remaining:
                 complete.append(item)
             elif take <= 0 or hold or complete or (chunks and take < MIN_CHUNK_TOKENS):
@@ -194,6 +197,7 @@ class Runner:
                 item.chunked = True
             item.upto, item.skipped = item.reused + take, 0
             left -= take
+            whole_left -= take
         for item in chunks if complete else ():
             item.skipped += 1  # chosen before a shorter prompt that completes was seen
         chosen = complete or chunks

@@ -140,15 +140,18 @@ class Scheduler:
     def prefill_groups(self, ready: Sequence[Prefill]) -> list[list[Prefill]]:
         """Admitted prompts grouped into prefill passes, shortest uncached part first (no lock needed).
 
-        A prompt joins the current pass unless that would pad it past ``prefill_tokens``
-        tokens in all, or to more than a quarter (plus 64 tokens) over its real tokens.
+        A prompt joins the current pass unless that would pad it past the larger of
+        ``prefill_tokens`` and ``prefill_whole_tokens`` tokens in all (ordinary prompts taken
+        whole share a pass up to the latter), or to more than a quarter (plus 64 tokens)
+        over its real tokens.
         """
+        limit = max(self.prefill_tokens, self.prefill_whole_tokens)
         groups: list[list[Prefill]] = []
         group: list[Prefill] = []
         real = 0
         for item in sorted(ready, key=lambda p: p.new_tokens):
             padded = (len(group) + 1) * item.new_tokens  # sorted: the newcomer is the longest
-            if group and (padded > self.prefill_tokens or padded > 1.25 * (real + item.new_tokens) + 64):
+            if group and (padded > limit or padded > 1.25 * (real + item.new_tokens) + 64):
                 groups.append(group)
                 group, real = [], 0
             group.append(item)
