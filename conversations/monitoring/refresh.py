@@ -1,17 +1,17 @@
 """The thread every Celery worker runs to recompute the monitoring dashboard's figures periodically.
 
-Started by ``conversations.tasks`` when a worker is ready. A thread rather than Celery
-beat: nothing else needs a beat process, and every worker running it is harmless
-(``selectors.monitoring_report_refresh`` takes a lock in the cache, and recomputes only
-when replies changed). A thread rather than Celery's timer: the solo pool's timer waits
-while a training task holds the worker.
+Started by ``conversations.tasks`` when a worker is ready, on ``supportbot.periodic`` (a
+thread rather than Celery beat: nothing else needs a beat process, and every worker
+running it is harmless: ``selectors.monitoring_report_refresh`` takes a lock in the
+cache, and recomputes only when replies changed).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
+
+from supportbot.periodic import periodic_thread_start
 
 from .selectors import monitoring_refresh_interval, monitoring_report_refresh
 
@@ -29,26 +29,18 @@ def monitoring_refresher_start(*, interval_s: float | None = None) -> threading.
         )
         return None
 
-    def refresh_forever() -> None:
-        from django.db import connection
+    def refresh() -> None:
+        report = monitoring_report_refresh()
+        if report is not None:
+            log.info(
+                "Recomputed the monitoring figures: %s replies, %s alerts, computed at %s",
+                report["rows"],
+                len(report["alerts"]),
+                report["computed_at"],
+            )
 
-        while True:
-            time.sleep(interval)
-            try:
-                report = monitoring_report_refresh()
-                if report is not None:
-                    log.info(
-                        "Recomputed the monitoring figures: %s replies, %s alerts, computed at %s",
-                        report["rows"],
-                        len(report["alerts"]),
-                        report["computed_at"],
-                    )
-            except Exception:  # a database or Redis hiccup: the next round tries again
-                log.exception("Could not recompute the monitoring figures")
-            finally:
-                connection.close()  # this thread's own connection, not held between rounds
-
-    thread = threading.Thread(target=refresh_forever, name="monitoring-refresher", daemon=True)
-    thread.start()
+    thread = periodic_thread_start(
+        "monitoring-refresher", interval, refresh, "Could not recompute the monitoring figures"
+    )
     log.info("Refreshing the monitoring figures every %s s", interval)
     return thread

@@ -36,6 +36,7 @@ from finetune import selectors
 from finetune.models import DatasetVersion, ModelVersion, TrainingRun
 from supportbot.db import advisory_lock
 from supportbot.errors import ApplicationError
+from supportbot.periodic import periodic_thread_start
 
 from .bias import bias_report_start
 from .datasets import dataset_version_build
@@ -295,22 +296,13 @@ def stale_run_reaper_start(*, interval_s: float | None = None) -> threading.Thre
     """
     interval = settings.SUPPORTBOT_TRAINING_REAP_INTERVAL_S if interval_s is None else interval_s
 
-    def reap_forever() -> None:
-        from django.db import connection
+    def reap() -> None:
+        for run in training_runs_reap_stale():
+            log.warning("Marked training run #%s failed: its worker had died", run.pk)
 
-        while True:
-            time.sleep(interval)
-            try:
-                for run in training_runs_reap_stale():
-                    log.warning("Marked training run #%s failed: its worker had died", run.pk)
-            except Exception:  # a database hiccup: the next round tries again
-                log.exception("Could not check for training runs of dead workers")
-            finally:
-                connection.close()  # this thread's own connection, not held between rounds
-
-    thread = threading.Thread(target=reap_forever, name="training-run-reaper", daemon=True)
-    thread.start()
-    return thread
+    return periodic_thread_start(
+        "training-run-reaper", interval, reap, "Could not check for training runs of dead workers"
+    )
 
 
 # --- executing a run ----------------------------------------------------------------------------

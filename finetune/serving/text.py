@@ -26,6 +26,18 @@ from .loading import LoadedModel
 MIN_PROMPT_TOKENS = 16
 
 
+def prime_joint(prime: str, continuation: str) -> str:
+    """What goes between a reply's prime and the first generated text: a space, or nothing.
+
+    The prime is a whole sentence: what follows it is kept apart by a space unless it brings
+    its own or is punctuation (as the evaluation joins whole replies, ``quality.join_prime``).
+    Every engine joins a streamed prime this way (``ReplyText``, ``VLLMEngine``).
+    """
+    if not prime or not continuation or continuation[0].isspace() or continuation[0] in ".,;:!?)":
+        return ""
+    return " "
+
+
 class ReplyText:
     """Turns generated token ids into reply text, honouring stop strings.
 
@@ -50,12 +62,7 @@ class ReplyText:
             return ""
         self.ids.append(int(token_id))
         continuation = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        # The prime is a whole sentence: what follows it is kept apart by a space unless it
-        # brings its own or is punctuation (as the evaluation joins them, ``quality.join_prime``).
-        joint = " " if self.prefix and continuation and not continuation[0].isspace() else ""
-        if joint and continuation[0] in ".,;:!?)":
-            joint = ""
-        decoded = self.prefix + joint + continuation
+        decoded = self.prefix + prime_joint(self.prefix, continuation) + continuation
         if decoded.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         cut = len(decoded)

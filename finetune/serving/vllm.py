@@ -54,10 +54,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -65,7 +66,9 @@ from finetune.ml.prompting import stop_sequences
 
 from .interface import EngineBusy, GenerationDone, GenerationRequest, TokenDelta
 from .loading import LoadedModel
-from .text import prompt_ids_for, token_budget
+from .text import prime_joint, prompt_ids_for, token_budget
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,22 @@ def served_version(*, label: str, adapter_path: str, merged_path: str = "") -> S
 
 def _score(key: str, url: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{key}|{url}".encode()).digest()[:8], "big")
+
+
+def _ask_all(urls: Sequence[str], ask: Callable[[str], T], timeout_s: float) -> list[tuple[bool, T | None]]:
+    """``ask(url)`` for every server at once; ``(answered, result)`` per url, in order, within ``timeout_s``.
+
+    A server still being asked at the limit counts as not answered; its request ends by its
+    own timeout in the background (the pool is never waited for: a hung server must not
+    hold up a promotion or /healthz). ``ask`` reports its own errors in its result.
+    """
+    pool = ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="vllm-servers")
+    try:
+        futures = [pool.submit(ask, url) for url in urls]
+        wait(futures, timeout=timeout_s)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return [(True, f.result()) if f.done() and not f.cancelled() else (False, None) for f in futures]
 
 
 class VLLMServers:
@@ -240,17 +259,11 @@ class VLLMServers:
             return None
 
         budget = self.publish_budget_s()
-        pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="vllm-publish")
-        try:
-            futures = [pool.submit(publish_on, url) for url in self.urls]
-            wait(futures, timeout=budget)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # never wait for a hung server here
         problems = []
-        for url, future in zip(self.urls, futures, strict=True):
-            if not future.done() or future.cancelled():
+        for url, (answered, problem) in zip(self.urls, _ask_all(self.urls, publish_on, budget), strict=True):
+            if not answered:
                 problems.append(f"{url} had not loaded {version.name} after {budget:g} s")
-            elif (problem := future.result()) is not None:
+            elif problem is not None:
                 problems.append(problem)
         if problems:
             raise VLLMError(
@@ -288,18 +301,11 @@ class VLLMServers:
                 "latency_ms": round((time.monotonic() - started) * 1000, 1),
             }
 
-        pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="vllm-health")
-        try:
-            futures = [pool.submit(check, url) for url in self.urls]
-            # A little past the requests' own timeout: an answer that arrives at the limit still counts.
-            wait(futures, timeout=timeout_s + 0.5)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # never wait for a hung server here
+        # A little past the requests' own timeout: an answer that arrives at the limit still counts.
+        answers = _ask_all(self.urls, check, timeout_s + 0.5)
         return [
-            future.result()
-            if future.done() and not future.cancelled()
-            else {"url": url, "ok": False, "error": f"No answer within {timeout_s:g} s."}
-            for url, future in zip(self.urls, futures, strict=True)
+            result if answered else {"url": url, "ok": False, "error": f"No answer within {timeout_s:g} s."}
+            for url, (answered, result) in zip(self.urls, answers, strict=True)
         ]
 
 
@@ -513,9 +519,7 @@ class VLLMEngine:
                 if reply.first is None:
                     reply.first = time.monotonic()
                     if reply.prime:
-                        # Joined as ReplyText joins a prime and its continuation.
-                        joint = "" if text[0].isspace() or text[0] in ".,;:!?)" else " "
-                        text = reply.prime + joint + text
+                        text = reply.prime + prime_joint(reply.prime, text) + text
                 reply.parts.append(text)
                 mean = sum(reply.logprobs) / len(reply.logprobs) if reply.logprobs else None
                 queue.put_nowait(TokenDelta(text, mean_logprob=mean))
