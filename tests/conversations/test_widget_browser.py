@@ -152,12 +152,15 @@ def test_ask_watch_the_stream_reload_and_see_the_history(chromium, host_page):
         yes,
     )
     yes.click()
-    # Drawn on the click, then again when the server's echo of the answer arrives (and any
-    # late echo of "No" before it): wait for that, in the state the last echo leaves.
+    # The server records the answer (a later answer replaces the earlier one)...
+    reply_id = int(reply.get_attribute("data-id"))
+    wait.until(lambda d: Message.objects.get(pk=reply_id).helpful is True)
+    # ...and its echo redraws the buttons: drawn on the click, then again when the echo arrives
+    # (a late echo of "No", or a late reply_done redrawing from local state, can come in between;
+    # counting draws alone once let this pass before the server had the answer).
     wait.until(
         lambda d: d.execute_script("return window.__yesDrawn") >= 2 and yes.get_attribute("aria-pressed") == "true"
     )
-    assert Message.objects.get(pk=int(reply.get_attribute("data-id"))).helpful is True
     assert no.get_attribute("aria-pressed") == "false"
     assert driver.switch_to.active_element == yes
 
