@@ -4,7 +4,8 @@
 - ``PrefixCache``: keys and values of recently finished replies, so a follow-up turn
   (or any prompt starting with the shared system prompt) prefills only its new tokens.
 - ``prefill_forward``: one padded forward pass over several prompts' uncached tokens.
-- ``forward``: one forward pass with a cache, under either transformers naming.
+- ``forward``: one forward pass with a cache, under either transformers naming, that
+  stops between two layers when asked (``Preempted``; ``cache_mark``/``cache_rewind``).
 - ``GrowingLayer``: a cache layer with spare columns, so a decode step writes its token's
   keys and values in place instead of copying the whole cache (transformers' own
   ``DynamicLayer`` concatenates: at 4 rows of 1,536 tokens that copy was half a step).
@@ -16,6 +17,7 @@ no Django.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 from .loading import LoadedModel
@@ -152,15 +154,63 @@ class PrefixCache:
             self.bytes -= entry[2]
 
 
-def forward(model, cache, **kwargs):
+class Preempted(Exception):  # noqa: N818 - an outcome, not an error
+    """A forward pass stopped between two decoder layers because ``preempt()`` said so."""
+
+
+def forward(model, cache, *, preempt: Callable[[], bool] | None = None, **kwargs):
     """One forward pass with the KV cache; returns ``(logits, cache)``.
 
     transformers 5.x names the cache argument and output ``cache`` (``past_key_values``
     is deprecated); 4.x names both ``past_key_values``. Both are supported.
+
+    With ``preempt``, the pass asks it before each decoder layer and raises ``Preempted``
+    when it returns True: on a CPU a pass cannot be interrupted otherwise, and a new
+    customer would wait for all of it. The layers before the stop have written their
+    keys and values into ``cache``: throw the cache away, or rewind it (``cache_mark``).
     """
     name = _cache_argument(type(model))
-    out = model(**kwargs, **({name: cache} if cache is not None else {}), use_cache=True)
+    hooks = []
+    if preempt is not None:
+
+        def check(_module, _args):
+            if preempt():
+                raise Preempted
+
+        hooks = [layer.register_forward_pre_hook(check) for layer in decoder_layers(model)]
+    try:
+        out = model(**kwargs, **({name: cache} if cache is not None else {}), use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return out.logits, getattr(out, name)
+
+
+def decoder_layers(model) -> list:
+    """The model's stack of decoder layers (Llama's ``model.layers``, GPT-2's ``transformer.h``):
+    the first module list with as many modules as the config has hidden layers; [] if none."""
+    import torch
+
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return list(module)
+    return []
+
+
+def cache_mark(cache) -> list[int] | None:
+    """Each layer's cached length, to rewind ``cache`` to after a preempted pass; None when a
+    layer cannot be rewound (only ``GrowingLayer`` can: its buffers keep the earlier columns)."""
+    growing = _GrowingLayer
+    if cache is None or growing is None or not all(type(layer) is growing for layer in cache.layers):
+        return None
+    return [layer._kn for layer in cache.layers]  # noqa: SLF001 - GrowingLayer is ours
+
+
+def cache_rewind(cache, mark: list[int]) -> None:
+    """Forget what a preempted pass wrote into ``cache`` after ``cache_mark`` gave ``mark``."""
+    for layer, length in zip(cache.layers, mark, strict=True):
+        layer._kn = layer._vn = length  # noqa: SLF001 - GrowingLayer is ours
 
 
 _cache_arguments: dict[type, str] = {}
@@ -271,7 +321,12 @@ def _cache_from(model, layers: list, length: int):
 
 
 def prefill_forward(
-    loaded: LoadedModel, ids: list[list[int]], reused: list[int], prefixes: list[list | None]
+    loaded: LoadedModel,
+    ids: list[list[int]],
+    reused: list[int],
+    prefixes: list[list | None],
+    *,
+    preempt: Callable[[], bool] | None = None,
 ) -> tuple[object, list[list]]:
     """Run the uncached tokens of several prompts; returns last-token logits and each prompt's keys/values.
 
@@ -283,6 +338,9 @@ def prefill_forward(
     explicit position ids and a 4D attention mask: every real token sees its own prefix
     and earlier new tokens only, and each padding query sees itself, so no attention row
     is empty. Each row's keys/values are then cut out without the padding.
+
+    ``preempt`` may stop the pass (``Preempted``, see ``forward``): nothing is kept, the
+    prefixes are untouched (the pass works on copies), so the same call can be made again.
     """
     import torch
 
@@ -304,7 +362,7 @@ def prefill_forward(
     if len(ids) > 1:
         kwargs["attention_mask"] = _prefill_mask(loaded, reused, new, prefix_width, new_width)
     logits, cache = forward(
-        loaded.model, cache, input_ids=input_ids, position_ids=positions, logits_to_keep=1, **kwargs
+        loaded.model, cache, preempt=preempt, input_ids=input_ids, position_ids=positions, logits_to_keep=1, **kwargs
     )
     total = prefix_width + new_width
     rows = []

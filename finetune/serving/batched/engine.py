@@ -39,7 +39,9 @@ class BatchedEngine:
     the shared system prompt), the prompt with the fewest tokens left first (whole when it
     has at most ``prefill_whole_tokens`` left) and a longer one in chunks over several
     steps, so one expensive prompt neither holds up a short one nor stops running
-    replies; a prompt whose last chunk is done joins the batch's KV cache. Then one
+    replies; a prompt whose last chunk is done joins the batch's KV cache. A request
+    that arrives while a chunk or a decode step runs makes it give way between two
+    layers (never twice in a row), so a new customer waits for one layer, not a pass. Then one
     forward pass over the batch gives every row its next token. One reply per
     conversation at a time (``EngineBusy``), so no conversation takes more than its row.
     Finished, cancelled and timed-out rows leave between steps. Tokens reach each request's asyncio queue through
@@ -153,6 +155,11 @@ class BatchedEngine:
     def prefills(self) -> int:
         """Prefill forward passes."""
         return self._runner.prefills
+
+    @property
+    def preemptions(self) -> int:
+        """Passes that gave way to a newly arrived request (a chunk or decode step stopped or put off)."""
+        return self._runner.preemptions
 
     @property
     def prefilled_rows(self) -> int:

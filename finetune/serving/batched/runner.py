@@ -12,6 +12,12 @@ version's repetition controls have seen that row's generated tokens
 them), so running replies keep streaming while a long prompt is prefilled. A row
 leaves its batch when its reply stops, reaches its length, is cancelled or times
 out; its request gets the held-back text and ``GenerationDone``.
+
+A request waiting to be admitted makes a chunk pass or a decode step give way: it stops
+between two decoder layers (``kv.Preempted``; a decode step's cache is rewound) or is put
+off, and runs again once the newcomer's prompt is in. On a CPU a pass cannot be cut short
+otherwise, and a new customer would wait for all of it. Never twice in a row for either
+kind, so a stream of arrivals slows long prompts and running replies but never stops them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from finetune.ml.decoding import apply_to_row, repetition_processors
 from finetune.ml.prompting import stop_sequences
 
 from ..interface import GenerationDone, GenerationParams, TokenDelta
-from ..kv import KVBatch, forward, prefill_forward
+from ..kv import KVBatch, Preempted, cache_mark, cache_rewind, forward, prefill_forward
 from ..loading import LoadedModel, context_window
 from ..text import ReplyText, prompt_ids_for, token_budget
 from .scheduler import Job, Scheduler
@@ -90,6 +96,11 @@ class Runner:
         self.batches: list[KVBatch] = []
         self.pending: list[Prefill] = []  # admitted prompts not yet fully prefilled
         self.held = 0  # steps in a row without long-prompt chunks, for new replies' first words
+        # Whether the next chunk pass / decode step may give way to a request waiting to be
+        # admitted (see ``_someone_waits``): never twice in a row, so neither starves.
+        self.chunk_may_yield = True
+        self.step_may_yield = True
+        self.preemptions = 0  # passes stopped or decode steps put off for a waiting request
         self.steps = 0  # decode steps taken (observability and tests)
         self.prefills = 0  # prefill forward passes
         self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
@@ -120,6 +131,11 @@ class Runner:
         batch = KVBatch(loaded, self.prefix_cache_bytes)
         self.batches.append(batch)
         return batch
+
+    def _someone_waits(self) -> bool:
+        """A request waits to be admitted and the batch has room for it (read without the lock:
+        a stale answer costs one pass's wait or one needless yield, nothing else)."""
+        return bool(self.scheduler.waiting) and self.in_flight < self.scheduler.max_batch_size
 
     # --- admitting requests ----------------------------------------------------------------
 
@@ -202,13 +218,26 @@ class Runner:
             item.skipped += 1  # chosen before a shorter prompt that completes was seen
         chosen = complete or chunks
         self.held = self.held + 1 if hold and not chosen else 0
-        for batch in {id(p.batch): p.batch for p in chosen}.values():
-            for group in grouping([p for p in chosen if p.batch is batch]):
-                self._prefill(group, batch)
+        # A chunk pass gives way to a request that arrives while it runs (it stops between two
+        # layers and is done again at the next step): the newcomer then waits for one layer,
+        # not for the whole chunk. Prompts that complete now are never stopped.
+        may_yield = not complete and self.chunk_may_yield
+        try:
+            for batch in {id(p.batch): p.batch for p in chosen}.values():
+                for group in grouping([p for p in chosen if p.batch is batch]):
+                    self._prefill(group, batch, preempt=self._someone_waits if may_yield else None)
+        except Preempted:
+            self.preemptions += 1
+            self.chunk_may_yield = False
+            return
+        if chunks:
+            self.chunk_may_yield = True
 
-    def _prefill(self, group: list[Prefill], batch: KVBatch) -> None:
+    def _prefill(self, group: list[Prefill], batch: KVBatch, preempt: Callable[[], bool] | None = None) -> None:
         """One forward pass over several prompts' next tokens (left-padded); the ones whose prompt is
-        now complete take their first token and join the batch, the others wait for their next chunk."""
+        now complete take their first token and join the batch, the others wait for their next chunk.
+
+        A pass stopped by ``preempt`` raises ``Preempted`` and changes nothing."""
         loaded = batch.loaded
         try:
             logits, layers_per_row = prefill_forward(
@@ -216,7 +245,10 @@ class Runner:
                 [item.row.cached[: item.upto] for item in group],
                 [item.reused for item in group],
                 [item.layers for item in group],
+                preempt=preempt,
             )
+        except Preempted:
+            raise
         except Exception as exc:  # noqa: BLE001 - these requests fail, the running batch goes on
             log.exception("Prefill failed for %d requests", len(group))
             for item in group:
@@ -244,19 +276,46 @@ class Runner:
             elif batch.prefixes.budget_bytes:
                 batch.prefixes.store(item.row.job.request.key, item.row.cached, layers)
         if joining:
-            batch.add(joining)
+            try:
+                batch.add(joining)
+            except Exception as exc:
+                # Out of the pending list and not in the batch: end them here, or their
+                # streams would wait for nothing; the engine then ends the batch's rows too.
+                for row, _ in joining:
+                    self._finish_row(row, "error", loaded, error=f"{type(exc).__name__}: {exc}")
+                raise
 
     # --- decoding ----------------------------------------------------------------------------
 
     def step_all(self, serving: LoadedModel | None) -> None:
-        """One decode step of every batch; then forget batches of a replaced model once they are empty."""
-        for batch in list(self.batches):
-            self._step(batch)
+        """One decode step of every batch; then forget batches of a replaced model once they are empty.
+
+        A request waiting to be admitted goes first: the step is put off (or stopped between
+        two layers and its keys and values rewound) so that the newcomer's prompt is prefilled
+        and its first word shown now, not after the running replies' step. Never twice in a
+        row: running replies lose at most every other step, however many customers arrive.
+        """
+        if self.running and self.step_may_yield and self._someone_waits():
+            self.preemptions += 1
+            self.step_may_yield = False
+            return
+        preempt = self._someone_waits if self.step_may_yield else None
+        try:
+            for batch in list(self.batches):
+                self._step(batch, preempt)
+        except Preempted:
+            self.preemptions += 1
+            self.step_may_yield = False
+        else:
+            self.step_may_yield = True
         waiting = {id(p.batch) for p in self.pending}
         self.batches = [b for b in self.batches if b.rows or b.loaded is serving or id(b) in waiting]
 
-    def _step(self, batch: KVBatch) -> None:
-        """Drop rows that must stop, then advance every other row by one token."""
+    def _step(self, batch: KVBatch, preempt: Callable[[], bool] | None = None) -> None:
+        """Drop rows that must stop, then advance every other row by one token.
+
+        A step stopped by ``preempt`` raises ``Preempted`` with the batch as it was before the
+        step (the cache rewound); only a cache that can be rewound is stopped."""
         import torch
 
         now = time.monotonic()
@@ -277,9 +336,19 @@ class Runner:
         input_ids = torch.tensor([[row.next_token] for row in batch.rows], device=device)
         positions = torch.tensor([[row.position] for row in batch.rows], device=device)
         mask = torch.cat([batch.mask, torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=device)], 1)
-        logits, batch.cache = forward(
-            batch.loaded.model, batch.cache, input_ids=input_ids, attention_mask=mask, position_ids=positions
-        )
+        mark = cache_mark(batch.cache) if preempt is not None else None
+        try:
+            logits, batch.cache = forward(
+                batch.loaded.model,
+                batch.cache,
+                preempt=preempt if mark is not None else None,
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+            )
+        except Preempted:
+            cache_rewind(batch.cache, mark)
+            raise
         batch.mask = mask
         self.steps += 1
         for row in batch.rows:
@@ -326,12 +395,13 @@ class Runner:
 
     # --- ending replies ------------------------------------------------------------------------
 
-    def _finish_row(self, row: Row, reason: str, loaded: LoadedModel) -> None:
+    def _finish_row(self, row: Row, reason: str, loaded: LoadedModel, error: str = "") -> None:
         self.finish_job(
             row.job,
             reason,
             reply=row.reply,
             loaded=loaded,
+            error=error,
             count=row.count,
             mean_logprob=_mean(row.logprob_sum, row.logprob_n),
             first_at=row.first_at,

@@ -244,6 +244,32 @@ async def test_a_failing_request_ends_with_error_and_the_batch_goes_on(engine):
     assert (done.finish_reason, done.token_count) == ("length", 30)
 
 
+async def test_a_prompt_that_cannot_join_the_batch_ends_with_error_instead_of_waiting_forever(gpt2, monkeypatch):
+    """Fault injection: adding prefilled rows to the batch fails (a broken cache). The rows are
+    out of the pending list and not in the batch; they must still get their final event, and
+    the rows already running end with the error too (the engine starts afresh)."""
+    from finetune.serving.kv import KVBatch
+
+    engine = BatchedEngine(gpt2, max_batch_size=8)
+    try:
+        running = asyncio.ensure_future(collect(engine, request("a", conversation(QUESTIONS[0]), max_new_tokens=60)))
+        await wait_for(lambda: engine.steps >= 2, timeout=60)
+
+        def broken(self, items):
+            raise RuntimeError("Sizes of tensors must match")
+
+        monkeypatch.setattr(KVBatch, "add", broken)
+        _, late = await asyncio.wait_for(collect(engine, request("b", conversation(QUESTIONS[1]))), 30)
+        _, first = await asyncio.wait_for(running, 30)
+        assert (late.finish_reason, first.finish_reason) == ("error", "error")
+        assert "Sizes of tensors must match" in late.error
+        monkeypatch.undo()
+        _, again = await asyncio.wait_for(collect(engine, request("c", conversation(QUESTIONS[2]))), 30)
+        assert again.finish_reason in {"length", "stop"}  # the engine serves the next request
+    finally:
+        engine.close(timeout=10)
+
+
 async def test_sampling_uses_temperature_and_top_p(engine):
     _, done = await collect(
         engine, request("sample", conversation(QUESTIONS[0]), max_new_tokens=10, temperature=0.8, top_p=0.9)
@@ -325,3 +351,99 @@ async def test_an_ordinary_prompt_first_in_line_is_prefilled_whole_and_a_longer_
             assert done.text == want.text
         finally:
             engine.close(timeout=10)
+
+
+class _Gate:
+    """A forward pre-hook on the model's last decoder layer that, once armed, holds the next
+    pass of the wanted kind until a request waits to be admitted: a customer arriving in the
+    middle of that pass, whatever the machine's speed."""
+
+    def __init__(self, engine, kind: str):
+        import threading
+
+        self.engine, self.kind = engine, kind  # "chunk": a prompt chunk; "decode": a decode step
+        self.armed, self.holding, self.released = threading.Event(), threading.Event(), threading.Event()
+
+    def __call__(self, _module, args, kwargs):
+        import time
+
+        hidden = args[0] if args else kwargs["hidden_states"]
+        decode = hidden.shape[1] == 1
+        if not self.armed.is_set() or decode != (self.kind == "decode"):
+            return None
+        self.armed.clear()
+        self.holding.set()
+        deadline = time.monotonic() + 30
+        while not self.engine._scheduler.waiting and time.monotonic() < deadline:  # noqa: SLF001 - the test's view
+            time.sleep(0.001)
+        self.released.set()
+        return None
+
+
+@pytest.mark.parametrize("model_dir", [tiny_gpt2_dir, tiny_llama_dir], ids=["gpt2", "llama"])
+async def test_a_chunk_pass_gives_way_to_a_customer_who_arrives_while_it_runs(model_dir):
+    """A long prompt's chunk pass in progress stops between two layers when a request arrives
+    (it is computed again at the next step), so the newcomer waits for one layer, not a chunk;
+    both replies are still the naive engine's."""
+    from finetune.serving.kv import decoder_layers
+
+    loaded = load(model_dir())
+    engine = BatchedEngine(loaded, max_batch_size=8, prefill_tokens=8, prefill_whole_tokens=16, prefix_cache_mb=0)
+    gate = _Gate(engine, "chunk")
+    hook = decoder_layers(loaded.model)[-1].register_forward_pre_hook(gate, with_kwargs=True)
+    try:
+        long = conversation(" ".join(f"parcel{i} is late" for i in range(60)))
+        short = conversation("Where is my order?")
+        started = asyncio.ensure_future(collect(engine, request("long", long, max_new_tokens=4)))
+        await wait_for(lambda: engine.prefills >= 2, timeout=60)  # chunking has begun
+        gate.armed.set()
+        await wait_for(gate.holding.is_set, timeout=30)  # a chunk pass is under way
+        assert engine.preemptions == 0
+        prefills_before = engine.prefills
+        (_, short_done), (_, long_done) = await asyncio.gather(
+            collect(engine, request("short", short, max_new_tokens=4)), started
+        )
+        assert gate.released.is_set()
+        assert engine.preemptions >= 1  # the chunk gave way
+        assert engine.prefills > prefills_before
+        want_long, want_short = await naive_replies(loaded, [long, short], max_new_tokens=4)
+        assert_same_reply(long_done, want_long)  # the stopped chunk was computed again, correctly
+        assert_same_reply(short_done, want_short)
+        assert short_done.first_token_ms < long_done.first_token_ms + long_done.latency_ms
+    finally:
+        hook.remove()
+        engine.close(timeout=10)
+
+
+@pytest.mark.parametrize("model_dir", [tiny_gpt2_dir, tiny_llama_dir], ids=["gpt2", "llama"])
+async def test_a_decode_step_gives_way_to_a_newcomer_and_its_cache_is_rewound(model_dir):
+    """A decode step of running replies stops between two layers when a request arrives; the
+    layers already run had written their keys and values in place, which are rewound: every
+    reply, the running ones and the newcomer's, is still the naive engine's token for token."""
+    from finetune.serving.kv import decoder_layers
+
+    loaded = load(model_dir())
+    engine = BatchedEngine(loaded, max_batch_size=8)
+    gate = _Gate(engine, "decode")
+    hook = decoder_layers(loaded.model)[-1].register_forward_pre_hook(gate, with_kwargs=True)
+    try:
+        running = [conversation(q) for q in QUESTIONS[:2]]
+        newcomer = conversation(QUESTIONS[2])
+        tasks = [
+            asyncio.ensure_future(collect(engine, request(f"r{i}", m, max_new_tokens=30)))
+            for i, m in enumerate(running)
+        ]
+        await wait_for(lambda: engine.steps >= 3, timeout=60)
+        gate.armed.set()
+        await wait_for(gate.holding.is_set, timeout=30)  # a decode step is under way
+        steps_before = engine.steps
+        late = await collect(engine, request("new", newcomer, max_new_tokens=30))
+        results = [await task for task in tasks]
+        assert engine.preemptions >= 1  # the step gave way
+        want = await naive_replies(loaded, [*running, newcomer], max_new_tokens=30)
+        for (_, got), w in zip([*results, late], want, strict=True):
+            assert_same_reply(got, w)
+        assert engine.steps > steps_before
+    finally:
+        hook.remove()
+        engine.close(timeout=10)

@@ -1,13 +1,15 @@
 """The batched engine's KV cache layers (``finetune.serving.kv.GrowingLayer``): a decode step
-writes its column in place, a tensor handed to the cache is never written to, and a model
-run on the growing cache computes what it computes on transformers' own."""
+writes its column in place, a tensor handed to the cache is never written to, a model
+run on the growing cache computes what it computes on transformers' own, and a pass
+stopped between two layers (``Preempted``) can be rewound and run again."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from finetune.serving.kv import forward, new_cache
-from tests.finetune.serving.engine_models import load, tiny_gpt2_dir
+from finetune.serving.kv import Preempted, cache_mark, cache_rewind, decoder_layers, forward, new_cache
+from tests.finetune.serving.engine_models import load, tiny_gpt2_dir, tiny_llama_dir
 
 
 def test_decode_steps_write_in_place_until_the_spare_columns_run_out():
@@ -53,3 +55,41 @@ def test_logits_on_the_growing_cache_equal_those_on_transformers_own():
             steps.append(logits[:, -1])
         results.append(torch.cat(steps))
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("model_dir", [tiny_gpt2_dir, tiny_llama_dir], ids=["gpt2", "llama"])
+def test_a_pass_stopped_between_layers_rewinds_and_runs_again_to_the_same_logits(model_dir):
+    loaded = load(model_dir(), label="v1")
+    model = loaded.model
+    assert len(decoder_layers(model)) == model.config.num_hidden_layers >= 2
+    cache = new_cache(model)
+    _, cache = forward(model, cache, input_ids=torch.tensor([[5, 6, 7, 8]]))
+    reference = new_cache(model)
+    _, reference = forward(model, reference, input_ids=torch.tensor([[5, 6, 7, 8]]))
+    want, _ = forward(model, reference, input_ids=torch.tensor([[9]]))
+
+    asked = []
+
+    def preempt() -> bool:  # stop before the second layer: the first has written its column
+        asked.append(1)
+        return len(asked) == 2
+
+    mark = cache_mark(cache)
+    assert mark == [4] * len(cache.layers)
+    with pytest.raises(Preempted):
+        forward(model, cache, preempt=preempt, input_ids=torch.tensor([[9]]))
+    assert cache.layers[0].keys.shape[-2] == 5  # the stopped pass wrote into the first layer
+    cache_rewind(cache, mark)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == mark
+    got, cache = forward(model, cache, preempt=lambda: False, input_ids=torch.tensor([[9]]))
+    assert torch.equal(got, want)
+    assert all(not layer._forward_pre_hooks for layer in decoder_layers(model))  # noqa: SLF001 - hooks removed
+
+
+def test_a_cache_of_transformers_own_layers_cannot_be_rewound():
+    from transformers import DynamicCache
+
+    loaded = load(tiny_gpt2_dir(), label="v1")
+    _, cache = forward(loaded.model, DynamicCache(config=loaded.model.config), input_ids=torch.tensor([[5, 6]]))
+    assert cache_mark(cache) is None
+    assert cache_mark(None) is None
