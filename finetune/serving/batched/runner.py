@@ -218,10 +218,12 @@ class Runner:
             item.skipped += 1  # chosen before a shorter prompt that completes was seen
         chosen = complete or chunks
         self.held = self.held + 1 if hold and not chosen else 0
-        # A chunk pass gives way to a request that arrives while it runs (it stops between two
-        # layers and is done again at the next step): the newcomer then waits for one layer,
-        # not for the whole chunk. Prompts that complete now are never stopped.
-        may_yield = not complete and self.chunk_may_yield
+        # A chunk pass (a long prompt's, its last included) gives way to a request that arrives
+        # while it runs: it stops between two layers and is done again at the next step, so the
+        # newcomer waits for one layer, not for the whole chunk. An ordinary prompt's whole pass
+        # is never stopped: redone beside the newcomer's, it would only make both wait longer.
+        chunk_pass = bool(chosen) and all(p.chunked for p in chosen)
+        may_yield = chunk_pass and self.chunk_may_yield
         try:
             for batch in {id(p.batch): p.batch for p in chosen}.values():
                 for group in grouping([p for p in chosen if p.batch is batch]):
@@ -230,7 +232,7 @@ class Runner:
             self.preemptions += 1
             self.chunk_may_yield = False
             return
-        if chunks:
+        if chunk_pass:
             self.chunk_may_yield = True
 
     def _prefill(self, group: list[Prefill], batch: KVBatch, preempt: Callable[[], bool] | None = None) -> None:
