@@ -58,7 +58,13 @@ from finetune.serving.runtime import get_engine
 from . import frames, services
 from .broadcast import group_has_other_members
 from .models import Conversation, Message
-from .selectors import SHUTDOWN_FINISH_REASON, TAKEN_OVER_FINISH_REASON, replies_to, reply_target
+from .selectors import (
+    SHUTDOWN_FINISH_REASON,
+    TAKEN_OVER_FINISH_REASON,
+    conversation_language,
+    replies_to,
+    reply_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +213,16 @@ class _Runner:
         if started is None:
             return False
         message, prompt = started
+        # The neutral words of slots nobody can fill are written in the customer's language.
+        language = await database_sync_to_async(conversation_language)(
+            conversation=conversation, upto=message.in_reply_to
+        )
         live = LiveReply(message.pk)
         live_replies[message.pk] = live
         try:
             await self.send(frames.message_frame(message))
             await self.send(frames.typing_frame(role="bot"))
-            final = await self._stream(engine, message, prompt, params, live)
+            final = await self._stream(engine, message, prompt, params, live, language)
         finally:
             live_replies.pop(message.pk, None)
         await self.send(frames.reply_done_frame(final))
@@ -228,8 +238,10 @@ class _Runner:
             )
         return True
 
-    async def _stream(self, engine, message: Message, prompt, params: GenerationParams, live: LiveReply) -> Message:
-        request = GenerationRequest(key=self.conversation_id, messages=prompt, params=params)
+    async def _stream(
+        self, engine, message: Message, prompt, params: GenerationParams, live: LiveReply, language: str
+    ) -> Message:
+        request = GenerationRequest(key=self.conversation_id, messages=prompt, params=params, language=language)
         self.streaming, self.cut_reason = (engine, request.request_id), ""
         heartbeat = asyncio.create_task(_heartbeat(live, self))
         copies = _TokenBroadcast(self.group, self.origin)

@@ -11,6 +11,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.db.models.functions import Substr
 
 from finetune.ml.prompting import CHAT_SPEAKER_ROLES, ROLE_SYSTEM, system_prompt_text
+from finetune.ml.segments import UNDETERMINED_LANGUAGE
 from finetune.models import ModelVersion
 from finetune.serving.safety import parse_blocked_terms
 
@@ -118,6 +119,24 @@ def replies_to(message: Message) -> QuerySet[Message]:
 def reply_target(*, conversation: Conversation) -> Message | None:
     """The newest customer message: what the bot answers next, if nothing answered it yet."""
     return conversation.messages.filter(role=Message.Role.CUSTOMER).order_by("-pk").first()
+
+
+def conversation_language(*, conversation: Conversation, upto: Message) -> str:
+    """The conversation's language for a reply to ``upto`` (ISO 639-1), from the labels stored
+    with the customer's messages when they were saved, so nothing is detected again.
+
+    The newest customer message with a determined label wins: "1234" (``und``) after a
+    French message leaves the conversation French. "" when none has one (messages saved
+    before labelling): the reply pipeline then detects it from the prompt's text.
+    """
+    return (
+        conversation.messages.filter(role=Message.Role.CUSTOMER, pk__lte=upto.pk)
+        .exclude(language__in=("", UNDETERMINED_LANGUAGE))
+        .order_by("-pk")
+        .values_list("language", flat=True)
+        .first()
+        or ""
+    )
 
 
 def model_version_for_label(label: str | None) -> ModelVersion | None:

@@ -144,7 +144,8 @@ def build_knowledge(
 
     The index holds every usable training exchange (tickets and agent-approved
     corrections alike); the intent classifier is trained on the training replies
-    (placeholders filled with neutral words, as evaluation fills every reply it scores)
+    (placeholders filled with neutral words in the conversation's language, as evaluation
+    fills every reply it scores)
     only when they carry at least two intents. Validation rows are never indexed: they
     are the questions the index must answer.
     """
@@ -158,13 +159,19 @@ def build_knowledge(
         index.save(out / RETRIEVAL_DIR)
         meta = json.loads((out / RETRIEVAL_DIR / "index.json").read_text(encoding="utf-8"))
         card["retrieval"] = {"exchanges": meta["exchanges"], "features": meta["features"], "dir": RETRIEVAL_DIR}
-    replies = [fill_neutral(e.reply) for e in exchanges]
+    from finetune.serving.placeholders import reply_language
+
+    # Each reply filled in its conversation's language, as evaluation and serving fill the
+    # replies this classifier labels.
+    replies = [
+        fill_neutral(e.reply, language=reply_language([{"role": "customer", "content": e.question}])) for e in exchanges
+    ]
     intents = [e.intent for e in exchanges]
     if len({i for i in intents if i}) >= 2:
         classifier = IntentClassifier.train(replies, intents)
         classifier.save(out / INTENT_DIR)
         val = [
-            (fill_neutral(m[-1].get("content", "")), i)
+            (fill_neutral(m[-1].get("content", ""), language=reply_language(m[:-1])), i)
             for m, i in zip(validation_messages, validation_intents, strict=False)
             if i and m and m[-1].get("role") == "agent"
         ]
@@ -178,15 +185,16 @@ def build_knowledge(
     return card
 
 
-def fill_neutral(text: str, values: Mapping[str, str] | None = None) -> str:
+def fill_neutral(text: str, values: Mapping[str, str] | None = None, language: str | None = None) -> str:
     """A reply with its template slots in neutral words (and the customer's values): how replies are scored.
 
     No company facts: the dataset and the gate do not depend on what the bot profile
-    says today, so a profile edit does not move the scores.
+    says today, so a profile edit does not move the scores. ``language`` is the
+    conversation's (``placeholders.reply_language``), as serving fills it; None: English.
     """
     from finetune.serving.placeholders import fill_placeholders
 
-    return fill_placeholders(text, {}, values or {})
+    return fill_placeholders(text, {}, values or {}, language)
 
 
 def copy_knowledge(dataset_dir: str | Path, run_dir: str | Path, *, retrieval: bool = True) -> list[str]:

@@ -15,8 +15,9 @@ A model's row is its *served path*, built from the same parts as serving:
 5. the reply policy (``reply_policy.choose_reply``): the model's words, a retrieved
    answer or a handoff, decided where serving decides (on the first sentence the model
    wrote after the prime, ``reply_policy.first_model_sentence``; ``served_row``),
-6. placeholders filled with neutral words and the customer's own values
-   (``knowledge.fill_neutral``); the reference and retrieved answers are filled the same way.
+6. placeholders filled with neutral words in the conversation's language and the
+   customer's own values (``knowledge.fill_neutral``); the reference and retrieved
+   answers are filled the same way.
 
 Metrics per row: ROUGE-L F1 against the agent's reply, intent accuracy (the dataset's
 ``IntentClassifier`` labels each reply; compared with the example's intent; None
@@ -72,6 +73,7 @@ class QualityExample:
     reference: str  # the agent's reply, filled
     intent: str
     values: dict[str, str]  # what the customer gave (order number...), for the filler
+    language: str  # the conversation's (ISO 639-1): the filler's neutral words are in it, as served
     prompt: GroundedPrompt
     hits: list[Neighbour]  # the index's neighbours (the retrieval baseline; the policy's when grounded)
     grounded: bool
@@ -159,7 +161,7 @@ def quality_examples(
     """
     if exclude is not None and len(exclude) != len(conversations):
         raise ValueError("exclude must give one index row (or None) per conversation")
-    from finetune.serving.placeholders import customer_values
+    from finetune.serving.placeholders import customer_values, reply_language
 
     from .prompting import normalise_messages
 
@@ -175,6 +177,7 @@ def quality_examples(
             continue
         before = turns[:-1]
         values = customer_values(before)
+        language = reply_language(before)
         if grounded and index is not None:
             prompt, hits = ground_conversation(
                 before, index, tokenizer, config=grounding, max_prompt_tokens=grounding.max_prompt_tokens, exclude=own
@@ -185,9 +188,10 @@ def quality_examples(
         examples.append(
             QualityExample(
                 messages=before,
-                reference=fill_neutral(turns[-1]["content"], values),
+                reference=fill_neutral(turns[-1]["content"], values, language),
                 intent=intent or "",
                 values=values,
+                language=language,
                 prompt=prompt,
                 hits=hits,
                 grounded=grounded and index is not None,
@@ -248,12 +252,12 @@ def retrieval_rows(
     top, top_origins, agreed, agreed_origins = [], [], [], []
     for example in examples:
         nearest = example.hits[0] if example.hits else None
-        top.append(fill_neutral(nearest.exchange.reply, example.values) if nearest else "")
+        top.append(fill_neutral(nearest.exchange.reply, example.values, example.language) if nearest else "")
         top_origins.append(nearest.exchange.origin if nearest else "")
         answers, _ = usable_answers(example.hits, policy)
         if answers:
             best = answers[consensus([a.exchange.reply for a in answers])]
-            agreed.append(fill_neutral(best.exchange.reply, example.values))
+            agreed.append(fill_neutral(best.exchange.reply, example.values, example.language))
             agreed_origins.append(best.exchange.origin)
         else:
             agreed.append(top[-1])
@@ -497,7 +501,9 @@ def served_row(
                 choice = dataclasses.replace(choice, text=text)  # the rest of the reply streams on
         else:
             choice = choose_reply(text, mean_logprob, example.hits if example.grounded else [], policy)
-        replies.append(fill_neutral(choice.text, example.values) if choice.source != SOURCE_HANDOFF else "")
+        replies.append(
+            fill_neutral(choice.text, example.values, example.language) if choice.source != SOURCE_HANDOFF else ""
+        )
         sources.append(choice.source)
         origins.append(choice.origin)
     tokens = sum(r["tokens"] for r in generated if not r.get("cached"))  # the rate of what was generated now

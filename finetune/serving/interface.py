@@ -43,6 +43,9 @@ class GenerationRequest:
     # How the reply starts (the closest retrieved answer's first sentence, ``grounding.reply_prime``):
     # the engine puts it after the prompt, streams it first and generates its continuation.
     prime: str = ""
+    # The conversation's language (ISO 639-1; the label stored with the customer's latest message):
+    # the reply pipeline writes the neutral words of unfillable slots in it. "": detected from messages.
+    language: str = ""
 
 
 @dataclass(frozen=True)

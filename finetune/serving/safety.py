@@ -40,7 +40,10 @@ this order:
 4. ``PlaceholderFiller`` (``finetune.serving.placeholders``) fills ``{{…}}``/``[…]`` slots
    from the company's facts and this conversation's customer values, after the masker
    on purpose: the company's phone and the customer's own order number are put in by
-   the server and must not be masked as personal data.
+   the server and must not be masked as personal data. A slot nobody can fill gets
+   neutral words in the conversation's language (``GenerationRequest.language``, the
+   label stored with the customer's latest message; detected from the request's
+   customer turns when the caller gives none).
 
 Each stage releases text as soon as it can no longer change, so the reply still
 streams, a sentence or a few words behind the model.
@@ -48,6 +51,7 @@ streams, a sentence or a few words behind the model.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import re
@@ -57,9 +61,10 @@ from typing import Any
 
 from finetune.ml.redaction import UNSPACED_LETTERS, redact
 from finetune.ml.reply_policy import first_model_sentence
+from finetune.ml.segments import UNDETERMINED_LANGUAGE
 
 from .interface import Engine, GenerationDone, GenerationRequest, TokenDelta
-from .placeholders import PlaceholderFiller, customer_values
+from .placeholders import PlaceholderFiller, customer_values, reply_language
 from .repetition import RepetitionGuard, cut_repetition
 
 BLOCKED_MASK = "***"
@@ -339,14 +344,18 @@ class ReplyPipeline:
     ``push(delta, mean_logprob)`` returns the text to send now; ``stop_engine`` turns
     True when the engine should stop (a repetition, or a retrieved answer chosen);
     ``finish(done)`` returns the rest and ``done_event(done, ...)`` the final event.
+    ``language`` is the conversation's (ISO 639-1) for the filler's neutral words; None or
+    "": found from ``messages`` (``placeholders.reply_language``).
     """
 
-    def __init__(self, plan: ReplyPlan, messages: Iterable[Mapping[str, str]]):
+    def __init__(self, plan: ReplyPlan, messages: Iterable[Mapping[str, str]], language: str | None = None):
         self.plan = plan
         self.guard = RepetitionGuard()
         self.filter = StreamFilter(plan.maskers)
+        messages = list(messages)
         values = plan.values if plan.values is not None else customer_values(messages)
-        self.filler = PlaceholderFiller(plan.facts, values)
+        self.language = reply_language(messages, language)
+        self.filler = PlaceholderFiller(plan.facts, values, self.language)
         self.prime = (plan.prime or "").strip()
         self.held = ""  # guard output waiting for the policy's decision
         self.choice = None
@@ -469,7 +478,11 @@ class SafeEngine:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenDelta | GenerationDone]:
         plan = await self._plan(request)
-        pipeline = ReplyPipeline(plan, request.messages)
+        language = request.language
+        if not language or language == UNDETERMINED_LANGUAGE:
+            # Detection reads word lists the first time it runs: off the event loop.
+            language = await asyncio.to_thread(reply_language, request.messages, language)
+        pipeline = ReplyPipeline(plan, request.messages, language)
         inner_request = request
         if plan.messages is not None or plan.prime:
             inner_request = dataclasses.replace(

@@ -15,6 +15,7 @@ import shutil
 import pytest
 from channels.db import database_sync_to_async
 
+from conversations import replies, services
 from conversations.models import BotProfile, Conversation, Message
 from finetune.ml.retrieval import Exchange, RetrievalIndex
 from finetune.models import ModelVersion
@@ -50,11 +51,11 @@ async def _stop_model_listener():
     await model_listener_stop()
 
 
-def grounded_version(tmp_path, tiny_model_dir, **policy) -> ModelVersion:
-    """An active version whose run directory holds the tiny model, an index of ``PAST`` and its policy."""
+def grounded_version(tmp_path, tiny_model_dir, past=PAST, **policy) -> ModelVersion:
+    """An active version whose run directory holds the tiny model, an index of ``past`` and its policy."""
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "merged")
-    RetrievalIndex.build(PAST).save(run / "retrieval")
+    RetrievalIndex.build(past).save(run / "retrieval")
     (run / "train_config.json").write_text(json.dumps({"reply_policy": {"mode": "fallback", **policy}}))
     engine_reset()
     return ModelVersionFactory(
@@ -99,6 +100,75 @@ async def test_an_unsure_reply_is_replaced_by_the_closest_past_answer_filled_in(
     assert all(0 < g["score"] <= 1 for g in reply.grounding)
     conversation = await database_sync_to_async(Conversation.objects.get)()
     assert conversation.status == Conversation.Status.BOT
+
+
+FRENCH_PAST = [
+    Exchange(
+        "où est ma commande, elle n'est pas arrivée",
+        "Votre commande est en route. Appelez {{Customer Support Phone Number}} ou suivez la commande "
+        "{{Order Number}} sur {{Website URL}}.",
+        "track_order",
+        "ticket:test:fr",
+    ),
+    *PAST,
+]
+
+
+async def test_a_french_conversation_gets_its_slots_filled_in_french(tmp_path, tiny_model_dir, profile, settings):
+    # As above, a past answer goes out; it holds a fact the profile has (the phone), one it
+    # lacks (the website) and an order number the customer did not give.
+    await database_sync_to_async(grounded_version)(
+        tmp_path, tiny_model_dir, past=FRENCH_PAST, fallback_logprob=0.0, fallback_score=0.2
+    )
+    settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = -0.0001
+    try:
+        frames, reply = await ask("Où est ma commande ? Elle n'est pas arrivée.")
+    finally:
+        engine_reset()
+    question = await database_sync_to_async(Message.objects.get)(role=Message.Role.CUSTOMER)
+    streamed = "".join(f["delta"] for f in frames if f["type"] == "token")
+    # Not "suivez la commande your order number sur our website".
+    expected = f"Votre commande est en route. Appelez {PHONE} ou suivez votre commande sur notre site web."
+    assert question.language == "fr"  # labelled when saved
+    assert reply.generation["source_origin"] == "ticket:test:fr"
+    assert reply.body == expected
+    assert streamed.strip() == expected
+
+
+async def test_the_reply_follows_the_language_stored_with_the_customers_message(
+    tmp_path, tiny_model_dir, profile, settings
+):
+    # A label set by hand, unlike the message's words, shows that the stored label (not a
+    # new detection) chooses the words: the runner passes it with the request.
+    await database_sync_to_async(grounded_version)(
+        tmp_path, tiny_model_dir, past=FRENCH_PAST, fallback_logprob=0.0, fallback_score=0.2
+    )
+    settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = -0.0001
+
+    def customer_message_labelled_german() -> Conversation:
+        conversation = Conversation.objects.create(session_key=new_session_key())
+        message, _ = services.message_create_customer(
+            conversation=conversation, client_id="c-1", text="Où est ma commande ? Elle n'est pas arrivée."
+        )
+        Message.objects.filter(pk=message.pk).update(language="de")
+        return conversation
+
+    conversation = await database_sync_to_async(customer_message_labelled_german)()
+    sent = []
+
+    async def send(frame):
+        sent.append(frame)
+
+    try:
+        replies.reply_request(conversation_id=str(conversation.pk), send=send, origin="test")
+        await replies.replies_wait(60)
+    finally:
+        engine_reset()
+    reply = await database_sync_to_async(Message.objects.get)(role=Message.Role.BOT)
+    # (The German table knows no French phrase, so "la commande" stays before the German words.)
+    assert reply.body == (
+        f"Votre commande est en route. Appelez {PHONE} ou suivez la commande Ihre Bestellnummer sur unsere Website."
+    )
 
 
 async def test_a_sure_reply_is_the_models_own_primed_with_the_closest_answer(tmp_path, tiny_model_dir, profile):

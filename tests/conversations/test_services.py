@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from conversations import services
 from conversations.models import BotProfile, Conversation, Message
-from conversations.selectors import messages_after, prompt_messages
+from conversations.selectors import conversation_language, messages_after, prompt_messages
 from finetune.serving.interface import GenerationDone
 from supportbot.errors import ApplicationError
 from tests.factories import ConversationFactory, MessageFactory, ModelVersionFactory, UserFactory
@@ -509,3 +509,26 @@ def test_the_prompt_has_the_profile_and_the_answered_history():
     ]
     assert len(prompt_messages(conversation=conversation, upto=last, max_turns=2)) == 3
     assert list(messages_after(conversation=conversation, after_id=last.pk))[0].body == "later"
+
+
+def test_the_conversations_language_is_the_newest_stored_label_that_tells():
+    conversation = ConversationFactory()
+    services.message_create_customer(
+        conversation=conversation, client_id="c-1", text="Bonjour, où en est ma commande ? Elle n'est pas arrivée."
+    )
+    number, _ = services.message_create_customer(conversation=conversation, client_id="c-2", text="12345678")
+    later, _ = services.message_create_customer(
+        conversation=conversation, client_id="c-3", text="Hola, quiero cambiar la dirección de entrega de mi pedido."
+    )
+
+    assert number.language == "und"  # too short to tell: the message before decides
+    assert conversation_language(conversation=conversation, upto=number) == "fr"
+    assert conversation_language(conversation=conversation, upto=later) == "es"
+
+
+def test_a_conversation_without_stored_labels_has_no_language_yet():
+    # Messages saved before labelling: the reply pipeline detects the language from the prompt instead.
+    message = MessageFactory(body="Bonjour, où en est ma commande ?")
+
+    assert message.language == ""
+    assert conversation_language(conversation=message.conversation, upto=message) == ""

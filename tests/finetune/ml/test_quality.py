@@ -69,6 +69,19 @@ def test_examples_are_grounded_and_the_reference_filled_with_the_customers_value
     assert ungrounded[0].hits  # the retrieval baseline still has its neighbours
 
 
+def test_a_french_conversation_is_scored_with_french_neutral_words(index, ticket_tokenizer):
+    # As served: the filler writes the conversation's language (the reference, and every reply scored).
+    french = [
+        {"role": "customer", "content": "Bonjour, où est ma commande ? Elle n'est toujours pas arrivée."},
+        {"role": "agent", "content": "La commande {{Order Number}} est en route ; suivez-la sur {{Website URL}}."},
+    ]
+
+    example = quality_examples([french], ["track_order"], index, ticket_tokenizer)[0]
+
+    assert example.language == "fr"
+    assert example.reference == "Votre commande est en route ; suivez-la sur notre site web."
+
+
 def test_a_development_example_from_the_training_split_never_sees_its_own_exchange(index, ticket_tokenizer):
     # The index's own row 1: "my parcel has not arrived" and its reply.
     own = [{"role": "customer", "content": TRACK[1][0]}, {"role": "agent", "content": TRACK[1][1]}]

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune.serving.placeholders import PlaceholderFiller, customer_values, fill_placeholders, slot_kind
+from finetune.serving.placeholders import (
+    PlaceholderFiller,
+    customer_values,
+    fill_placeholders,
+    reply_language,
+    slot_kind,
+)
 
 FACTS = {
     "company_name": "Acme",
@@ -17,6 +24,8 @@ FACTS = {
     "support_hours": "Monday to Friday, 8:00 to 18:00",
 }
 SLOT = re.compile(r"\{\{|\}\}|\[[A-Za-z][A-Za-z0-9 _/.'&-]{0,40}\](?!\()")
+# Words only the English filler writes: never in a French, Spanish or German reply.
+ENGLISH_FILLER = re.compile(r"(?i)\b(?:your|our|there|customer|during|number|you provided)\b")
 
 BITEXT_REPLY = (
     "I understand how unnerving it can be to cancel an order, especially if it's order number "
@@ -98,8 +107,8 @@ def test_slot_names_map_to_kinds():
     assert slot_kind("address") == "address"
 
 
-def _stream(text: str, cuts: list[int], facts=None, values=None) -> tuple[str, list[str]]:
-    filler = PlaceholderFiller(facts, values)
+def _stream(text: str, cuts: list[int], facts=None, values=None, language=None) -> tuple[str, list[str]]:
+    filler = PlaceholderFiller(facts, values, language)
     pieces, last = [], 0
     for cut in [*sorted(set(cuts)), len(text)]:
         pieces.append(filler.push(text[last:cut]))
@@ -171,3 +180,144 @@ def test_any_token_split_streams_the_same_text_and_never_a_slot(cuts, known):
     for piece in pieces:
         sent += piece
         assert not SLOT.search(sent)
+
+
+# --- neutral words in the conversation's language ---------------------------------------------
+
+FRENCH_REPLY = (
+    "Bonjour {{NAME}}, c'est fait : la commande {{ORDER_ID}} sera livrée à l'adresse {{ADDRESS}}. "
+    "Suivez-la sur notre {{Website Name}} ou appelez-nous au {{Customer Support Phone Number}} "
+    "{{Customer Support Availability}}. Écrivez au {{Customer Support Email}} en rappelant le numéro "
+    "de commande n° : {{Order Number}}, et consultez {{Website URL}}. Cher {{NAME}}, merci !"
+)
+
+
+def test_a_french_reply_gets_french_neutral_words():
+    reply = fill_placeholders(FRENCH_REPLY, language="fr")
+
+    assert reply == (
+        "Bonjour, c'est fait : votre commande sera livrée à votre adresse. "
+        "Suivez-la sur notre site web ou appelez-nous au numéro du service client "
+        "pendant nos horaires d'ouverture. Écrivez à l'adresse e-mail du service client en rappelant votre "
+        "numéro de commande, et consultez notre site web. Cher client, merci !"
+    )
+    assert not ENGLISH_FILLER.search(reply)
+
+
+def test_the_english_rules_hold_in_french():
+    fr = lambda text, **kw: fill_placeholders(text, language="fr", **kw)  # noqa: E731
+    # A determiner before the slot: the short form, not "notre notre site web".
+    assert fr("Connectez-vous à notre {{Website Name}}.") == "Connectez-vous à notre site web."
+    assert fr("Visitez {{Website Name}}.") == "Visitez notre site web."
+    assert fr("Vérifiez le {{Order Number}}.") == "Vérifiez le numéro de commande."
+    # An ID phrase becomes the customer's, whatever its determiner.
+    assert fr("La commande {{Order Number}} est partie.") == "Votre commande est partie."
+    assert fr("Le suivi de la facture {{Invoice Number}}.") == "Le suivi de votre facture."
+    assert fr("Le statut du numéro de suivi {{Tracking Number}}.") == "Le statut de votre numéro de suivi."
+    assert fr("Les commandes {{Order Number}} sont parties.") == "Vos commandes sont parties."
+    assert fr("Concernant {{Order Number}}.") == "Concernant votre numéro de commande."
+    # An unknown name after a greeting is left out; "Cher" takes a word in its place.
+    assert fr("Bonjour {{NAME}}, merci.") == "Bonjour, merci."
+    assert fr("Bonjour {{NAME}} !") == "Bonjour !"
+    assert fr("Chère {{NAME}}, merci.") == "Chère cliente, merci."
+    # Known values still win, in any language.
+    assert fr("La commande {{Order Number}}.", values={"order": "4512"}) == "La commande 4512."
+    assert fr("Bonjour {{NAME}},", values={"name": "Léa"}) == "Bonjour Léa,"
+    # A determiner before a vowel is elided.
+    assert fr("Écrivez au {{Customer Support Email}}.") == "Écrivez à l'adresse e-mail du service client."
+    # {{PHONE}} is the customer's own number after "votre", the company's line otherwise.
+    assert fr("Nous vous appellerons sur votre {{PHONE}}.") == "Nous vous appellerons sur votre numéro de téléphone."
+    assert fr("Appelez {{PHONE}}.") == "Appelez notre service client par téléphone."
+
+
+def test_spanish_neutral_words_and_rules():
+    es = lambda text, **kw: fill_placeholders(text, language="es", **kw)  # noqa: E731
+    assert es("Hola {{NAME}}, el pedido {{ORDER_ID}} llegará a la dirección {{ADDRESS}}.") == (
+        "Hola, su pedido llegará a su dirección."
+    )
+    assert es("Visite {{Website URL}} o llame a {{Customer Support Phone Number}}.") == (
+        "Visite nuestro sitio web o llame a nuestro teléfono de atención al cliente."
+    )
+    assert es("Inicie sesión en nuestro {{Website Name}}.") == "Inicie sesión en nuestro sitio web."
+    assert es("El estado del número de pedido {{Order Number}}.") == "El estado de su número de pedido."
+    assert es("Consulte {{Invoice Number}}.") == "Consulte su número de factura."
+    assert es("Estimada {{NAME}}, gracias.") == "Estimada clienta, gracias."
+
+
+def test_german_neutral_words_and_rules():
+    de = lambda text, **kw: fill_placeholders(text, language="de", **kw)  # noqa: E731
+    assert de("Hallo {{NAME}}, die Bestellung {{ORDER_ID}} wird an die Adresse {{ADDRESS}} geliefert.") == (
+        "Hallo, Ihre Bestellung wird an Ihre Adresse geliefert."
+    )
+    # The article fixes the possessive's case and gender.
+    assert de("Zur Bestellung Nr. {{Order Number}} gibt es Neuigkeiten.") == "Zu Ihrer Bestellung gibt es Neuigkeiten."
+    assert de("Das Konto {{Account Number}} ist gesperrt.") == "Ihr Konto ist gesperrt."
+    assert de("Konto {{Account Number}} ist gesperrt.") == "Ihr Konto ist gesperrt."
+    assert de("Melden Sie sich auf unserer {{Website Name}} an.") == "Melden Sie sich auf unserer Website an."
+    assert de("Rufen Sie {{Customer Support Phone Number}} an.") == "Rufen Sie unsere Kundenservice-Hotline an."
+    assert de("Sehr geehrte {{NAME}}, danke.") == "Sehr geehrte Kundin, danke."
+
+
+def test_english_and_languages_without_words_of_their_own_keep_the_english_words():
+    english = fill_placeholders(BITEXT_REPLY)
+
+    assert fill_placeholders(BITEXT_REPLY, language="en") == english
+    assert fill_placeholders(BITEXT_REPLY, language="it") == english  # no Italian table: English, as before
+    assert fill_placeholders(BITEXT_REPLY, language="und") == english
+
+
+def test_the_reply_language_is_the_stored_label_or_the_customers_latest_that_tells():
+    french = [
+        {"role": "customer", "content": "Bonjour, je voudrais changer l'adresse de livraison de ma commande."},
+        {"role": "agent", "content": "Could you give me the order number?"},
+        {"role": "customer", "content": "12345678"},  # too short to tell: the message before decides
+    ]
+
+    assert reply_language(french) == "fr"
+    assert reply_language(french, "de") == "de"  # a stored label is used as is, not detected again
+    assert reply_language(french, "und") == "fr"
+    assert reply_language([{"role": "customer", "content": "ok"}]) == "en"
+    assert reply_language([]) == "en"
+
+
+FRENCH_ENDINGS = (
+    "Votre remboursement arrive sous cinq jours ouvrés.",
+    "Merci de votre patience, à bientôt !",
+)
+# The longest phrases the Spanish and German rules rewrite, streamed with each language's table.
+OTHER_PHRASES = (
+    "Consulte el estado del número de pedido n.º : {{Order Number}} en {{Website URL}}.",
+    "Zur Bestellung Nr. : {{ORDER_ID}} senden wir an die Adresse {{ADDRESS}}.",
+)
+STREAMED = FRENCH_REPLY + " " + " ".join(OTHER_PHRASES) + " " + " ".join(FRENCH_ENDINGS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=len(STREAMED)), max_size=80),
+    known=st.booleans(),
+    language=st.sampled_from(["fr", "es", "de"]),
+)
+def test_any_token_split_of_a_non_english_reply_streams_the_same_text(cuts, known, language):
+    values = {"order": "4512-77", "name": "Léa"} if known else {}
+    facts = FACTS if known else {}
+
+    # The longest phrases a slot rewrites ("le numéro de commande n° :") are held back until they cannot change.
+    streamed, pieces = _stream(STREAMED, cuts, facts, values, language)
+
+    assert streamed == fill_placeholders(STREAMED, facts, values, language)
+    sent = ""
+    for piece in pieces:
+        sent += piece
+        assert not SLOT.search(sent)
+    assert any(pieces[:-1])  # text went out before the end
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_french_streaming_stays_incremental(size):
+    cuts = list(range(size, len(STREAMED), size))
+
+    streamed, pieces = _stream(STREAMED, cuts, language="fr")
+
+    assert streamed == fill_placeholders(STREAMED, language="fr")
+    assert sum(1 for p in pieces if p) > 10  # many pieces, not one block at the end

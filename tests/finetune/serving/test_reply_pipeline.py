@@ -9,6 +9,7 @@ write ``{{…}}`` slots, token by token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -205,6 +206,51 @@ async def test_slots_split_across_any_token_boundary_are_filled_and_never_shown(
     )
     assert not any(mark in d for d in deltas for mark in ("{", "}", "["))
     assert len(deltas) > 2  # incremental, not one block at the end
+
+
+FRENCH_SLOT_REPLY = (
+    "Bonjour {{NAME}}, c'est fait : la commande {{ORDER_ID}} sera livrée à l'adresse {{ADDRESS}}. "
+    "Suivez-la sur notre {{Website Name}} ou appelez {{Customer Support Phone Number}} si besoin."
+)
+
+
+@pytest.mark.parametrize("size", [1, 4])
+async def test_a_french_conversation_gets_french_neutral_words(size):
+    pieces = [FRENCH_SLOT_REPLY[i : i + size] for i in range(0, len(FRENCH_SLOT_REPLY), size)]
+    french = conversation("Bonjour, je voudrais changer l'adresse de livraison de ma commande, s'il vous plaît.")
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), facts={"company_name": "Acme"})
+
+    # No language on the request (a caller without stored labels): found from the customer's words.
+    deltas, done = await collect(SafeEngine(ScriptedEngine(pieces), plan_for=plan_for), request("fr", french))
+
+    expected = (
+        "Bonjour, c'est fait : votre commande sera livrée à votre adresse. "
+        "Suivez-la sur notre site web ou appelez notre service client par téléphone si besoin."
+    )
+    assert done.text == expected
+    assert "".join(deltas) == expected
+    assert len(deltas) > 2  # still streamed, not held to the end
+
+
+async def test_the_requests_language_is_used_as_given():
+    # The label stored with the customer's message wins over the text (here: too short to tell).
+    pieces = chars(FRENCH_SLOT_REPLY)
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers())
+
+    given = dataclasses.replace(request("given", conversation("12345678")), language="fr")
+    _, french = await collect(SafeEngine(ScriptedEngine(pieces), plan_for=plan_for), given)
+    _, unset = await collect(
+        SafeEngine(ScriptedEngine(pieces), plan_for=plan_for), request("unset", conversation("12345678"))
+    )
+
+    # The customer's own order number fills its slot in both; the neutral words follow the language.
+    assert "la commande 12345678 sera livrée à votre adresse. Suivez-la sur notre site web" in french.text
+    # Without a label nor words to tell: English, as before.
+    assert "la commande 12345678 sera livrée à l'adresse your address. Suivez-la sur notre our website" in unset.text
 
 
 @dataclass(frozen=True)
