@@ -142,6 +142,7 @@ async def measure(engine, params_normal, params_huge, trials: int, timeout: floa
         "loaded_median_s": round(loaded_median, 3),
         "ratio": round(loaded_median / idle_median, 2),
         "normal_replies_completed": all(loaded_ok),
+        "preemptions": engine.preemptions,  # passes that gave way to a newly arrived request
     }
 
 

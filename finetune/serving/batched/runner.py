@@ -101,6 +101,7 @@ class Runner:
         self.chunk_may_yield = True
         self.step_may_yield = True
         self.preemptions = 0  # passes stopped or decode steps put off for a waiting request
+        self.yielded = False  # the last pass gave way: the next prefill takes the newcomers first
         self.steps = 0  # decode steps taken (observability and tests)
         self.prefills = 0  # prefill forward passes
         self.prefilled_rows = 0  # prompts prefilled (over prefills: how many shared a pass)
@@ -197,10 +198,18 @@ class Runner:
         # share the pass, up to that many tokens in all; other prompts get ``budget`` tokens.
         whole_limit = self.scheduler.prefill_whole_tokens
         left, whole_left, complete, chunks = max(1, budget), max(budget, whole_limit), [], []
-        for item in sorted(self.pending, key=lambda p: p.remaining - budget * p.skipped):
+        # Right after a pass gave way, the ordinary prompts (the newcomers that made it do so)
+        # go first whatever the others' age: otherwise an aged long prompt's chunk could run
+        # first, and that one could not give way again.
+        first = self.yielded
+        self.yielded = False
+
+        def ordinary(p: Prefill) -> bool:
+            return not p.chunked and p.remaining <= whole_limit
+
+        for item in sorted(self.pending, key=lambda p: (not (first and ordinary(p)), p.remaining - budget * p.skipped)):
             take = min(item.remaining, left)
-            ordinary = not item.chunked and item.remaining <= whole_limit
-            if ordinary and not chunks and (not complete or item.remaining <= whole_left):
+            if ordinary(item) and not chunks and (not complete or item.remaining <= whole_left):
                 take = item.remaining  # whole, in one pass (the first in line, and those that fit beside it)
             if take == item.remaining:
                 complete.append(item)
@@ -231,6 +240,7 @@ class Runner:
         except Preempted:
             self.preemptions += 1
             self.chunk_may_yield = False
+            self.yielded = True
             return
         if chunk_pass:
             self.chunk_may_yield = True
@@ -299,7 +309,7 @@ class Runner:
         """
         if self.running and self.step_may_yield and self._someone_waits():
             self.preemptions += 1
-            self.step_may_yield = False
+            self.step_may_yield, self.yielded = False, True
             return
         preempt = self._someone_waits if self.step_may_yield else None
         try:
@@ -307,7 +317,7 @@ class Runner:
                 self._step(batch, preempt)
         except Preempted:
             self.preemptions += 1
-            self.step_may_yield = False
+            self.step_may_yield, self.yielded = False, True
         else:
             self.step_may_yield = True
         waiting = {id(p.batch) for p in self.pending}

@@ -447,3 +447,36 @@ async def test_a_decode_step_gives_way_to_a_newcomer_and_its_cache_is_rewound(mo
     finally:
         hook.remove()
         engine.close(timeout=10)
+
+
+@pytest.mark.parametrize("after_a_yield", [True, False], ids=["after-a-yield", "otherwise"])
+def test_after_a_pass_gave_way_the_newcomer_goes_before_aged_long_prompts(gpt2, after_a_yield):
+    """Long prompts age while they wait (so a stream of short ones cannot starve them), and an
+    aged one goes before a short prompt. Right after a pass gave way to a newcomer, though, the
+    newcomer goes first: an aged long prompt's chunk in its place could not give way again,
+    and the newcomer would wait for all of it (0.66 s with chunks of 256 in the fairness bench)."""
+    import time
+
+    from finetune.serving.batched.runner import Runner
+    from finetune.serving.batched.scheduler import Job, Scheduler
+
+    loop = asyncio.new_event_loop()
+    try:
+        scheduler = Scheduler(gpt2, max_batch_size=8, prefill_tokens=8, prefill_whole_tokens=200)
+        runner = Runner(scheduler, prefix_cache_bytes=0)
+
+        def job(key: str, messages) -> Job:
+            return Job(request(key, messages, max_new_tokens=4), loop, asyncio.Queue(), time.monotonic())
+
+        runner.admit([job("long", conversation(" ".join(f"parcel{i} is late" for i in range(40))))], gpt2)
+        (aged,) = runner.pending
+        aged.skipped = 1000  # it has waited many steps
+        runner.admit([job("short", conversation("Where is my order?"))], gpt2)
+        runner.yielded = after_a_yield
+        runner.prefill_some(8, scheduler.prefill_groups)
+        short_done = [row.job.request.key for batch in runner.batches for row in batch.rows] == ["short"]
+        assert short_done is after_a_yield
+        assert (aged.reused > 0) is not after_a_yield  # the aged prompt's chunk ran instead
+        assert runner.yielded is False  # the priority lasts one step
+    finally:
+        loop.close()
