@@ -444,11 +444,12 @@ SUPPORTBOT_INT8 = env_bool("SUPPORTBOT_INT8", False)
 # holds about 16 conversations of 400 tokens. 0 turns it off.
 SUPPORTBOT_PREFIX_CACHE_MB = env_float("SUPPORTBOT_PREFIX_CACHE_MB", 512.0)
 # Prompt tokens the batched engine prefills between two decode steps when it chunks a long
-# prompt. A new customer waits at most for the pass in progress, so a chunk must cost about
-# what one ordinary prompt costs: on two CPU cores with SmolLM2-135M 32 tokens take 80-130 ms,
-# 64 take 115-190 ms, 256 take 360-510 ms; with 32 a normal customer's first word came
-# within 1.5-2.1x its idle time beside three 4,096-emoji messages (median of 6 runs 1.9x),
-# with 64 within 1.6-2.2x (docs/benchmarks.md#fairness). A GPU takes far more (vLLM's default is 512 to 2048).
+# prompt. A new customer no longer waits for the chunk in progress (a pass gives way to a
+# newcomer between two layers: within 0.94-1.05x idle with chunks of 32, 128 or 256,
+# docs/benchmarks.md#fairness), so this trades a long message's own prefill (1,535 tokens:
+# ~5 s in chunks of 32, ~2.7 s in chunks of 256 on two CPU cores with SmolLM2-135M) against
+# the smoothness of replies streaming meanwhile (a token per chunk and step: every ~0.18 s
+# with 32, ~0.5 s with 256). A GPU takes far more (vLLM's default is 512 to 2048).
 SUPPORTBOT_PREFILL_TOKENS_PER_STEP = env_int("SUPPORTBOT_PREFILL_TOKENS_PER_STEP", 32)
 # A prompt first in line with at most this many tokens to prefill (after the prefix cache)
 # is prefilled whole, in one pass: an ordinary grounded prompt (GroundingConfig's budget is
