@@ -17,8 +17,10 @@ slot, brackets and all); redacted tickets hold ``{{PHONE}}``, ``{{ORDER_ID}}``,
    "No worries, I'm here"), and a slot naming a screen or button keeps its words
    ("open {{Order Details}}" -> "open Order Details").
 
-**Language.** Neutral words are written in the conversation's language (``language``,
-ISO 639-1; ``reply_language`` finds it): English, French, Spanish and German have
+**Language.** Neutral words are written in the reply's language: the language of the
+reply's text before the slot when it is long enough to tell (20 letters), else the
+conversation's (``language``, ISO 639-1; ``reply_language`` finds it), so an English past
+answer to a question mistaken for German still gets English words. English, French, Spanish and German have
 words of their own (``LANGUAGES``), one table each read by the same rules, so a French
 reply says "votre commande" and "notre site web", never "your order". A determiner
 before the slot takes the short form ("notre {{Website Name}}" -> "notre site web"),
@@ -36,6 +38,7 @@ whole-reply result, and no ``{{`` or ``[slot]`` is ever returned.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -357,6 +360,11 @@ _GERMAN = _Language(
 _LANGUAGES = {"en": _ENGLISH, "fr": _FRENCH, "es": _SPANISH, "de": _GERMAN}
 LANGUAGES = tuple(_LANGUAGES)
 DEFAULT_LANGUAGE = "en"
+# Words a stream holds back: the longest phrase any language's rules rewrite.
+_HOLD_WORDS_ANY = max(lang.hold_words for lang in _LANGUAGES.values())
+# A reply's text before a slot decides the slot's language from this many letters on; a
+# shorter start ("Bonjour, ") leaves it to the conversation's language.
+_MIN_REPLY_LETTERS = 20
 
 
 def _language(code: str | None) -> _Language:
@@ -522,17 +530,35 @@ def fill_placeholders(
 
 
 def _fill(text: str, facts: Mapping[str, str], values: Mapping[str, str], lang: _Language) -> str:
+    """Fill every complete slot; each slot's words are in the language of the reply before it
+    when that text is long enough to tell (``_text_language``), else in ``lang`` (the
+    conversation's). A reply can differ from its conversation: an English past answer sent to
+    a question the detector took for German ("reinburse $3") must not get German words."""
     out = ""
     last = 0
     for match in _SLOT_RE.finditer(text):
         out += text[last : match.start()]
         name = next(group for group in match.groups() if group is not None)
-        replacement, consumed = _resolve(name, out, text[match.end() : match.end() + 1], facts, values, lang)
+        spoken = _text_language(out)
+        slot_lang = _LANGUAGES[spoken] if spoken in _LANGUAGES else lang
+        replacement, consumed = _resolve(name, out, text[match.end() : match.end() + 1], facts, values, slot_lang)
         if consumed:
             out = out[:-consumed]
         out += replacement
         last = match.end()
     return out + text[last:]
+
+
+@functools.lru_cache(maxsize=1024)
+def _text_language(text: str) -> str | None:
+    """The language of a reply's text so far, or None when it is too short to tell. Cached: a
+    stream fills the same prefix again at every piece."""
+    from finetune.ml.segments import UNDETERMINED_LANGUAGE, detect_language
+
+    if sum(c.isalpha() for c in text) < _MIN_REPLY_LETTERS:
+        return None
+    language = detect_language(text)
+    return None if language == UNDETERMINED_LANGUAGE else language
 
 
 def _sanitise(text: str, *, final: bool) -> str:
@@ -620,7 +646,7 @@ class PlaceholderFiller:
         filled = _sanitise(_fill(self.raw[: self._stable_end()], self.facts, self.values, self._lang), final=False)
         # The last words of the filled text wait: a slot still to come may rewrite them
         # ("your order number: " before {{ORDER_ID}} becomes "your order").
-        hold = self._lang.hold_words
+        hold = _HOLD_WORDS_ANY  # a slot's words may be in any language's (see ``_fill``)
         words = list(re.finditer(r"\S+", filled))
         stable = filled[: words[-hold].start()] if len(words) >= hold else ""
         if len(stable) <= len(self._sent) or not stable.startswith(self._sent):

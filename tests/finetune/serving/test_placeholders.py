@@ -321,3 +321,17 @@ def test_french_streaming_stays_incremental(size):
 
     assert streamed == fill_placeholders(STREAMED, language="fr")
     assert sum(1 for p in pieces if p) > 10  # many pieces, not one block at the end
+
+
+def test_a_slot_takes_the_language_of_the_reply_before_it_when_that_tells():
+    # An English past answer sent to a question the detector took for German ("reinburse $3").
+    english = "You can check the refund status on {{Website URL}} at any time."
+    assert fill_placeholders(english, language="de") == "You can check the refund status on our website at any time."
+    french = "Vous pouvez suivre le remboursement sur {{Website URL}} à tout moment."
+    assert (
+        fill_placeholders(french, language="en")
+        == "Vous pouvez suivre le remboursement sur notre site web à tout moment."
+    )
+    # Fewer than 20 letters before the slot: the conversation's language decides.
+    assert fill_placeholders("Voir {{Website Name}}.", language="fr") == "Voir notre site web."
+    assert fill_placeholders("See {{Website Name}}.", language="fr") == "See notre site web."

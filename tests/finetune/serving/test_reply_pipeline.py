@@ -234,23 +234,29 @@ async def test_a_french_conversation_gets_french_neutral_words(size):
     assert len(deltas) > 2  # still streamed, not held to the end
 
 
-async def test_the_requests_language_is_used_as_given():
-    # The label stored with the customer's message wins over the text (here: too short to tell).
-    pieces = chars(FRENCH_SLOT_REPLY)
-
+async def test_the_requests_language_is_used_as_given_until_the_reply_itself_tells():
+    # The label stored with the customer's message wins over the conversation's text (here:
+    # too short to tell); once the reply's own text before a slot tells its language (20
+    # letters), that decides: an English past answer to a question taken for German must not
+    # get German words, nor a French reply English ones.
     async def plan_for(req):
         return ReplyPlan(maskers=reply_maskers())
 
-    given = dataclasses.replace(request("given", conversation("12345678")), language="fr")
-    _, french = await collect(SafeEngine(ScriptedEngine(pieces), plan_for=plan_for), given)
-    _, unset = await collect(
-        SafeEngine(ScriptedEngine(pieces), plan_for=plan_for), request("unset", conversation("12345678"))
-    )
+    async def reply(text: str, language: str | None) -> str:
+        req = request("c", conversation("12345678"))
+        req = dataclasses.replace(req, language=language) if language else req
+        _, done = await collect(SafeEngine(ScriptedEngine(chars(text)), plan_for=plan_for), req)
+        return done.text
 
-    # The customer's own order number fills its slot in both; the neutral words follow the language.
-    assert "la commande 12345678 sera livrée à votre adresse. Suivez-la sur notre site web" in french.text
-    # Without a label nor words to tell: English, as before.
-    assert "la commande 12345678 sera livrée à l'adresse your address. Suivez-la sur notre our website" in unset.text
+    short = "Voir {{Website Name}}."  # too short to tell: the conversation's language
+    assert await reply(short, "fr") == "Voir notre site web."
+    assert await reply(short, None) == "Voir our website."  # no label, nothing to tell: English
+    # The reply tells: French words whatever the label, the customer's order number in both.
+    for language in ("fr", None, "de"):
+        text = await reply(FRENCH_SLOT_REPLY, language)
+        assert "la commande 12345678 sera livrée à votre adresse. Suivez-la sur notre site web" in text
+    english = "You can check the refund status on {{Website URL}} at any time."
+    assert await reply(english, "de") == "You can check the refund status on our website at any time."
 
 
 @dataclass(frozen=True)
