@@ -139,9 +139,14 @@ async def test_the_reply_follows_the_language_stored_with_the_customers_message(
     tmp_path, tiny_model_dir, profile, settings
 ):
     # A label set by hand, unlike the message's words, shows that the stored label (not a
-    # new detection) chooses the words: the runner passes it with the request.
+    # new detection) chooses the words: the runner passes it with the request. The past
+    # answer is too short before its slot to tell its own language (which would decide).
+    short_past = [
+        Exchange("où est ma commande, elle n'est pas arrivée", "Voir {{Website URL}}.", "track_order", "ticket:t:fr"),
+        *PAST,
+    ]
     await database_sync_to_async(grounded_version)(
-        tmp_path, tiny_model_dir, past=FRENCH_PAST, fallback_logprob=0.0, fallback_score=0.2
+        tmp_path, tiny_model_dir, past=short_past, fallback_logprob=0.0, fallback_score=0.2
     )
     settings.SUPPORTBOT_HANDOFF_LOGPROB_THRESHOLD = -0.0001
 
@@ -165,10 +170,7 @@ async def test_the_reply_follows_the_language_stored_with_the_customers_message(
     finally:
         engine_reset()
     reply = await database_sync_to_async(Message.objects.get)(role=Message.Role.BOT)
-    # (The German table knows no French phrase, so "la commande" stays before the German words.)
-    assert reply.body == (
-        f"Votre commande est en route. Appelez {PHONE} ou suivez la commande Ihre Bestellnummer sur unsere Website."
-    )
+    assert reply.body == "Voir unsere Website."
 
 
 async def test_a_sure_reply_is_the_models_own_primed_with_the_closest_answer(tmp_path, tiny_model_dir, profile):
