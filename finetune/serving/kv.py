@@ -172,9 +172,13 @@ def forward(model, cache, *, preempt: Callable[[], bool] | None = None, **kwargs
     name = _cache_argument(type(model))
     hooks = []
     if preempt is not None:
+        import threading
+
+        owner = threading.get_ident()
 
         def check(_module, _args):
-            if preempt():
+            # Only this pass: another thread running the same model meanwhile is not stopped.
+            if threading.get_ident() == owner and preempt():
                 raise Preempted
 
         hooks = [layer.register_forward_pre_hook(check) for layer in decoder_layers(model)]

@@ -93,3 +93,31 @@ def test_a_cache_of_transformers_own_layers_cannot_be_rewound():
     _, cache = forward(loaded.model, DynamicCache(config=loaded.model.config), input_ids=torch.tensor([[5, 6]]))
     assert cache_mark(cache) is None
     assert cache_mark(None) is None
+
+
+def test_a_pass_is_stopped_only_in_its_own_thread():
+    """The stop hooks sit on the model's layers while a pass runs; another thread running the
+    same model meanwhile (an evaluation, a second engine) must not be stopped by them."""
+    import threading
+
+    model = load(tiny_gpt2_dir(), label="v1").model
+    own = threading.get_ident()
+    other_failed: list[Exception] = []
+
+    def other_pass() -> None:
+        try:
+            forward(model, None, input_ids=torch.tensor([[5, 6, 7]]))
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertion
+            other_failed.append(exc)
+
+    def preempt() -> bool:
+        if threading.get_ident() == own and not hasattr(preempt, "ran"):
+            preempt.ran = True
+            thread = threading.Thread(target=other_pass)
+            thread.start()  # runs a whole pass while this one's hooks are on the layers
+            thread.join(30)
+        return threading.get_ident() != own  # "someone waits", as seen from the other thread
+
+    forward(model, None, preempt=preempt, input_ids=torch.tensor([[5, 6, 7]]))
+    assert preempt.ran
+    assert other_failed == []
