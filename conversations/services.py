@@ -543,7 +543,7 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
         status=Message.Status.COMPLETE if ok else Message.Status.FAILED,
         generation={
             "finish_reason": done.finish_reason,
-            "error": done.error or ("" if ok or text else "The model produced no text."),
+            "error": done.error or ("" if ok or text else _no_text_error(done)),
             "seq": seq,
             "model_label": done.model_label or (message.generation or {}).get("model_label"),
             "source": done.source,
@@ -575,6 +575,14 @@ def bot_reply_finish(*, message_id: int, done: GenerationDone, seq: int) -> Mess
     # The segments and outcome the monitoring dashboard counts (none for a failed reply).
     monitoring_services.reply_outcome_refresh(message_id=message.pk)
     return message
+
+
+def _no_text_error(done: GenerationDone) -> str:
+    """Why a finished reply has no text: the model wrote none, or the reply policy withheld it."""
+    if done.handoff:
+        reason = done.policy.get("reason", "the reply policy said so")
+        return f"The reply was not shown and a human was called: {reason}"
+    return "The model produced no text."
 
 
 def _unsure(mean_logprob: float | None) -> bool:

@@ -185,6 +185,11 @@ def first_sentences(text: str, n: int) -> str:
     return " ".join(sentences(text)[: max(1, n)])
 
 
+def has_words(text: str) -> bool:
+    """Whether ``text`` holds a word in any script: emoji, symbols and digits alone are no reply."""
+    return any(ch.isalpha() for ch in text or "")
+
+
 def choose_reply(
     model_reply: str,
     mean_logprob: float | None,
@@ -201,6 +206,11 @@ def choose_reply(
     """
     config = config or ReplyPolicyConfig()
     text = (model_reply or "").strip()
+    wordless = bool(text) and not has_words(text)
+    if wordless:
+        # Emoji, symbols or digits only (the model echoing a flood of emoji): no answer to
+        # anyone, so it is treated as no reply at all (and never shown: ``ReplyPipeline``).
+        text = ""
     answers, intent = usable_answers(hits, config)
     unsure = mean_logprob is not None and (math.isnan(mean_logprob) or mean_logprob < config.fallback_logprob)
 
@@ -219,7 +229,8 @@ def choose_reply(
 
     if not answers:
         if not text:
-            return ReplyChoice(SOURCE_HANDOFF, "", "The model gave no reply and no past exchange is close.")
+            what = "The model's reply has no words" if wordless else "The model gave no reply"
+            return ReplyChoice(SOURCE_HANDOFF, "", f"{what} and no past exchange is close.")
         if mean_logprob is not None and (math.isnan(mean_logprob) or mean_logprob < config.handoff_logprob):
             return ReplyChoice(
                 SOURCE_HANDOFF,
@@ -229,7 +240,8 @@ def choose_reply(
             )
         return model("No past exchange is close; the model's reply is sure enough.")
     if not text:
-        return retrieved(answers[0], "The model gave no reply; the closest past answer is sent.")
+        what = "The model's reply has no words" if wordless else "The model gave no reply"
+        return retrieved(answers[0], f"{what}; the closest past answer is sent.")
     if config.mode == "model":
         return model("Policy: the model's reply.")
     if config.mode == "consensus" and len(answers) >= 2:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.ml.redaction import UNSPACED_LETTERS, redact
-from finetune.ml.reply_policy import first_model_sentence
+from finetune.ml.reply_policy import first_model_sentence, has_words
 from finetune.ml.segments import UNDETERMINED_LANGUAGE
 
 from .interface import Engine, GenerationDone, GenerationRequest, TokenDelta
@@ -359,6 +359,7 @@ class ReplyPipeline:
         self.prime = (plan.prime or "").strip()
         self.held = ""  # guard output waiting for the policy's decision
         self.choice = None
+        self.silenced = False  # the policy handed off a reply without words: none of it is shown
         self.mean_logprob: float | None = None
         self.stop_engine = False
 
@@ -369,7 +370,7 @@ class ReplyPipeline:
     def push(self, delta: str, mean_logprob: float | None = None) -> str:
         if mean_logprob is not None:
             self.mean_logprob = mean_logprob
-        if self._retrieved:
+        if self._retrieved or self.silenced:
             return ""  # the model's words no longer matter
         released = self.guard.push(delta)
         if self.guard.cut:
@@ -384,7 +385,7 @@ class ReplyPipeline:
 
     def finish(self, done: GenerationDone) -> str:
         """The rest of the reply once the engine's stream ended with ``done``."""
-        if self._retrieved:
+        if self._retrieved or self.silenced:
             return ""
         if done.mean_logprob is not None:
             self.mean_logprob = done.mean_logprob  # also counts tokens that added no text (the end token)
@@ -396,7 +397,7 @@ class ReplyPipeline:
         else:
             held, self.held = self.held + rest, ""
             out = self._out(held)
-        if self._retrieved:
+        if self._retrieved or self.silenced:
             return out
         return out + self.filler.push(self.filter.flush()) + self.filler.flush()
 
@@ -428,6 +429,12 @@ class ReplyPipeline:
 
     def _decide(self, model_text: str, *, partial: bool) -> str:
         self.choice = self.plan.decide(model_text.strip(), self.mean_logprob, partial=partial)
+        if self.choice.source == _SOURCE_HANDOFF and not has_words(model_text):
+            # Emoji or symbols only: shown, it would answer nobody; the reply ends empty (the
+            # customer sees that the assistant could not answer) and a human takes over.
+            self.silenced = self.stop_engine = True
+            self.held = ""
+            return ""
         if self._retrieved:
             self.stop_engine = True
             self.held = ""

@@ -274,6 +274,21 @@ def test_a_reply_is_saved_streaming_then_complete_with_its_provenance():
     assert finished.generation["finish_reason"] == "stop"
 
 
+def test_a_reply_the_policy_withheld_fails_says_why_and_calls_a_human():
+    # The pipeline shows nothing of a model reply without words (emoji only) that the policy
+    # handed off; the saved reply says so rather than "the model produced no text".
+    conversation = ConversationFactory()
+    services.message_create_customer(conversation=conversation, client_id="c1", text="\U0001f600" * 40)
+    reply, _ = start_reply(conversation)
+    reason = "The model's reply has no words and no past exchange is close."
+    withheld = dataclasses.replace(done(text=""), handoff=True, policy={"source": "handoff", "reason": reason})
+    finished = services.bot_reply_finish(message_id=reply.pk, done=withheld, seq=0)
+    assert (finished.status, finished.body) == (Message.Status.FAILED, "")
+    assert finished.generation["error"] == f"The reply was not shown and a human was called: {reason}"
+    conversation.refresh_from_db()
+    assert conversation.status == Conversation.Status.WAITING_FOR_AGENT
+
+
 def test_a_message_is_answered_once():
     conversation = ConversationFactory()
     services.message_create_customer(conversation=conversation, client_id="c1", text="Where?")

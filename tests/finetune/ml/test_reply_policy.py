@@ -165,6 +165,21 @@ def test_an_empty_model_reply_takes_the_closest_answer():
     assert (choice.source, choice.origin) == (SOURCE_RETRIEVED, "ticket:bitext:1")
 
 
+def test_a_reply_without_words_is_never_sent():
+    # The demo's model answered a 4,096-emoji message with 160 tokens of emoji, "sure enough".
+    emoji = "\U0001f469\U0001f469\U0001f468\U0001f468\U0001f469\U0001f466 123 !!"
+    alone = choose_reply(emoji, -0.01, [])
+    assert (alone.source, alone.text) == (SOURCE_HANDOFF, "")
+    assert alone.reason == "The model's reply has no words and no past exchange is close."
+    beside = choose_reply(emoji, -0.01, HITS)
+    assert (beside.source, beside.origin) == (SOURCE_RETRIEVED, "ticket:bitext:1")
+    assert beside.reason.startswith("The model's reply has no words")
+    assert choose_reply(emoji, -0.01, [], ReplyPolicyConfig(mode="model")).source == SOURCE_HANDOFF
+    # Words in any script are words.
+    assert choose_reply("Votre colis arrive demain 🙂", -0.01, []).source == SOURCE_MODEL
+    assert choose_reply("Ваш заказ в пути.", -0.01, []).source == SOURCE_MODEL
+
+
 def test_model_mode_always_sends_the_model_reply():
     assert choose_reply("Anything.", -5.0, HITS, ReplyPolicyConfig(mode="model")).source == SOURCE_MODEL
 

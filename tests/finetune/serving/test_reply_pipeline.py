@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from finetune.ml.decoding import DecodingConfig
+from finetune.ml.reply_policy import choose_reply
 from finetune.serving.batched import BatchedEngine
 from finetune.serving.interface import GenerationDone, TokenDelta
 from finetune.serving.naive import NaiveEngine
@@ -330,6 +331,22 @@ async def test_a_handoff_choice_is_marked_on_the_reply():
     )
     assert done.handoff
     assert done.source == "model"
+
+
+async def test_a_reply_without_words_that_the_policy_hands_off_is_never_shown():
+    # The demo's model answered a 4,096-emoji message with emoji; the policy hands it off.
+    def decide(text, mean_logprob, *, partial):
+        return choose_reply(text, -0.01, [])
+
+    async def plan_for(req):
+        return ReplyPlan(maskers=reply_maskers(), decide=decide)
+
+    emoji = "\U0001f469\U0001f469\U0001f468 \U0001f468\U0001f469\U0001f466 " * 20
+    engine = ScriptedEngine(chars(emoji))
+    deltas, done = await collect(SafeEngine(engine, plan_for=plan_for), request("k", conversation("\U0001f600" * 50)))
+    assert (deltas, done.text) == ([], "")  # the service saves it as failed: "could not answer", and hands off
+    assert done.handoff
+    assert done.policy["reason"] == "The model's reply has no words and no past exchange is close."
 
 
 @pytest.mark.parametrize("kind", ["naive", "batched"])
