@@ -35,11 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_engine import bitext_path  # noqa: E402
 from finetune.ml.dataset_builder import conversations_from_file, conversations_from_jsonl  # noqa: E402
 from finetune.ml.redaction import redact  # noqa: E402
 from finetune.serving import placeholders as after  # noqa: E402
 
-BITEXT = ROOT.parent.parent / "shared" / "data" / "bitext" / "customer_support_tickets.csv"
+BITEXT = bitext_path()  # ../shared beside the checkout, or SUPPORTBOT_BITEXT_CSV
 FIXTURES = sorted((ROOT / "finetune" / "fixtures").glob("sample_tickets*.jsonl"))
 # Words only the English filler writes into a French, Spanish or German reply.
 ENGLISH_FILLER_RE = re.compile(
