@@ -84,30 +84,42 @@ def messages(text: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "customer", "content": text}]
 
 
-async def first_word(engine, text: str, params: GenerationParams) -> tuple[float, GenerationDone]:
-    """Seconds from submitting a message to its first text delta, and how the reply ended."""
+HUGE_FIRST: list[float] = []  # seconds from a long message to its reply's first delta (when reached)
+
+
+async def first_word(engine, text: str, params: GenerationParams) -> tuple[float, GenerationDone, float]:
+    """Seconds from submitting a message to its first text delta, how the reply ended, and the
+    longest pause between two of its deltas."""
     request = GenerationRequest(key=f"normal-{uuid.uuid4().hex[:8]}", messages=messages(text), params=params)
     started = time.monotonic()
     first = None
     done = None
+    stamps = []
     async for event in engine.stream(request):
+        if isinstance(event, TokenDelta):
+            stamps.append(time.monotonic())
         if isinstance(event, TokenDelta) and event.text.strip() and first is None:
             first = time.monotonic() - started
         elif isinstance(event, GenerationDone):
             done = event
-    return (first if first is not None else float("nan")), done
+    pause = max((b - a for a, b in zip(stamps, stamps[1:], strict=False)), default=0.0)
+    return (first if first is not None else float("nan")), done, pause
 
 
 async def drain(engine, text: str, params: GenerationParams) -> None:
     request = GenerationRequest(key=f"huge-{uuid.uuid4().hex[:8]}", messages=messages(text), params=params)
-    async for _event in engine.stream(request):
-        pass
+    started = time.monotonic()
+    async for event in engine.stream(request):
+        if isinstance(event, TokenDelta) and started is not None:
+            HUGE_FIRST.append(time.monotonic() - started)
+            started = None
 
 
 async def measure(engine, params_normal, params_huge, trials: int, timeout: float) -> dict:
-    idle, loaded, loaded_ok = [], [], []
+    idle, loaded, loaded_ok, pauses = [], [], [], []
+    HUGE_FIRST.clear()
     for trial in range(trials + 1):  # trial 0 warms up (prefix cache, allocator)
-        seconds, _ = await asyncio.wait_for(first_word(engine, normal_message(2 * trial), params_normal), timeout)
+        seconds, _, _ = await asyncio.wait_for(first_word(engine, normal_message(2 * trial), params_normal), timeout)
         if trial:
             idle.append(seconds)
         huge = [asyncio.ensure_future(drain(engine, huge_message(3 * trial + i), params_huge)) for i in range(3)]
@@ -118,14 +130,15 @@ async def measure(engine, params_normal, params_huge, trials: int, timeout: floa
         # trial (early or late in their chunked prefill, or once they are being answered).
         await asyncio.sleep(ARRIVALS_S[(trial - 1) % len(ARRIVALS_S)] if trial else 0.2)
         try:
-            seconds, done = await asyncio.wait_for(
+            seconds, done, pause = await asyncio.wait_for(
                 first_word(engine, normal_message(2 * trial + 1), params_normal), timeout
             )
         except TimeoutError:
-            seconds, done = float("inf"), None
+            seconds, done, pause = float("inf"), None, float("inf")
         if trial:
             loaded.append(seconds)
             loaded_ok.append(done is not None and done.finish_reason in {"stop", "length"})
+            pauses.append(pause)
         print(
             f"trial {trial}: idle {idle[-1] if trial else '-'} s, loaded {seconds:.3f} s", file=sys.stderr, flush=True
         )
@@ -143,6 +156,11 @@ async def measure(engine, params_normal, params_huge, trials: int, timeout: floa
         "ratio": round(loaded_median / idle_median, 2),
         "normal_replies_completed": all(loaded_ok),
         "preemptions": engine.preemptions,  # passes that gave way to a newly arrived request
+        # What the chunk size trades: the loaded normal replies' longest pause between two
+        # deltas (streaming beside the long prompts' chunks), and the long messages' own
+        # first delta, for those that got that far before their trial ended.
+        "loaded_longest_pause_s": [round(x, 3) for x in pauses],
+        "long_first_delta_s": sorted(round(x, 2) for x in HUGE_FIRST),
     }
 
 
