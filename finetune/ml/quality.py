@@ -15,9 +15,9 @@ A model's row is its *served path*, built from the same parts as serving:
 5. the reply policy (``reply_policy.choose_reply``): the model's words, a retrieved
    answer or a handoff, decided where serving decides (on the first sentence the model
    wrote after the prime, ``reply_policy.first_model_sentence``; ``served_row``),
-6. placeholders filled with neutral words in the conversation's language and the
-   customer's own values (``knowledge.fill_neutral``); the reference and retrieved
-   answers are filled the same way.
+6. placeholders filled with neutral words in the reply's language (the conversation's
+   unless the reply's own text tells another, as served) and the customer's own values
+   (``knowledge.fill_neutral``); the reference and retrieved answers are filled the same way.
 
 Metrics per row: ROUGE-L F1 against the agent's reply, intent accuracy (the dataset's
 ``IntentClassifier`` labels each reply; compared with the example's intent; None

@@ -17,6 +17,7 @@ no Django.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -172,8 +173,6 @@ def forward(model, cache, *, preempt: Callable[[], bool] | None = None, **kwargs
     name = _cache_argument(type(model))
     hooks = []
     if preempt is not None:
-        import threading
-
         owner = threading.get_ident()
 
         def check(_module, _args):

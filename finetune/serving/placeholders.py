@@ -571,7 +571,8 @@ def _sanitise(text: str, *, final: bool) -> str:
 
 
 def reply_language(messages: Iterable[Mapping[str, str]], stored: str | None = None) -> str:
-    """The language a reply's neutral words are written in (ISO 639-1): the conversation's.
+    """The conversation's language (ISO 639-1): a reply's neutral words are written in it
+    unless the reply's own text before a slot tells another (see ``_fill``).
 
     ``stored`` is the label saved with the customer's latest message when it was written
     (``finetune.ml.segments.message_segments``); when it names a language it is used as

@@ -41,8 +41,9 @@ this order:
    from the company's facts and this conversation's customer values, after the masker
    on purpose: the company's phone and the customer's own order number are put in by
    the server and must not be masked as personal data. A slot nobody can fill gets
-   neutral words in the conversation's language (``GenerationRequest.language``, the
-   label stored with the customer's latest message; detected from the request's
+   neutral words in the reply's language: that of the reply's own text before the slot
+   when it is long enough to tell, else the conversation's (``GenerationRequest.language``,
+   the label stored with the customer's latest message; detected from the request's
    customer turns when the caller gives none).
 
 Each stage releases text as soon as it can no longer change, so the reply still
